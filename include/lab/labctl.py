@@ -1,0 +1,763 @@
+#!/usr/bin/env python3
+"""Bring the barman-dr lab up or down: a small fleet of real components on loopback.
+
+Hosts are loopback addresses (127.0.10.x), each with its own sshd and host key, so the
+inventory and the Airflow connections look like a real fleet:
+
+    ops         127.0.10.1   PostgreSQL 15 (Airflow metadata + dr_audit), Airflow
+    barman-lab  127.0.10.2   sshd (user barman), Barman 3.19.1, `barman cron` loop
+    pg-primary  127.0.10.11  sshd (user postgres), PostgreSQL 15 primary, PgBouncer :6432
+    pg-standby  127.0.10.12  sshd (user postgres), streaming standby of the primary
+    pg-nonprod  127.0.10.13  sshd (user postgres), drill target (PostgreSQL only during drills)
+
+Everything lives under $LAB_DIR (default: `.lab/` in the repository). `up` is idempotent;
+`down` stops, by pid, every process `up` started. Commands are argv lists, never shell
+strings. Run as root: PostgreSQL runs as `postgres`, Barman as `barman`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pwd
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+BARMAN_VENV = Path(os.environ.get("BARMAN_DR_OPT", "/opt/barman-dr")) / "barman-3.19.1"
+SSH_PORT = 2222
+PG_PORT = 5432
+PGBOUNCER_PORT = 6432
+AIRFLOW_API_PORT = 8080
+
+OPS = "127.0.10.1"
+HOSTS = {  # lab host name -> (address, the OS user SSH logs in as)
+    "barman-lab": ("127.0.10.2", "barman"),
+    "pg-primary": ("127.0.10.11", "postgres"),
+    "pg-standby": ("127.0.10.12", "postgres"),
+    "pg-nonprod": ("127.0.10.13", "postgres"),
+}
+BARMAN_SERVER = "pg-primary"
+AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def log(msg: str) -> None:
+    print(f"[lab] {msg}", flush=True)
+
+
+def run(argv: list[str], *, user: str | None = None, check: bool = True, env: dict | None = None,
+        capture: bool = True, timeout: float | None = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+    if user and user != "root":
+        argv = ["runuser", "-u", user, "--", *argv]
+    proc = subprocess.run(argv, capture_output=capture, text=True, env=env, timeout=timeout, cwd=cwd)
+    if check and proc.returncode != 0:
+        raise SystemExit(f"[lab] command failed ({proc.returncode}): {shlex.join(argv)}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still "exists": check its state
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    except OSError:
+        return False
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate, what: str, timeout: float = 60, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise SystemExit(f"[lab] timed out after {timeout}s waiting for {what}")
+
+
+class Lab:
+    def __init__(self, lab_dir: Path) -> None:
+        self.dir = lab_dir
+        self.secrets_file = lab_dir / "secrets" / "lab.json"
+        self.venv = REPO / ".venv"
+
+    # ---------------------------------------------------------------- layout
+    def p(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def chown(self, path: Path, user: str, recursive: bool = False) -> None:
+        pw = pwd.getpwnam(user)
+        paths = [path]
+        if recursive:
+            paths += list(path.rglob("*"))
+        for q in paths:
+            os.lchown(q, pw.pw_uid, pw.pw_gid)
+
+    def ensure_dirs(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        for d in ("run", "log", "pg", "ssh", "ssh/keys", "ssh/authorized_keys", "secrets", "bin",
+                  "barman", "barman/log", "barman/home", "pgbouncer", "airflow", "hosts"):
+            self.p(d).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.p("secrets"), 0o700)
+        for d in ("log", "run"):
+            os.chmod(self.p(d), 0o1777)  # postgres, barman and root all write logs/sockets here
+        for name in ("ops", *HOSTS):
+            self.p("run", name).mkdir(exist_ok=True)
+            self.p("hosts", name, "jobs").mkdir(parents=True, exist_ok=True)
+        for name in ("pg-primary", "pg-standby", "pg-nonprod", "ops"):
+            self.chown(self.p("run", name), "postgres")
+            self.chown(self.p("hosts", name), "postgres", recursive=True)
+        self.chown(self.p("pg"), "postgres")
+        self.chown(self.p("hosts", "barman-lab"), "barman", recursive=True)
+        self.chown(self.p("barman"), "barman", recursive=True)
+        self.chown(self.p("run", "barman-lab"), "barman")
+        self.chown(self.p("pgbouncer"), "postgres")
+        # every service user must be able to reach $LAB_DIR: fail early with the fix
+        for user in ("postgres", "barman"):
+            if run(["test", "-x", str(self.dir)], user=user, check=False).returncode != 0:
+                raise SystemExit(
+                    f"[lab] user {user!r} cannot enter LAB_DIR={self.dir}: a parent directory is not "
+                    "traversable (mode 0700?). Set LAB_DIR to a path under /var/tmp or /srv, e.g. "
+                    "`make lab-up LAB_DIR=/var/tmp/barman-dr-lab`."
+                )
+
+    # --------------------------------------------------------------- secrets
+    def secrets(self) -> dict[str, str]:
+        if self.secrets_file.exists():
+            return json.loads(self.secrets_file.read_text())
+        names = ("dr_admin", "barman", "streaming_barman", "replicator", "app", "pgbouncer_admin",
+                 "airflow", "dr_audit_owner", "dr_audit_writer", "airflow_admin_ui", "jwt")
+        data = {n: secrets.token_hex(16) for n in names}
+        self.secrets_file.write_text(json.dumps(data, indent=2))
+        os.chmod(self.secrets_file, 0o600)
+        return data
+
+    # ------------------------------------------------------------------- ssh
+    def setup_ssh(self) -> None:
+        Path("/run/sshd").mkdir(exist_ok=True)
+        keys = self.p("ssh", "keys")
+        for name, owner in (("airflow_ed25519", "root"), ("barman_ed25519", "barman")):
+            key = keys / name
+            if not key.exists():
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"barman-dr-lab-{name}", "-f", str(key)])
+            self.chown(key, owner)
+            os.chmod(key, 0o600)
+        airflow_pub = (keys / "airflow_ed25519.pub").read_text().strip()
+        barman_pub = (keys / "barman_ed25519.pub").read_text().strip()
+        # who may log in as whom: Airflow -> barman@barman-host, postgres@db-hosts; barman -> postgres@db-hosts
+        ak = self.p("ssh", "authorized_keys")
+        (ak / "barman").write_text(airflow_pub + "\n")
+        (ak / "postgres").write_text(airflow_pub + "\n" + barman_pub + "\n")
+        for f in ak.iterdir():
+            os.chmod(f, 0o644)
+        known = []
+        for name, (addr, user) in HOSTS.items():
+            hdir = self.p("ssh", "hosts", name)
+            hdir.mkdir(parents=True, exist_ok=True)
+            hkey = hdir / "ssh_host_ed25519_key"
+            if not hkey.exists():
+                run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{name}-hostkey", "-f", str(hkey)])
+            os.chmod(hkey, 0o600)
+            pub = (hdir / "ssh_host_ed25519_key.pub").read_text().split()
+            known.append(f"[{addr}]:{SSH_PORT} {pub[0]} {pub[1]}")
+            (hdir / "sshd_config").write_text("\n".join([
+                f"# sshd for lab host {name}: loopback only, key auth only",
+                f"ListenAddress {addr}:{SSH_PORT}",
+                f"HostKey {hkey}",
+                f"PidFile {self.p('run', f'sshd-{name}.pid')}",
+                f"AuthorizedKeysFile {ak}/%u",
+                "StrictModes no",
+                "PubkeyAuthentication yes",
+                "PasswordAuthentication no",
+                "KbdInteractiveAuthentication no",
+                "PermitRootLogin no",
+                "UsePAM yes",
+                f"AllowUsers {user}",
+                "MaxStartups 200:30:400",
+                "MaxSessions 100",
+                "ClientAliveInterval 15",
+                "ClientAliveCountMax 8",
+                "LogLevel VERBOSE",
+                "X11Forwarding no",
+                "AllowTcpForwarding no",
+                "",
+            ]))
+        self.p("ssh", "known_hosts").write_text("\n".join(known) + "\n")
+        os.chmod(self.p("ssh", "known_hosts"), 0o644)
+        # ssh client configs: one for the lab's own use (root/Airflow key), one for the barman user
+        mux = self.p("run", "barman-lab")
+        for cfg, key in (("ssh_config", keys / "airflow_ed25519"), ("barman_ssh_config", keys / "barman_ed25519")):
+            lines = []
+            for name, (addr, user) in HOSTS.items():
+                lines += [
+                    f"Host {name}",
+                    f"  HostName {addr}",
+                    f"  Port {SSH_PORT}",
+                    f"  User {user}",
+                    f"  IdentityFile {key}",
+                    "  IdentitiesOnly yes",
+                    f"  UserKnownHostsFile {self.p('ssh', 'known_hosts')}",
+                    "  StrictHostKeyChecking yes",
+                    "  BatchMode yes",
+                    "  ServerAliveInterval 15",
+                    "  ServerAliveCountMax 8",
+                ]
+                if cfg == "barman_ssh_config":  # multiplex the many logins of `barman restore`
+                    lines += ["  ControlMaster auto", f"  ControlPath {mux}/cm-%C", "  ControlPersist 30"]
+            self.p("ssh", cfg).write_text("\n".join(lines) + "\n")
+            os.chmod(self.p("ssh", cfg), 0o644)
+        for name, (addr, _user) in HOSTS.items():
+            pidf = self.p("run", f"sshd-{name}.pid")
+            pid = read_pid(pidf)
+            if pid and pid_alive(pid):
+                continue
+            run(["/usr/sbin/sshd", "-f", str(self.p("ssh", "hosts", name, "sshd_config")),
+                 "-E", str(self.p("log", f"sshd-{name}.log"))])
+            wait_for(lambda a=addr: port_open(a, SSH_PORT), f"sshd {name} on {addr}:{SSH_PORT}", 15)
+
+    # ------------------------------------------------------------ postgresql
+    def pg_running(self, name: str) -> bool:
+        pidf = self.p("pg", name, "data", "postmaster.pid")
+        pid = read_pid(pidf)
+        return bool(pid and pid_alive(pid))
+
+    def pg_start(self, name: str, addr: str) -> None:
+        data = self.p("pg", name, "data")
+        if self.pg_running(name):
+            return
+        opts = shlex.join(["-c", f"listen_addresses={addr}", "-c", f"port={PG_PORT}",
+                           "-c", f"unix_socket_directories={self.p('run', name)}", "-c", f"cluster_name={name}"])
+        run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(self.p("log", f"{name}.log")),
+             "-w", "-t", "120", "-o", opts, "start"], user="postgres")
+
+    def psql(self, name: str, sql: str, db: str = "postgres") -> str:
+        return run([str(PG_BIN / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(self.p("run", name)),
+                    "-p", str(PG_PORT), "-d", db, "-c", sql], user="postgres").stdout.strip()
+
+    def psql_file(self, name: str, path: Path, db: str, variables: dict[str, str] | None = None) -> None:
+        argv = [str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.p("run", name)),
+                "-p", str(PG_PORT), "-d", db, "-f", str(path)]
+        for k, v in (variables or {}).items():
+            argv += ["-v", f"{k}={v}"]
+        run(argv, user="postgres")
+
+    def initdb(self, name: str, extra_conf: list[str]) -> bool:
+        data = self.p("pg", name, "data")
+        if (data / "PG_VERSION").exists():
+            return False
+        self.p("pg", name).mkdir(parents=True, exist_ok=True)
+        self.chown(self.p("pg", name), "postgres")
+        run([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
+             "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C.UTF-8", "--data-checksums"], user="postgres")
+        conf = [
+            "# barman-dr lab settings (host-specific ones are passed by pg_ctl -o, see the inventory)",
+            "wal_level = replica",
+            "max_wal_senders = 10",
+            "max_replication_slots = 10",
+            "wal_keep_size = 256MB",
+            "hot_standby = on",
+            "shared_buffers = 64MB",
+            "log_line_prefix = '%m [%p] %q%u@%d '",
+            "log_checkpoints = on",
+            "password_encryption = scram-sha-256",
+            *extra_conf,
+        ]
+        with open(data / "postgresql.conf", "a") as fh:
+            fh.write("\n" + "\n".join(conf) + "\n")
+        (data / "pg_hba.conf").write_text("\n".join([
+            "# barman-dr lab: peer for local postgres, scram for everything over TCP",
+            "local   all          postgres                 peer",
+            "local   all          all                      peer",
+            "host    all          all        127.0.0.0/8   scram-sha-256",
+            "host    replication  all        127.0.0.0/8   scram-sha-256",
+            "",
+        ]))
+        self.chown(data, "postgres", recursive=True)
+        return True
+
+    def pgpass(self) -> Path:
+        """One libpq password file per OS user that needs one (0600, owned by that user)."""
+        s = self.secrets()
+        entries = {
+            "postgres": [(h, "replicator", s["replicator"]) for h in ("127.0.10.11", "127.0.10.12", "127.0.10.13")]
+            + [("127.0.10.11", "dr_admin", s["dr_admin"])],
+            "barman": [("127.0.10.11", "barman", s["barman"]), ("127.0.10.11", "streaming_barman", s["streaming_barman"]),
+                       ("127.0.10.12", "barman", s["barman"]), ("127.0.10.12", "streaming_barman", s["streaming_barman"])],
+        }
+        for user, rows in entries.items():
+            path = self.p("secrets", f"pgpass-{user}")
+            path.write_text("".join(f"{h}:{PG_PORT}:*:{u}:{pw}\n" for h, u, pw in rows))
+            self.chown(path, user)
+            os.chmod(path, 0o600)
+        # the secrets dir must be traversable by the service users, but not listable
+        os.chmod(self.p("secrets"), 0o711)
+        return self.p("secrets")
+
+    def setup_ops(self) -> None:
+        s = self.secrets()
+        self.initdb("ops", ["max_connections = 200"])
+        self.pg_start("ops", OPS)
+        self.psql_file("ops", REPO / "include" / "sql" / "lab_ops_roles.sql", "postgres", {
+            "airflow_pw": s["airflow"], "owner_pw": s["dr_audit_owner"], "writer_pw": s["dr_audit_writer"]})
+        for db, owner in (("airflow", "airflow"), ("dr_audit", "dr_audit_owner")):
+            if self.psql("ops", f"SELECT 1 FROM pg_database WHERE datname = '{db}'") != "1":
+                self.psql("ops", f"CREATE DATABASE {db} OWNER {owner}")
+        # the audit schema is applied as its owner so the writer role cannot alter it
+        run([str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", OPS, "-p", str(PG_PORT),
+             "-U", "dr_audit_owner", "-d", "dr_audit", "-f", str(REPO / "include" / "sql" / "audit_schema.sql")],
+            env={**os.environ, "PGPASSWORD": s["dr_audit_owner"]})
+
+    def setup_primary(self) -> None:
+        s = self.secrets()
+        fresh = self.initdb("pg-primary", ["archive_mode = off", "max_connections = 100"])
+        self.pg_start("pg-primary", HOSTS["pg-primary"][0])
+        self.psql_file("pg-primary", REPO / "include" / "sql" / "lab_primary_roles.sql", "postgres", {
+            "dr_admin_pw": s["dr_admin"], "barman_pw": s["barman"], "streaming_barman_pw": s["streaming_barman"],
+            "replicator_pw": s["replicator"], "app_pw": s["app"]})
+        if self.psql("pg-primary", "SELECT 1 FROM pg_database WHERE datname = 'shop'") != "1":
+            self.psql("pg-primary", "CREATE DATABASE shop OWNER app")
+        run([str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", HOSTS["pg-primary"][0],
+             "-p", str(PG_PORT), "-U", "app", "-d", "shop", "-f", str(REPO / "include" / "sql" / "shop_schema.sql")],
+            env={**os.environ, "PGPASSWORD": s["app"]})
+        if fresh:
+            log("primary initialised")
+
+    def setup_standby(self) -> None:
+        data = self.p("pg", "pg-standby", "data")
+        if not (data / "PG_VERSION").exists():
+            if self.psql("pg-primary", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pg_standby'") != "1":
+                self.psql("pg-primary", "SELECT pg_create_physical_replication_slot('pg_standby')")
+            self.p("pg", "pg-standby").mkdir(parents=True, exist_ok=True)
+            self.chown(self.p("pg", "pg-standby"), "postgres")
+            conninfo = (f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=replicator "
+                        f"passfile={self.p('secrets', 'pgpass-postgres')} application_name=pg-standby")
+            run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R",
+                 "-S", "pg_standby", "-c", "fast"], user="postgres")
+            log("standby cloned from the primary")
+        self.pg_start("pg-standby", HOSTS["pg-standby"][0])
+
+    # -------------------------------------------------------------- pgbouncer
+    def setup_pgbouncer(self) -> None:
+        s = self.secrets()
+        d = self.p("pgbouncer")
+        (d / "userlist.txt").write_text(f'"app" "{s["app"]}"\n"pgbouncer_admin" "{s["pgbouncer_admin"]}"\n')
+        ini = d / "pgbouncer.ini"
+        if not ini.exists():  # the PITR may repoint [databases]; never clobber a live target
+            ini.write_text("\n".join([
+                "[databases]",
+                f"shop = host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop",
+                "",
+                "[pgbouncer]",
+                f"listen_addr = {HOSTS['pg-primary'][0]}",
+                f"listen_port = {PGBOUNCER_PORT}",
+                f"unix_socket_dir = {self.p('run', 'pg-primary')}",
+                "auth_type = scram-sha-256",
+                f"auth_file = {d / 'userlist.txt'}",
+                "admin_users = pgbouncer_admin",
+                "pool_mode = transaction",
+                "max_client_conn = 500",
+                "default_pool_size = 20",
+                "ignore_startup_parameters = extra_float_digits,options",
+                f"logfile = {self.p('log', 'pgbouncer.log')}",
+                f"pidfile = {self.p('run', 'pgbouncer.pid')}",
+                "",
+            ]))
+        for f in (ini, d / "userlist.txt"):
+            self.chown(f, "postgres")
+            os.chmod(f, 0o600)
+        pid = read_pid(self.p("run", "pgbouncer.pid"))
+        if not (pid and pid_alive(pid)):
+            run(["pgbouncer", "-d", str(ini)], user="postgres")
+            wait_for(lambda: port_open(HOSTS["pg-primary"][0], PGBOUNCER_PORT), "pgbouncer", 15)
+
+    # ----------------------------------------------------------------- barman
+    def setup_barman(self) -> None:
+        b = self.p("barman")
+        passfile = self.p("secrets", "pgpass-barman")
+        addr = HOSTS["pg-primary"][0]
+        (b / "barman.conf").write_text("\n".join([
+            "; barman-dr lab: Barman acting as the barman host (generated by labctl.py)",
+            "[barman]",
+            "barman_user = barman",
+            f"barman_home = {b / 'home'}",
+            f"configuration_files_directory = {b / 'barman.d'}",
+            f"log_file = {b / 'log' / 'barman.log'}",
+            "log_level = INFO",
+            "backup_method = postgres",
+            "retention_policy = RECOVERY WINDOW OF 7 DAYS",
+            "minimum_redundancy = 2",
+            "",
+        ]))
+        (b / "barman.d").mkdir(exist_ok=True)
+        (b / "barman.d" / f"{BARMAN_SERVER}.conf").write_text("\n".join([
+            f"[{BARMAN_SERVER}]",
+            "description = Lab primary (shop)",
+            f"conninfo = host={addr} port={PG_PORT} user=barman dbname=postgres passfile={passfile}",
+            f"streaming_conninfo = host={addr} port={PG_PORT} user=streaming_barman passfile={passfile}",
+            "backup_method = postgres",
+            "streaming_archiver = on",
+            "slot_name = barman",
+            "create_slot = auto",
+            f"path_prefix = {PG_BIN}",
+            "retention_policy = RECOVERY WINDOW OF 7 DAYS",
+            "retention_policy_mode = auto",
+            "wal_retention_policy = main",
+            "minimum_redundancy = 2",
+            "",
+        ]))
+        wrapper = self.p("bin", "barman")
+        wrapper.write_text(f"#!/bin/sh\n# barman with the lab's configuration\nexec {BARMAN_VENV}/bin/barman -c {b / 'barman.conf'} \"$@\"\n")
+        os.chmod(wrapper, 0o755)
+        self.chown(b, "barman", recursive=True)
+        # `barman cron` keeps receive-wal running and applies retention: the lab runs it in a loop
+        pidf = self.p("run", "barman-cron.pid")
+        pid = read_pid(pidf)
+        if not (pid and pid_alive(pid)):
+            loop = self.p("bin", "barman-cron-loop")
+            loop.write_text(f"#!/bin/sh\n# the lab's stand-in for the seed's `*/5 * * * * barman cron`\n"
+                            f"while true; do {wrapper} cron >/dev/null 2>&1; sleep 20; done\n")
+            os.chmod(loop, 0o755)
+            proc = subprocess.Popen(["runuser", "-u", "barman", "--", "setsid", str(loop)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            pidf.write_text(str(proc.pid))
+        self.barman(["cron"])
+        wait_for(self.receive_wal_running, "barman receive-wal", 60, 1)
+
+    def barman(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+        return run([str(self.p("bin", "barman")), *args], user="barman", check=check)
+
+    def receive_wal_running(self) -> bool:
+        out = self.barman(["-f", "json", "list-processes", BARMAN_SERVER], check=False).stdout
+        try:
+            return any(p.get("name") == "receive-wal" for p in json.loads(out).get(BARMAN_SERVER, []))
+        except ValueError:
+            return False
+
+    def ensure_backups(self, minimum: int = 2) -> None:
+        def done() -> int:
+            out = self.barman(["-f", "json", "list-backups", BARMAN_SERVER]).stdout
+            return sum(1 for b in json.loads(out).get(BARMAN_SERVER, []) if b.get("status") == "DONE")
+
+        def check_ok() -> dict:
+            out = self.barman(["-f", "json", "check", BARMAN_SERVER], check=False).stdout
+            return {k: v for k, v in json.loads(out).get(BARMAN_SERVER, {}).items() if v.get("status") != "OK"}
+
+        # the first WAL must reach Barman before check passes the WAL archive test
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            failing = set(check_ok()) - {"minimum_redundancy_requirements"}
+            if not failing:
+                break
+            log(f"waiting for barman check: {sorted(failing)}")
+            if failing & {"receive_wal_running", "replication_slot", "wal_archive"}:
+                self.barman(["cron"], check=False)
+                self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "30", BARMAN_SERVER], check=False)
+            time.sleep(1)
+        have = done()
+        while have < minimum:
+            log(f"taking backup {have + 1} of {minimum} (barman backup --wait)")
+            self.barman(["backup", "--wait", "--wait-timeout", "120", BARMAN_SERVER])
+            have = done()
+        failing = check_ok()
+        if failing:
+            raise SystemExit(f"[lab] barman check is not all OK: {json.dumps(failing)}")
+
+    # ---------------------------------------------------------------- airflow
+    def airflow_env(self) -> dict[str, str]:
+        s = self.secrets()
+        env = dict(os.environ)
+        env.update(self.exports())
+        env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
+        return env
+
+    def setup_airflow(self, start: bool) -> None:
+        env = self.airflow_env()
+        home = Path(env["AIRFLOW_HOME"])
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "simple_auth_manager_passwords.json").write_text(json.dumps({"admin": self.secrets()["airflow_admin_ui"]}))
+        os.chmod(home / "simple_auth_manager_passwords.json", 0o600)
+        airflow = str(self.venv / "bin" / "airflow")
+        stamp = home / ".migrated"
+        want = hashlib.sha256((REPO / "requirements.txt").read_bytes()).hexdigest()
+        if not stamp.exists() or stamp.read_text() != want:
+            log("airflow db migrate")
+            run([airflow, "db", "migrate"], env=env, timeout=600)
+            stamp.write_text(want)
+        if not start:
+            return
+        for comp in AIRFLOW_COMPONENTS:
+            pidf = self.p("run", f"airflow-{comp}.pid")
+            pid = read_pid(pidf)
+            if pid and pid_alive(pid):
+                continue
+            argv = [airflow, *comp.split()]
+            if comp == "api-server":
+                argv += ["--host", OPS, "--port", str(AIRFLOW_API_PORT)]
+            with open(self.p("log", f"airflow-{comp}.log"), "ab") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        cwd=str(home))
+            pidf.write_text(str(proc.pid))
+        wait_for(lambda: self.airflow_healthy(), "the Airflow api-server /api/v2/monitor/health", 120, 1)
+
+    def airflow_healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://{OPS}:{AIRFLOW_API_PORT}/api/v2/monitor/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------- env & conns
+    def connections(self) -> dict[str, dict]:
+        s = self.secrets()
+        key = str(self.p("ssh", "keys", "airflow_ed25519"))
+        known = {}
+        for line in self.p("ssh", "known_hosts").read_text().splitlines():
+            hostport, kind, blob = line.split()
+            known[hostport] = f"{kind} {blob}"
+
+        def ssh(host: str) -> dict:
+            addr, user = HOSTS[host]
+            return {"conn_type": "ssh", "host": addr, "port": SSH_PORT, "login": user,
+                    "extra": {"key_file": key, "no_host_key_check": False, "allow_host_key_change": False,
+                              "host_key": known[f"[{addr}]:{SSH_PORT}"], "look_for_keys": False,
+                              "keepalive_interval": 15, "conn_timeout": 10}}
+
+        def pg(host: str, login: str, pw: str, schema: str, port: int = PG_PORT) -> dict:
+            return {"conn_type": "postgres", "host": host, "port": port, "login": login, "password": pw, "schema": schema}
+
+        return {
+            "barman_host": ssh("barman-lab"),
+            "pg_primary_ssh": ssh("pg-primary"),
+            "pg_standby_ssh": ssh("pg-standby"),
+            "pg_nonprod_ssh": ssh("pg-nonprod"),
+            "pg_primary": pg(HOSTS["pg-primary"][0], "dr_admin", s["dr_admin"], "shop"),
+            "pg_standby": pg(HOSTS["pg-standby"][0], "dr_admin", s["dr_admin"], "shop"),
+            "pg_nonprod": pg(HOSTS["pg-nonprod"][0], "dr_admin", s["dr_admin"], "shop"),
+            "pgbouncer_admin": pg(HOSTS["pg-primary"][0], "pgbouncer_admin", s["pgbouncer_admin"], "pgbouncer",
+                                  PGBOUNCER_PORT),
+            "dr_audit": pg(OPS, "dr_audit_writer", s["dr_audit_writer"], "dr_audit"),
+        }
+
+    def exports(self) -> dict[str, str]:
+        s = self.secrets()
+        home = self.p("airflow")
+        env = {
+            "LAB_DIR": str(self.dir),
+            "BARMAN_DR_REPO": str(REPO),
+            "BARMAN_DR_INVENTORY": str(REPO / "include" / "inventory" / "lab.yaml"),
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json"),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{OPS}:{AIRFLOW_API_PORT}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://airflow:{s['airflow']}@{OPS}:{PG_PORT}/airflow",
+            "AIRFLOW__API_AUTH__JWT_SECRET": s["jwt"],
+            "AIRFLOW__API__BASE_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
+            "AIRFLOW__API__HOST": OPS,
+            "AIRFLOW__API__PORT": str(AIRFLOW_API_PORT),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8793",
+            "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "LAB_AIRFLOW_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
+            "LAB_AIRFLOW_USER": "admin",
+            "LAB_AIRFLOW_PASSWORD": s["airflow_admin_ui"],
+            "LAB_PRIMARY_DSN": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
+            "LAB_APP_DSN": f"host={HOSTS['pg-primary'][0]} port={PGBOUNCER_PORT} dbname=shop user=app password={s['app']}",
+            "LAB_STANDBY_DSN": f"host={HOSTS['pg-standby'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
+            "LAB_AUDIT_DSN": f"host={OPS} port={PG_PORT} dbname=dr_audit user=dr_audit_writer password={s['dr_audit_writer']}",
+            "LAB_BARMAN_SERVER": BARMAN_SERVER,
+            "LAB_BARMAN": shlex.join(["ssh", "-F", str(self.p("ssh", "ssh_config")), "barman-lab", str(self.p("bin", "barman"))]),
+            "LAB_SSH_CONFIG": str(self.p("ssh", "ssh_config")),
+        }
+        for conn_id, conn in self.connections().items():
+            env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn, separators=(",", ":"))
+        return env
+
+    def write_env(self) -> None:
+        env = self.exports()
+        lines = ["# barman-dr lab environment: `source` this file (generated by include/lab/labctl.py)"]
+        lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+        lines.append(f"export PATH={shlex.quote(str(self.venv / 'bin'))}:\"$PATH\"")
+        path = self.p("env.sh")
+        path.write_text("\n".join(lines) + "\n")
+        os.chmod(path, 0o600)
+
+    # ----------------------------------------------------------------- status
+    def status_rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+
+        def pgver() -> str:
+            return run([str(PG_BIN / "postgres"), "--version"]).stdout.split()[2]
+
+        for name, (addr, _u) in HOSTS.items():
+            pid = read_pid(self.p("run", f"sshd-{name}.pid"))
+            rows.append((f"sshd {name}", f"{addr}:{SSH_PORT}", "up" if pid and pid_alive(pid) else "down",
+                         run(["ssh", "-V"]).stderr.split(",")[0]))
+        for name, addr in (("ops", OPS), ("pg-primary", HOSTS["pg-primary"][0]), ("pg-standby", HOSTS["pg-standby"][0]),
+                           ("pg-nonprod", HOSTS["pg-nonprod"][0])):
+            if not self.p("pg", name, "data").exists() and name == "pg-nonprod":
+                rows.append((f"postgresql {name}", f"{addr}:{PG_PORT}", "idle (drill target)", f"PostgreSQL {pgver()}"))
+                continue
+            state = "down"
+            if self.pg_running(name):
+                state = "up"
+                if name == "pg-standby" and (self.p("pg", name, "data", "standby.signal")).exists():
+                    state = "up (standby)"
+            rows.append((f"postgresql {name}", f"{addr}:{PG_PORT}", state, f"PostgreSQL {pgver()}"))
+        pid = read_pid(self.p("run", "pgbouncer.pid"))
+        ver = run(["pgbouncer", "--version"], check=False).stdout.splitlines()[0] if shutil.which("pgbouncer") else "?"
+        rows.append(("pgbouncer", f"{HOSTS['pg-primary'][0]}:{PGBOUNCER_PORT}", "up" if pid and pid_alive(pid) else "down", ver))
+        pid = read_pid(self.p("run", "barman-cron.pid"))
+        bver = run([str(BARMAN_VENV / "bin" / "barman"), "--version"], check=False).stdout.split()[:1]
+        rows.append(("barman cron loop", HOSTS["barman-lab"][0], "up" if pid and pid_alive(pid) else "down",
+                     f"Barman {bver[0] if bver else '?'}"))
+        rows.append(("barman receive-wal", HOSTS["barman-lab"][0],
+                     "up" if self.p("bin", "barman").exists() and self.receive_wal_running() else "down", ""))
+        aver = "?"
+        if (self.venv / "bin" / "airflow").exists():
+            aver = run([str(self.venv / "bin" / "python"), "-c", "import airflow; print(airflow.__version__)"],
+                       check=False).stdout.strip()
+        for comp in AIRFLOW_COMPONENTS:
+            pid = read_pid(self.p("run", f"airflow-{comp}.pid"))
+            addr = f"{OPS}:{AIRFLOW_API_PORT}" if comp == "api-server" else OPS
+            rows.append((f"airflow {comp}", addr, "up" if pid and pid_alive(pid) else "down", f"Airflow {aver}"))
+        return rows
+
+    def print_status(self) -> None:
+        rows = [("component", "address", "state", "version"), *self.status_rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for i, r in enumerate(rows):
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+            if i == 0:
+                print("  ".join("-" * w for w in widths))
+        print(f"\nLAB_DIR={self.dir}\nsource {self.p('env.sh')}")
+
+    # --------------------------------------------------------------- up/down
+    def up(self, airflow: bool) -> None:
+        if not (self.venv / "bin" / "python").exists():
+            raise SystemExit("[lab] the venvs are missing: run `make install` (include/lab/install.sh) first")
+        self.ensure_dirs()
+        self.secrets()
+        self.pgpass()
+        self.setup_ssh()
+        self.setup_ops()
+        self.setup_primary()
+        self.setup_standby()
+        self.setup_pgbouncer()
+        self.setup_barman()
+        self.write_env()
+        self.ensure_backups()
+        self.setup_airflow(start=airflow)
+        self.write_env()
+        self.print_status()
+
+    def stop_pid(self, pidf: Path, what: str, group: bool = False, timeout: float = 20) -> None:
+        pid = read_pid(pidf)
+        if not pid or not pid_alive(pid):
+            pidf.unlink(missing_ok=True)
+            return
+        try:
+            if group:
+                os.killpg(pid, signal.SIGTERM)
+            else:
+                os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            log(f"{what} did not stop on SIGTERM: SIGKILL")
+            try:
+                os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pidf.unlink(missing_ok=True)
+        log(f"stopped {what} (pid {pid})")
+
+    def down(self) -> None:
+        if not self.dir.exists():
+            log(f"nothing to stop: {self.dir} does not exist")
+            return
+        for comp in reversed(AIRFLOW_COMPONENTS):
+            self.stop_pid(self.p("run", f"airflow-{comp}.pid"), f"airflow {comp}", group=True)
+        self.stop_pid(self.p("run", "barman-cron.pid"), "barman cron loop", group=True)
+        if self.p("bin", "barman").exists():
+            self.barman(["receive-wal", "--stop", BARMAN_SERVER], check=False)
+        self.stop_pid(self.p("run", "pgbouncer.pid"), "pgbouncer")
+        for name in ("pg-nonprod", "pg-standby", "pg-primary", "ops"):
+            if self.pg_running(name):
+                run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", name, "data")), "-m", "fast", "-w", "-t", "60",
+                     "stop"], user="postgres", check=False)
+                log(f"stopped postgresql {name}")
+        for name in HOSTS:
+            self.stop_pid(self.p("run", f"sshd-{name}.pid"), f"sshd {name}")
+        # ssh ControlMaster processes of the barman user (multiplexed restore logins)
+        for sock in self.p("run", "barman-lab").glob("cm-*"):
+            run(["ssh", "-F", str(self.p("ssh", "barman_ssh_config")), "-O", "exit", "-S", str(sock), "x"],
+                user="barman", check=False)
+        self.print_status()
+
+
+def resolve_lab_dir() -> Path:
+    env = os.environ.get("LAB_DIR")
+    return Path(env).resolve() if env else REPO / ".lab"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down", "status", "env"])
+    ap.add_argument("--no-airflow", action="store_true", help="do not start the Airflow components")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("[lab] run as root (PostgreSQL runs as postgres, Barman as barman)")
+    lab = Lab(resolve_lab_dir())
+    if args.action == "up":
+        lab.up(airflow=not args.no_airflow)
+    elif args.action == "down":
+        lab.down()
+    elif args.action == "status":
+        lab.print_status()
+    elif args.action == "env":
+        lab.write_env()
+        print(lab.p("env.sh"))
+
+
+if __name__ == "__main__":
+    main()

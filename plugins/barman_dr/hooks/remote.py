@@ -1,0 +1,279 @@
+"""Run commands on a remote host over SSH, through the SSH provider's hook.
+
+Two ways to run a command:
+
+* `run(argv)`: short commands (seconds). One SSH exec; an inactivity timeout applies.
+* `start_job / job_status / wait_job / kill_job`: long commands (backup, restore). The
+  command is started detached (`setsid`, stdio to files) under a job directory on the
+  remote host, so it survives the SSH session, an sshd restart and a worker crash. We
+  then poll with short SSH commands. A retried task with the same job id *attaches* to
+  the running job or collects its exit code instead of starting a second copy, and
+  `on_kill` can terminate the job's whole process group. This is the model of the SSH
+  provider's `SSHRemoteJobOperator`, kept small and synchronous.
+
+Commands are argv lists joined with `shlex.join`: a value never becomes shell syntax.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import socket
+import time
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+import paramiko
+from airflow.providers.ssh.hooks.ssh import SSHHook
+
+from barman_dr.exceptions import HostKeyError, RemoteCommandError, RemoteJobError, SshConnectError
+from barman_dr.models import CommandResult, JobStatus
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+# Starts argv detached under job dir $1. Idempotent: if a job with that id is running it
+# reports it, if it finished it reports the exit code; it never starts a second copy.
+# The job's shell records its own pid ($$ == its process group, thanks to setsid) first,
+# then runs the command, then writes the exit code atomically (rc.tmp -> rc).
+_START_SCRIPT = r"""
+set -eu
+d="$1"; shift
+mkdir -p "$d"
+if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
+if [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "running $(cat "$d/pid")"; exit 0; fi
+if [ -f "$d/pid" ]; then echo "lost $(cat "$d/pid")"; exit 0; fi
+printf '%s\n' "$@" > "$d/argv"
+setsid sh -c 'd="$1"; shift; echo $$ > "$d/pid.tmp"; mv "$d/pid.tmp" "$d/pid"; date +%s > "$d/started";
+  "$@" > "$d/out" 2> "$d/err"; rc=$?; echo $rc > "$d/rc.tmp"; mv "$d/rc.tmp" "$d/rc"' barman-dr-job "$d" "$@" \
+  < /dev/null > /dev/null 2>&1 &
+i=0
+while [ ! -f "$d/pid" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
+echo "started $(cat "$d/pid")"
+"""
+
+_STATUS_SCRIPT = r"""
+d="$1"
+if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
+if [ ! -f "$d/pid" ]; then echo "absent"; exit 0; fi
+if kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "running $(cat "$d/pid")"; else echo "lost $(cat "$d/pid")"; fi
+"""
+
+# Terminate the job's process group, wait for it, escalate to SIGKILL. Records that it was killed.
+_KILL_SCRIPT = r"""
+d="$1"; grace="$2"
+[ -f "$d/pid" ] || { echo "absent"; exit 0; }
+pid="$(cat "$d/pid")"
+kill -0 "$pid" 2>/dev/null || { echo "not-running"; exit 0; }
+kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+i=0
+while kill -0 "$pid" 2>/dev/null && [ $i -lt "$grace" ]; do sleep 1; i=$((i+1)); done
+if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || true; echo "killed-hard"; else echo "killed"; fi
+date +%s > "$d/killed"
+"""
+
+# Move a finished/lost job directory aside so a new attempt can start (kept for forensics).
+_RESET_SCRIPT = r"""
+d="$1"; tag="$2"
+[ -d "$d" ] || exit 0
+if [ -f "$d/pid" ] && [ ! -f "$d/rc" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "refusing: job running" >&2; exit 3; fi
+mv "$d" "$d.$tag"
+"""
+
+
+def sh_argv(script: str, *args: str) -> list[str]:
+    """argv that runs an inline POSIX sh script with positional arguments (no interpolation)."""
+    return ["sh", "-c", script, "barman-dr", *args]
+
+
+class RemoteHost:
+    """A host reached over SSH with the Airflow connection `ssh_conn_id`.
+
+    Host-key checking is never turned off here: a connection that sets
+    `no_host_key_check` is refused, because a DR tool that can be pointed at an impostor
+    host would restore production data onto it.
+    """
+
+    def __init__(self, ssh_conn_id: str, *, name: str | None = None, cmd_timeout: float = 120,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.ssh_conn_id = ssh_conn_id
+        self.name = name or ssh_conn_id
+        self.cmd_timeout = cmd_timeout
+        self._log = log
+        self.connects = 0
+
+    @cached_property
+    def ssh_hook(self) -> SSHHook:
+        hook = SSHHook(ssh_conn_id=self.ssh_conn_id, cmd_timeout=self.cmd_timeout, conn_retry_attempts=2,
+                       keepalive_interval=15)
+        if hook.no_host_key_check:
+            raise HostKeyError(
+                f"connection {self.ssh_conn_id!r} disables host-key checking (no_host_key_check); "
+                "barman-dr refuses to run DR commands without it. Put the host's public key in the "
+                "connection's `host_key` extra or in ~/.ssh/known_hosts."
+            )
+        return hook
+
+    def _client(self) -> paramiko.SSHClient:
+        try:
+            client = self.ssh_hook.client
+            transport = client.get_transport() if client else None
+            if not (transport and transport.is_active()):
+                self.connects += 1
+            return self.ssh_hook.get_conn()
+        except paramiko.BadHostKeyException as exc:
+            raise HostKeyError(
+                f"SSH host key of {self.name} ({exc.hostname}) CHANGED: got {exc.key.get_name()} "
+                f"{exc.key.get_base64()[:24]}..., expected {exc.expected_key.get_base64()[:24]}.... "
+                "Refusing to connect (possible man-in-the-middle or a rebuilt host). Verify the host's "
+                f"key out of band, then update connection {self.ssh_conn_id!r} (extra `host_key`)."
+            ) from exc
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc) or "Server" in str(exc) and "not found" in str(exc):
+                raise HostKeyError(
+                    f"SSH host key of {self.name} is unknown ({exc}). Add it to connection "
+                    f"{self.ssh_conn_id!r} (extra `host_key`) after verifying it."
+                ) from exc
+            raise SshConnectError(f"SSH to {self.name} via {self.ssh_conn_id!r} failed: {exc}") from exc
+        except (OSError, socket.timeout) as exc:
+            raise SshConnectError(f"cannot reach {self.name} via {self.ssh_conn_id!r}: {exc}") from exc
+
+    def close(self) -> None:
+        if "ssh_hook" in self.__dict__ and self.ssh_hook.client:
+            try:
+                self.ssh_hook.client.close()
+            finally:
+                self.ssh_hook.client = None
+
+    def run(self, argv: Sequence[str], *, timeout: float | None = None, check: bool = True,
+            error_cls: type[RemoteCommandError] = RemoteCommandError) -> CommandResult:
+        """Run argv on the host; `timeout` is an inactivity timeout (seconds without output)."""
+        command = shlex.join(argv)
+        start = time.monotonic()
+        client = self._client()
+        try:
+            code, out, err = self.ssh_hook.exec_ssh_client_command(
+                client, command, get_pty=False, environment=None,
+                timeout=self.cmd_timeout if timeout is None else timeout)
+        except paramiko.SSHException as exc:  # the session died under us: reconnect next time
+            self.close()
+            raise SshConnectError(f"SSH session to {self.name} broke while running {argv[0]}: {exc}") from exc
+        except Exception as exc:
+            if "timed out" in str(exc):
+                self.close()
+                raise RemoteCommandError(self.name, list(argv), None, f"no output for {timeout or self.cmd_timeout}s "
+                                         "(inactivity timeout); long commands must run as remote jobs") from exc
+            raise
+        result = CommandResult(self.name, list(argv), code, out.decode("utf-8", "replace"),
+                               err.decode("utf-8", "replace"), round(time.monotonic() - start, 3))
+        if check and code != 0:
+            raise error_cls(self.name, list(argv), code, result.stderr, result.stdout)
+        return result
+
+    # ------------------------------------------------------------------ remote jobs
+    def _job_dir(self, job_root: str, job_id: str) -> str:
+        if not JOB_ID_RE.match(job_id):
+            raise ValueError(f"invalid job id {job_id!r}")
+        return f"{job_root.rstrip('/')}/{job_id}"
+
+    @staticmethod
+    def _parse_status(job_id: str, line: str) -> JobStatus:
+        word, _, rest = line.strip().partition(" ")
+        if word == "finished":
+            return JobStatus(job_id, "finished", exit_code=int(rest))
+        if word in ("running", "started"):
+            return JobStatus(job_id, "running", pid=int(rest))
+        if word == "lost":
+            return JobStatus(job_id, "lost", pid=int(rest) if rest.isdigit() else None)
+        return JobStatus(job_id, "absent")
+
+    def start_job(self, job_root: str, job_id: str, argv: Sequence[str]) -> JobStatus:
+        """Start argv detached (or report the job already running/finished under that id)."""
+        out = self.run(sh_argv(_START_SCRIPT, self._job_dir(job_root, job_id), *argv), timeout=30).stdout
+        return self._parse_status(job_id, out.strip().splitlines()[-1] if out.strip() else "absent")
+
+    def job_status(self, job_root: str, job_id: str) -> JobStatus:
+        out = self.run(sh_argv(_STATUS_SCRIPT, self._job_dir(job_root, job_id)), timeout=30).stdout
+        return self._parse_status(job_id, out.strip() or "absent")
+
+    def job_output(self, job_root: str, job_id: str, max_bytes: int = 1_000_000) -> tuple[str, str]:
+        d = self._job_dir(job_root, job_id)
+        out = self.run(["tail", "-c", str(max_bytes), f"{d}/out"], check=False, timeout=30).stdout
+        err = self.run(["tail", "-c", str(max_bytes), f"{d}/err"], check=False, timeout=30).stdout
+        return out, err
+
+    def kill_job(self, job_root: str, job_id: str, grace_seconds: int = 20) -> str:
+        out = self.run(sh_argv(_KILL_SCRIPT, self._job_dir(job_root, job_id), str(grace_seconds)),
+                       timeout=grace_seconds + 30, check=False).stdout
+        return out.strip()
+
+    def reset_job(self, job_root: str, job_id: str, tag: str) -> None:
+        """Keep a finished or lost attempt's directory under another name so a new attempt can run."""
+        self.run(sh_argv(_RESET_SCRIPT, self._job_dir(job_root, job_id), tag), timeout=30)
+
+    def wait_job(self, job_root: str, job_id: str, *, timeout: float, poll: Callable[[float], float] | None = None,
+                 on_poll: Callable[[JobStatus], None] | None = None) -> JobStatus:
+        """Poll until the job finishes. Tolerates SSH outages (the job runs on regardless)."""
+        deadline = time.monotonic() + timeout
+        interval = 0.25
+        ssh_failures = 0
+        while True:
+            try:
+                status = self.job_status(job_root, job_id)
+                ssh_failures = 0
+            except SshConnectError:
+                ssh_failures += 1
+                if ssh_failures > 30:
+                    raise
+                self.close()
+                status = None
+            if status is not None:
+                if on_poll:
+                    on_poll(status)
+                if status.finished:
+                    return status
+                if status.state in ("lost", "absent"):
+                    raise RemoteJobError(
+                        f"remote job {job_id} on {self.name} is {status.state}: its process is gone without an "
+                        "exit code (host restarted or process killed). Check the job directory, then retry the task."
+                    )
+            if time.monotonic() > deadline:
+                raise RemoteJobError(f"remote job {job_id} on {self.name} still running after {timeout:.0f}s")
+            time.sleep(interval)
+            interval = poll(interval) if poll else min(interval * 1.5, 3.0)
+
+    def run_job(self, job_root: str, job_id: str, argv: Sequence[str], *, timeout: float,
+                error_cls: type[RemoteCommandError] = RemoteCommandError) -> CommandResult:
+        """Start (or attach to) a detached job, wait for it, and return its result."""
+        start = time.monotonic()
+        status = self.start_job(job_root, job_id, argv)
+        if status.state == "lost":
+            raise RemoteJobError(f"remote job {job_id} on {self.name} was lost; reset it before retrying")
+        if not status.finished:
+            status = self.wait_job(job_root, job_id, timeout=timeout)
+        out, err = self.job_output(job_root, job_id)
+        result = CommandResult(self.name, list(argv), int(status.exit_code or 0), out, err,
+                               round(time.monotonic() - start, 3))
+        if status.exit_code != 0:
+            raise error_cls(self.name, list(argv), status.exit_code, err, out)
+        return result
+
+
+def parse_json_output(text: str, what: str) -> Any:
+    """Parse JSON printed by a remote tool; tolerate log lines printed before the document."""
+    from barman_dr.exceptions import BarmanOutputError
+
+    text = text.strip()
+    if not text:
+        raise BarmanOutputError(f"{what}: empty output where JSON was expected")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+        if start > 0:
+            try:
+                return json.loads(text[start:])
+            except json.JSONDecodeError:
+                pass
+        raise BarmanOutputError(f"{what}: output is not JSON: {text[:300]!r}") from None

@@ -1,0 +1,301 @@
+"""The server inventory: every Barman server barman-dr manages, as typed data.
+
+The inventory is a YAML file (`include/inventory/*.yaml`, chosen by the environment
+variable BARMAN_DR_INVENTORY). DAG files read it at parse time to build params and mapped
+tasks, so loading it must stay cheap and do no network I/O. `${VAR}` references are
+expanded from the environment (the lab uses ${LAB_DIR}); an unset variable is an error,
+not an empty string, so a path can never silently collapse to `/pg/data`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from barman_dr.exceptions import InventoryError
+
+DEFAULT_INVENTORY = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+FREEZE_METHODS = ("pgbouncer", "command", "none")
+
+
+def _expand(value: Any, where: str, env: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in env:
+                raise InventoryError(f"{where}: environment variable ${{{name}}} is not set")
+            return env[name]
+
+        return _VAR_RE.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, f"{where}[{i}]", env) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}", env) for k, v in value.items()}
+    return value
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InventoryError(f"{where}: {value!r} is not a valid name (letters, digits, '.', '_', '-'; max 63)")
+    return value
+
+
+def _abs_path(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\x00" in value or "\n" in value:
+        raise InventoryError(f"{where}: {value!r} must be an absolute path")
+    return value
+
+
+def _argv(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise InventoryError(f"{where}: must be a non-empty list of strings (an argv, not a shell string)")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class BarmanHost:
+    name: str
+    address: str
+    ssh_conn_id: str
+    barman_command: tuple[str, ...]
+    job_dir: str
+    backup_directory: str
+    pool_slots: int = 4
+
+    @property
+    def pool(self) -> str:
+        """Airflow pool bounding concurrent barman commands on this host."""
+        return f"barman_{self.name.replace('-', '_').replace('.', '_')}"
+
+
+@dataclass(frozen=True)
+class DbHost:
+    name: str
+    address: str
+    ssh_conn_id: str
+    pg_bin: str
+    job_dir: str
+    restore_ssh_command: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A PostgreSQL instance (primary, standby or non-prod target) on a db host."""
+
+    name: str
+    host: str
+    data_directory: str
+    port: int
+    socket_directory: str
+    log_file: str
+    postgres_conn_id: str
+    replication_slot: str | None = None
+
+
+@dataclass(frozen=True)
+class AppFreeze:
+    method: str
+    conn_id: str | None = None
+    database: str | None = None
+    timeout_seconds: int = 30
+    freeze_command: tuple[str, ...] | None = None
+    unfreeze_command: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Server:
+    """One Barman server (one PostgreSQL cluster protected by Barman)."""
+
+    name: str
+    description: str
+    barman_host: str
+    database: str
+    primary: Instance
+    standbys: tuple[Instance, ...]
+    nonprod: Instance | None
+    app_freeze: AppFreeze
+    recovery_window_days: int
+    minimum_redundancy: int
+    verification: dict[str, float]
+    rto_objective_seconds: int
+    validation_queries: dict[str, str]
+
+    def standby(self, name: str) -> Instance:
+        for s in self.standbys:
+            if s.name == name:
+                return s
+        raise InventoryError(f"server {self.name!r} has no standby named {name!r}")
+
+
+@dataclass(frozen=True)
+class Inventory:
+    path: str
+    barman_hosts: dict[str, BarmanHost]
+    db_hosts: dict[str, DbHost]
+    servers: dict[str, Server] = field(default_factory=dict)
+
+    def server(self, name: str) -> Server:
+        try:
+            return self.servers[name]
+        except KeyError:
+            raise InventoryError(f"unknown server {name!r}; known: {', '.join(sorted(self.servers))}") from None
+
+    def barman_host_of(self, server: str | Server) -> BarmanHost:
+        srv = server if isinstance(server, Server) else self.server(server)
+        return self.barman_hosts[srv.barman_host]
+
+    def db_host(self, name: str) -> DbHost:
+        try:
+            return self.db_hosts[name]
+        except KeyError:
+            raise InventoryError(f"unknown db host {name!r}") from None
+
+    @property
+    def server_names(self) -> list[str]:
+        return sorted(self.servers)
+
+
+def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> Instance:
+    host = _name(data.get("host"), f"{where}.host")
+    if host not in db_hosts:
+        raise InventoryError(f"{where}.host: {host!r} is not in db_hosts")
+    port = data.get("port", 5432)
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InventoryError(f"{where}.port: {port!r} is not a TCP port")
+    return Instance(
+        name=_name(data.get("name", host), f"{where}.name"),
+        host=host,
+        data_directory=_abs_path(data.get("data_directory"), f"{where}.data_directory"),
+        port=port,
+        socket_directory=_abs_path(data.get("socket_directory", "/var/run/postgresql"), f"{where}.socket_directory"),
+        log_file=_abs_path(data.get("log_file"), f"{where}.log_file"),
+        postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
+        replication_slot=data.get("replication_slot"),
+    )
+
+
+def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, str] | None = None) -> Inventory:
+    """Validate and type a parsed inventory document."""
+    if not isinstance(raw, dict) or raw.get("version") != 1:
+        raise InventoryError(f"{path}: expected a mapping with `version: 1`")
+    raw = _expand(raw, path, dict(os.environ) if env is None else env)
+    barman_hosts: dict[str, BarmanHost] = {}
+    for name, d in (raw.get("barman_hosts") or {}).items():
+        w = f"barman_hosts.{name}"
+        barman_hosts[_name(name, w)] = BarmanHost(
+            name=name,
+            address=str(d.get("address", "")),
+            ssh_conn_id=_name(d.get("ssh_conn_id"), f"{w}.ssh_conn_id"),
+            barman_command=_argv(d.get("barman_command", ["barman"]), f"{w}.barman_command"),
+            job_dir=_abs_path(d.get("job_dir", "/var/lib/barman/barman-dr-jobs"), f"{w}.job_dir"),
+            backup_directory=_abs_path(d.get("backup_directory", "/var/lib/barman"), f"{w}.backup_directory"),
+            pool_slots=int(d.get("pool_slots", 4)),
+        )
+    db_hosts: dict[str, DbHost] = {}
+    for name, d in (raw.get("db_hosts") or {}).items():
+        w = f"db_hosts.{name}"
+        db_hosts[_name(name, w)] = DbHost(
+            name=name,
+            address=str(d.get("address", "")),
+            ssh_conn_id=_name(d.get("ssh_conn_id"), f"{w}.ssh_conn_id"),
+            pg_bin=_abs_path(d.get("pg_bin", "/usr/lib/postgresql/15/bin"), f"{w}.pg_bin"),
+            job_dir=_abs_path(d.get("job_dir", "/var/lib/postgresql/barman-dr-jobs"), f"{w}.job_dir"),
+            restore_ssh_command=_argv(d.get("restore_ssh_command"), f"{w}.restore_ssh_command"),
+        )
+    servers: dict[str, Server] = {}
+    for name, d in (raw.get("servers") or {}).items():
+        w = f"servers.{name}"
+        _name(name, w)
+        bh = d.get("barman_host")
+        if bh not in barman_hosts:
+            raise InventoryError(f"{w}.barman_host: {bh!r} is not in barman_hosts")
+        freeze = d.get("app_freeze") or {"method": "none"}
+        if freeze.get("method") not in FREEZE_METHODS:
+            raise InventoryError(f"{w}.app_freeze.method: use one of {FREEZE_METHODS}")
+        retention = d.get("retention") or {}
+        queries = d.get("validation_queries") or {}
+        for q in queries:
+            _name(q, f"{w}.validation_queries")
+        servers[name] = Server(
+            name=name,
+            description=str(d.get("description", "")),
+            barman_host=bh,
+            database=_name(d.get("database"), f"{w}.database"),
+            primary=_instance(d.get("primary") or {}, f"{w}.primary", db_hosts),
+            standbys=tuple(_instance(s, f"{w}.standbys[{i}]", db_hosts) for i, s in enumerate(d.get("standbys") or [])),
+            nonprod=_instance(d["nonprod"], f"{w}.nonprod", db_hosts) if d.get("nonprod") else None,
+            app_freeze=AppFreeze(
+                method=freeze["method"],
+                conn_id=freeze.get("conn_id"),
+                database=freeze.get("database"),
+                timeout_seconds=int(freeze.get("timeout_seconds", 30)),
+                freeze_command=_argv(freeze["freeze_command"], f"{w}.app_freeze.freeze_command")
+                if freeze.get("freeze_command") else None,
+                unfreeze_command=_argv(freeze["unfreeze_command"], f"{w}.app_freeze.unfreeze_command")
+                if freeze.get("unfreeze_command") else None,
+            ),
+            recovery_window_days=int(retention.get("recovery_window_days", 7)),
+            minimum_redundancy=int(retention.get("minimum_redundancy", 1)),
+            verification={k: float(v) for k, v in (d.get("verification") or {}).items()},
+            rto_objective_seconds=int(d.get("rto_objective_seconds", 900)),
+            validation_queries=dict(queries),
+        )
+    if not servers:
+        raise InventoryError(f"{path}: no servers defined")
+    return Inventory(path=path, barman_hosts=barman_hosts, db_hosts=db_hosts, servers=servers)
+
+
+def inventory_path() -> Path:
+    return Path(os.environ.get("BARMAN_DR_INVENTORY") or DEFAULT_INVENTORY)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(path: str, mtime: float, env_key: tuple[tuple[str, str], ...]) -> Inventory:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InventoryError(f"cannot read inventory {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise InventoryError(f"inventory {path} is not valid YAML: {exc}") from exc
+    return parse_inventory(raw, path, dict(env_key))
+
+
+def load_inventory(path: str | Path | None = None) -> Inventory:
+    """Load (and cache by path + mtime + environment) the inventory."""
+    p = Path(path) if path else inventory_path()
+    try:
+        mtime = p.stat().st_mtime
+    except OSError as exc:
+        raise InventoryError(f"inventory not found: {p} (set BARMAN_DR_INVENTORY)") from exc
+    env_key = tuple(sorted((k, v) for k, v in os.environ.items() if k in _referenced_vars(p)))
+    return _load_cached(str(p), mtime, env_key)
+
+
+@lru_cache(maxsize=8)
+def _referenced_vars(p: Path) -> frozenset[str]:
+    try:
+        return frozenset(_VAR_RE.findall(p.read_text()))
+    except OSError:
+        return frozenset()
+
+
+def server_names_for_dags(path: str | Path | None = None) -> list[str]:
+    """Server names for DAG params; never raises at parse time (a broken inventory must not hide DAGs).
+
+    When LAB_DIR-style variables are unset (for example in a DagBag test), names are read
+    without expansion: names never contain `${...}`.
+    """
+    p = Path(path) if path else inventory_path()
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        return sorted((raw.get("servers") or {}).keys())
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
