@@ -89,6 +89,17 @@ def _ts(value: Any) -> datetime | None:
         raise BarmanOutputError(f"not an epoch timestamp: {value!r}") from exc
 
 
+def _iso(value: Any) -> datetime | None:
+    """Barman prints precise times as `2026-11-25 13:34:19.703926+00:00`; epoch fields drop the fraction."""
+    if not isinstance(value, str) or not value or value == "None":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 def _int(value: Any) -> int | None:
     if value in (None, "", "None"):
         return None
@@ -180,20 +191,20 @@ class BackupInfo:
             backup_id=str(_require(data, "backup_id", "show-backup")),
             status=str(_require(data, "status", "show-backup")),
             timeline=int(_require(base, "timeline", "show-backup.base_backup_information")),
-            begin_time=_ts(base.get("begin_time_timestamp")),
-            end_time=_ts(base.get("end_time_timestamp")),
+            begin_time=_iso(base.get("begin_time")) or _ts(base.get("begin_time_timestamp")),
+            end_time=_iso(base.get("end_time")) or _ts(base.get("end_time_timestamp")),
             begin_lsn=Lsn.parse(begin_lsn) if begin_lsn else None,
             end_lsn=Lsn.parse(end_lsn) if end_lsn else None,
             begin_wal=base.get("begin_wal"),
             end_wal=base.get("end_wal"),
-            size_bytes=_int(base.get("backup_size_bytes") or base.get("disk_usage_bytes")),
+            size_bytes=_int(base.get("backup_size_bytes") or data.get("cluster_size_bytes")),
             wal_files=_int(wal.get("no_of_files")),
             last_available_wal=wal.get("last_available"),
             copy_time_seconds=float(base["copy_time_seconds"]) if base.get("copy_time_seconds") else None,
             pgdata=data.get("pgdata_directory"),
             system_id=str(data.get("system_id")) if data.get("system_id") else None,
             postgres_version=str(data.get("postgresql_version")) if data.get("postgresql_version") else None,
-            backup_method=(data.get("catalog_information") or {}).get("backup_method") or data.get("backup_method"),
+            backup_method=base.get("backup_method") or data.get("backup_method"),
             raw=data,
         )
 

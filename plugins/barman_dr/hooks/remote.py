@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import selectors
 import shlex
 import socket
 import time
@@ -152,19 +153,18 @@ class RemoteHost:
         command = shlex.join(argv)
         start = time.monotonic()
         client = self._client()
+        inactivity = self.cmd_timeout if timeout is None else timeout
         try:
-            code, out, err = self.ssh_hook.exec_ssh_client_command(
-                client, command, get_pty=False, environment=None,
-                timeout=self.cmd_timeout if timeout is None else timeout)
-        except paramiko.SSHException as exc:  # the session died under us: reconnect next time
+            code, out, err = _exec(client, command, inactivity)
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # the session died under us: reconnect next time
             self.close()
             raise SshConnectError(f"SSH session to {self.name} broke while running {argv[0]}: {exc}") from exc
-        except Exception as exc:
-            if "timed out" in str(exc):
-                self.close()
-                raise RemoteCommandError(self.name, list(argv), None, f"no output for {timeout or self.cmd_timeout}s "
-                                         "(inactivity timeout); long commands must run as remote jobs") from exc
-            raise
+        except TimeoutError as exc:
+            self.close()
+            raise RemoteCommandError(self.name, list(argv), None, f"no output for {inactivity}s (inactivity "
+                                     "timeout); long commands must run as remote jobs") from exc
+        if self._log:
+            self._log(f"{self.name}: {shlex.join(argv)[:300]} -> exit {code}")
         result = CommandResult(self.name, list(argv), code, out.decode("utf-8", "replace"),
                                err.decode("utf-8", "replace"), round(time.monotonic() - start, 3))
         if check and code != 0:
@@ -258,6 +258,46 @@ class RemoteHost:
         if status.exit_code != 0:
             raise error_cls(self.name, list(argv), status.exit_code, err, out)
         return result
+
+
+def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None) -> tuple[int, bytes, bytes]:
+    """Run one command on an open SSH client; like SSHHook.exec_ssh_client_command, but quiet.
+
+    The provider's method logs every output line at INFO (a pg_controldata dump, a JSON
+    document); we log the command and its exit code instead. `inactivity` is the longest
+    silence tolerated, as in the provider.
+    """
+    transport = client.get_transport()
+    if transport is None or not transport.is_active():
+        raise paramiko.SSHException("transport is not active")
+    chan = transport.open_session(timeout=30)
+    chan.settimeout(None)
+    chan.exec_command(command)
+    chan.shutdown_write()
+    out, err = bytearray(), bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(chan, selectors.EVENT_READ)
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+                continue
+            if chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+                continue
+            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            if not sel.select(inactivity):
+                chan.close()
+                raise TimeoutError(f"no output for {inactivity}s")
+    while chan.recv_ready():
+        out += chan.recv(65536)
+    while chan.recv_stderr_ready():
+        err += chan.recv_stderr(65536)
+    code = chan.recv_exit_status()
+    chan.close()
+    return code, bytes(out), bytes(err)
 
 
 def parse_json_output(text: str, what: str) -> Any:

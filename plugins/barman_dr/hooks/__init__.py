@@ -1,0 +1,1 @@
+"""Hooks: Barman over SSH, PostgreSQL hosts over SSH, and the SSH runner they share."""

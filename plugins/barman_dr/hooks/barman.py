@@ -1,0 +1,246 @@
+"""BarmanHook: Barman on the barman host, over SSH, always with `-f json`.
+
+Every barman command is an argv list (`barman_command` from the inventory, then `-f json`,
+then the subcommand): nothing a user typed becomes shell syntax. Output is parsed into
+typed models (`barman_dr.models`); a non-zero exit raises `BarmanCommandError` with the
+exit code and stderr. `backup` and `restore` run as detached remote jobs (see
+`hooks/remote.py`) so they cannot die from an SSH inactivity timeout, and a retry
+attaches to the job instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from barman_dr.exceptions import BarmanCommandError, BarmanOutputError
+from barman_dr.hooks.remote import RemoteHost, parse_json_output
+from barman_dr.models import (
+    BackupInfo,
+    BackupSummary,
+    CheckReport,
+    CommandResult,
+    RecoveryTarget,
+    WalSegment,
+    is_wal_segment_name,
+    parse_list_backups,
+    server_section,
+)
+
+_CLOSED_WAL_RE = re.compile(r"WAL file ([0-9A-F]{24}) has been closed")
+
+
+@dataclass(frozen=True)
+class WalCatalogEntry:
+    name: str
+    size: int
+    time: float
+
+
+@dataclass(frozen=True)
+class WalCoverage:
+    """Proof (or disproof) that every WAL segment from `first` to `last` is in Barman's archive."""
+
+    first: str
+    last: str
+    present: int
+    missing: tuple[str, ...]
+    timelines: tuple[int, ...]
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
+
+    def missing_ranges(self) -> list[str]:
+        """Missing segments folded into ranges: `A..B (n segments)`."""
+        if not self.missing:
+            return []
+        segs = sorted(WalSegment.parse(m) for m in self.missing)
+        out, start, prev = [], segs[0], segs[0]
+        for s in segs[1:]:
+            if s.timeline == prev.timeline and s.segno == prev.segno + 1:
+                prev = s
+                continue
+            out.append(start.name if start == prev else f"{start.name}..{prev.name} ({prev.segno - start.segno + 1})")
+            start = prev = s
+        out.append(start.name if start == prev else f"{start.name}..{prev.name} ({prev.segno - start.segno + 1})")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "present": self.present, "complete": self.complete,
+                "missing": self.missing_ranges(), "timelines": list(self.timelines)}
+
+
+def compute_coverage(catalog: Sequence[str], first: str, last: str) -> WalCoverage:
+    """Which segments between `first` and `last` (inclusive) are absent from the catalogue.
+
+    A segment number counts as present on any timeline between the two ends' timelines
+    (recovery follows the timeline history from the backup's timeline to the newest).
+    """
+    a, b = WalSegment.parse(first), WalSegment.parse(last)
+    if b < a:
+        a, b = b, a
+    tlis = range(a.timeline, b.timeline + 1)
+    have: dict[int, set[int]] = {}
+    for name in catalog:
+        if is_wal_segment_name(name):
+            s = WalSegment.parse(name)
+            if s.timeline in tlis:
+                have.setdefault(s.segno, set()).add(s.timeline)
+    missing = []
+    present = 0
+    for segno in range(a.segno, b.segno + 1):
+        if have.get(segno):
+            present += 1
+        else:
+            tli = a.timeline if segno < b.segno else b.timeline
+            missing.append(WalSegment(tli, segno).name)
+    return WalCoverage(first=a.name, last=b.name, present=present, missing=tuple(missing),
+                       timelines=tuple(sorted({t for ts in have.values() for t in ts})))
+
+
+class BarmanHook(BaseHook):
+    """Runs `barman -f json ...` on a barman host reached through an SSH connection."""
+
+    conn_name_attr = "ssh_conn_id"
+    hook_name = "Barman (over SSH)"
+
+    def __init__(self, *, ssh_conn_id: str, barman_command: Sequence[str] = ("barman",),
+                 job_dir: str = "/var/lib/barman/barman-dr-jobs", cmd_timeout: float = 300, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.ssh_conn_id = ssh_conn_id
+        self.barman_command = list(barman_command)
+        self.job_dir = job_dir
+        self.cmd_timeout = cmd_timeout
+
+    @cached_property
+    def host(self) -> RemoteHost:
+        return RemoteHost(self.ssh_conn_id, name=f"barman host ({self.ssh_conn_id})", cmd_timeout=self.cmd_timeout)
+
+    def get_conn(self) -> RemoteHost:
+        return self.host
+
+    def close(self) -> None:
+        self.host.close()
+
+    def argv(self, *args: str, json_output: bool = True) -> list[str]:
+        return [*self.barman_command, *(["-f", "json"] if json_output else []), *args]
+
+    def run(self, *args: str, timeout: float | None = None, json_output: bool = True) -> CommandResult:
+        return self.host.run(self.argv(*args, json_output=json_output), timeout=timeout,
+                             error_cls=BarmanCommandError)
+
+    def run_json(self, *args: str, timeout: float | None = None) -> Any:
+        result = self.run(*args, timeout=timeout)
+        return parse_json_output(result.stdout, f"barman {args[0]}")
+
+    # ------------------------------------------------------------------ queries
+    def list_backups(self, server: str) -> list[BackupSummary]:
+        return parse_list_backups(self.run_json("list-backups", server), server)
+
+    def show_backup(self, server: str, backup_id: str) -> BackupInfo:
+        return BackupInfo.from_json(self.run_json("show-backup", server, backup_id), server)
+
+    def check(self, server: str) -> CheckReport:
+        """`barman check`: exits 1 when a check fails, which is a result here, not an error."""
+        try:
+            payload = self.run_json("check", server)
+        except BarmanCommandError as exc:
+            if exc.exit_code == 1 and exc.stdout.strip().startswith("{"):
+                payload = parse_json_output(exc.stdout, "barman check")
+            else:
+                raise
+        return CheckReport.from_json(payload, server)
+
+    def show_server(self, server: str) -> dict[str, Any]:
+        data = server_section(self.run_json("show-server", server), server, "show-server")
+        if not isinstance(data, dict):
+            raise BarmanOutputError("show-server: expected an object")
+        return data
+
+    def list_processes(self, server: str) -> list[dict[str, Any]]:
+        return list(server_section(self.run_json("list-processes", server), server, "list-processes"))
+
+    def replication_status(self, server: str) -> dict[str, Any]:
+        return dict(server_section(self.run_json("replication-status", server), server, "replication-status"))
+
+    def wal_catalog(self, server: str) -> list[WalCatalogEntry]:
+        """Barman's WAL catalogue (`<xlogdb_directory>/<server>-xlog.db`, tab-separated).
+
+        Barman 3.19.1 has no `check-archived-wal-range`; `list-files --target wal` stops at
+        the next backup's begin. The catalogue is the complete list of archived WAL.
+        """
+        info = self.show_server(server)
+        directory = info.get("xlogdb_directory") or info.get("wals_directory")
+        if not directory:
+            raise BarmanOutputError("show-server: no xlogdb_directory / wals_directory")
+        out = self.host.run(["cat", f"{directory}/{server}-xlog.db"], timeout=60).stdout
+        entries = []
+        for line in out.splitlines():
+            parts = line.split("\t")
+            if len(parts) >= 3:
+                entries.append(WalCatalogEntry(parts[0], int(parts[1]), float(parts[2])))
+        return entries
+
+    def wal_coverage(self, server: str, first: str, last: str) -> WalCoverage:
+        return compute_coverage([e.name for e in self.wal_catalog(server)], first, last)
+
+    # ----------------------------------------------------------------- actions
+    def switch_wal(self, server: str, *, archive_timeout: int = 60) -> str | None:
+        """`switch-wal --force --archive`: close the current WAL and wait until Barman has it.
+
+        Returns the name of the WAL file that was closed (now archived), or None when
+        PostgreSQL had nothing to switch (the current segment was empty).
+        """
+        payload = self.run_json("switch-wal", "--force", "--archive", "--archive-timeout", str(archive_timeout),
+                                server, timeout=archive_timeout + 60)
+        messages = payload.get("_INFO", []) if isinstance(payload, dict) else []
+        for msg in messages:
+            m = _CLOSED_WAL_RE.search(str(msg))
+            if m:
+                return m.group(1)
+        return None
+
+    def cron(self) -> CommandResult:
+        return self.run("cron", json_output=False, timeout=120)
+
+    def start_receive_wal(self, server: str) -> None:
+        """(Re)start WAL streaming: `barman cron` starts receive-wal and creates the slot if needed."""
+        self.cron()
+
+    def backup_job(self, server: str, job_id: str, *, wait_timeout: int = 3600, timeout: float = 6 * 3600,
+                   extra: Sequence[str] = ()) -> CommandResult:
+        """`barman backup --wait` as a detached remote job (attach on retry)."""
+        argv = self.argv("backup", "--wait", "--wait-timeout", str(wait_timeout), *extra, server)
+        return self.host.run_job(self.job_dir, job_id, argv, timeout=timeout, error_cls=BarmanCommandError)
+
+    def restore_argv(self, server: str, backup_id: str, destination: str, target: RecoveryTarget, *,
+                     remote_ssh_command: Sequence[str] | None, jobs: int = 1,
+                     target_action: str = "promote") -> list[str]:
+        args = ["restore"]
+        if remote_ssh_command:
+            # Barman runs this through a shell itself; we hand it a correctly quoted string.
+            import shlex
+
+            args += ["--remote-ssh-command", shlex.join(remote_ssh_command)]
+        args += target.barman_args()
+        if target.kind != "immediate" or target_action:
+            args += ["--target-action", target_action]
+        if jobs > 1:
+            args += ["--jobs", str(jobs)]
+        args += [server, backup_id, destination]
+        return self.argv(*args)
+
+    def restore_job(self, job_id: str, argv: Sequence[str], *, timeout: float = 6 * 3600) -> CommandResult:
+        return self.host.run_job(self.job_dir, job_id, argv, timeout=timeout, error_cls=BarmanCommandError)
+
+    def delete_backup(self, server: str, backup_id: str) -> CommandResult:
+        return self.run("delete", server, backup_id, timeout=600)
+
+    def check_backup(self, server: str, backup_id: str) -> CommandResult:
+        return self.run("check-backup", server, backup_id, timeout=600)

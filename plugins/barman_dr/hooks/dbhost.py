@@ -1,0 +1,208 @@
+"""DbHostHook: PostgreSQL service control on a database host, over SSH as `postgres`.
+
+What a DBA would do by hand on the host during a PITR, as argv lists: status, fast stop,
+start with the host's own settings, wait until it accepts connections, wait until
+recovery has ended (promotion), move a data directory aside (never delete it), read
+`pg_controldata`, read the server log tail.
+
+Host-specific settings (listen address, port, socket directory, cluster name) are passed
+on the `pg_ctl -o` command line from the inventory rather than read from the data
+directory: a restored data directory carries the *source* server's configuration, and
+must not start listening on the source's address.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import time
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseHook
+
+from barman_dr.exceptions import BarmanDrError, RemoteCommandError
+from barman_dr.hooks.remote import RemoteHost, sh_argv
+from barman_dr.inventory import DbHost, Instance
+from barman_dr.models import ControlData
+
+MOVE_TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+
+# Refuse to move a directory a running postmaster uses; mv (same filesystem: a rename) then
+# prints the new path. Idempotent: when the source is gone and a directory with this tag
+# was already moved aside, report that one instead of failing.
+_MOVE_ASIDE = r"""
+set -eu
+src="$1"; tag="$2"; stamp="$3"; pg_ctl="$4"
+existing=""
+for d in "$src".pre-*-"$tag"; do [ -d "$d" ] && existing="$d"; done
+if [ ! -e "$src" ]; then
+  if [ -n "$existing" ]; then echo "already $existing"; exit 0; fi
+  echo "missing"; exit 0
+fi
+if "$pg_ctl" status -D "$src" >/dev/null 2>&1; then echo "PostgreSQL is running on $src: stop it first" >&2; exit 3; fi
+dest="$src.pre-$stamp-$tag"
+mv -- "$src" "$dest"
+echo "moved $dest"
+"""
+
+# Put a moved-aside directory back (rollback). The current directory, if any, is itself
+# moved aside (never deleted) under the given tag.
+_MOVE_BACK = r"""
+set -eu
+src="$1"; aside="$2"; tag="$3"; stamp="$4"; pg_ctl="$5"
+[ -d "$aside" ] || { echo "no such directory: $aside" >&2; exit 4; }
+if [ -e "$src" ]; then
+  if "$pg_ctl" status -D "$src" >/dev/null 2>&1; then echo "PostgreSQL is running on $src: stop it first" >&2; exit 3; fi
+  mv -- "$src" "$src.failed-$stamp-$tag"
+  echo "set-aside $src.failed-$stamp-$tag"
+fi
+mv -- "$aside" "$src"
+echo "restored $src"
+"""
+
+
+class DbHostHook(BaseHook):
+    """PostgreSQL control on one db host of the inventory."""
+
+    conn_name_attr = "ssh_conn_id"
+    hook_name = "PostgreSQL host (over SSH)"
+
+    def __init__(self, *, db_host: DbHost, cmd_timeout: float = 120, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.db_host = db_host
+        self.cmd_timeout = cmd_timeout
+
+    @cached_property
+    def host(self) -> RemoteHost:
+        return RemoteHost(self.db_host.ssh_conn_id, name=self.db_host.name, cmd_timeout=self.cmd_timeout)
+
+    def get_conn(self) -> RemoteHost:
+        return self.host
+
+    def close(self) -> None:
+        self.host.close()
+
+    def _bin(self, name: str) -> str:
+        return f"{self.db_host.pg_bin.rstrip('/')}/{name}"
+
+    # ------------------------------------------------------------------ state
+    def status(self, data_directory: str) -> str:
+        """`running`, `stopped`, or `no-data` (pg_ctl status exit codes 0, 3, 4)."""
+        r = self.host.run([self._bin("pg_ctl"), "status", "-D", data_directory], check=False)
+        return {0: "running", 3: "stopped", 4: "no-data"}.get(r.exit_code, f"unknown({r.exit_code})")
+
+    def path_exists(self, path: str) -> bool:
+        return self.host.run(["test", "-e", path], check=False).exit_code == 0
+
+    def controldata(self, data_directory: str) -> ControlData:
+        out = self.host.run(["env", "LC_ALL=C", self._bin("pg_controldata"), "-D", data_directory]).stdout
+        return ControlData.parse(out)
+
+    def log_tail(self, log_file: str, lines: int = 40) -> str:
+        return self.host.run(["tail", "-n", str(lines), log_file], check=False).stdout
+
+    def log_size(self, log_file: str) -> int:
+        r = self.host.run(["stat", "-c", "%s", log_file], check=False)
+        return int(r.stdout.strip()) if r.exit_code == 0 and r.stdout.strip().isdigit() else 0
+
+    def log_since(self, log_file: str, offset: int, max_bytes: int = 2_000_000) -> str:
+        """The server log from byte `offset` on (what this start of the server wrote)."""
+        return self.host.run(["tail", "-c", f"+{offset + 1}", log_file], check=False).stdout[-max_bytes:]
+
+    def psql(self, instance: Instance, sql: str, database: str = "postgres", timeout: float = 60) -> str:
+        """Run SQL as the postgres OS user over the instance's Unix socket (peer auth)."""
+        r = self.host.run([self._bin("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1",
+                           "-h", instance.socket_directory, "-p", str(instance.port), "-d", database, "-c", sql],
+                          timeout=timeout)
+        return r.stdout.strip()
+
+    def is_ready(self, instance: Instance) -> bool:
+        r = self.host.run([self._bin("pg_isready"), "-q", "-h", instance.socket_directory, "-p", str(instance.port)],
+                          check=False)
+        return r.exit_code == 0
+
+    def in_recovery(self, instance: Instance) -> bool:
+        return self.psql(instance, "SELECT pg_is_in_recovery()") == "t"
+
+    # ---------------------------------------------------------------- actions
+    def start_options(self, instance: Instance) -> str:
+        return shlex.join(["-c", f"listen_addresses={self.db_host.address}", "-c", f"port={instance.port}",
+                           "-c", f"unix_socket_directories={instance.socket_directory}",
+                           "-c", f"cluster_name={instance.name}"])
+
+    def start(self, instance: Instance, *, wait: bool = False, timeout: int = 120) -> None:
+        """Start PostgreSQL on the instance (no-op when already running)."""
+        if self.status(instance.data_directory) == "running":
+            return
+        self.host.run([self._bin("pg_ctl"), "start", "-D", instance.data_directory, "-l", instance.log_file,
+                       "-o", self.start_options(instance), *(["-w", "-t", str(timeout)] if wait else ["-W"])],
+                      timeout=timeout + 30)
+
+    def stop(self, instance: Instance, *, mode: str = "fast", timeout: int = 120) -> str:
+        """Stop PostgreSQL (fast: roll back open transactions, checkpoint, exit). Idempotent."""
+        state = self.status(instance.data_directory)
+        if state != "running":
+            return state
+        self.host.run([self._bin("pg_ctl"), "stop", "-D", instance.data_directory, "-m", mode, "-w",
+                       "-t", str(timeout)], timeout=timeout + 30)
+        return "stopped"
+
+    def wait_ready(self, instance: Instance, *, timeout: float = 300) -> float:
+        """Wait until the instance accepts connections; fail with the server log tail."""
+        start = time.monotonic()
+        interval = 0.2
+        while time.monotonic() - start < timeout:
+            if self.is_ready(instance):
+                return round(time.monotonic() - start, 3)
+            if self.status(instance.data_directory) != "running":
+                raise BarmanDrError(f"PostgreSQL on {instance.name} is not running (it exited during start-up). "
+                                    f"Server log tail:\n{self.log_tail(instance.log_file)}")
+            time.sleep(interval)
+            interval = min(interval * 1.5, 2.0)
+        raise BarmanDrError(f"PostgreSQL on {instance.name} did not accept connections within {timeout:.0f}s. "
+                            f"Server log tail:\n{self.log_tail(instance.log_file)}")
+
+    def wait_recovery_end(self, instance: Instance, *, timeout: float = 3600) -> float:
+        """Wait until recovery has ended and the server is promoted (pg_is_in_recovery() = false)."""
+        start = time.monotonic()
+        interval = 0.2
+        while time.monotonic() - start < timeout:
+            if self.status(instance.data_directory) != "running":
+                raise BarmanDrError(f"PostgreSQL on {instance.name} stopped during recovery. "
+                                    f"Server log tail:\n{self.log_tail(instance.log_file)}")
+            try:
+                if self.is_ready(instance) and not self.in_recovery(instance):
+                    return round(time.monotonic() - start, 3)
+            except RemoteCommandError:
+                pass  # not accepting connections yet
+            time.sleep(interval)
+            interval = min(interval * 1.5, 2.0)
+        raise BarmanDrError(f"PostgreSQL on {instance.name} still in recovery after {timeout:.0f}s. "
+                            f"Server log tail:\n{self.log_tail(instance.log_file)}")
+
+    def move_aside(self, data_directory: str, tag: str) -> str | None:
+        """Rename the data directory to `<dir>.pre-<UTC stamp>-<tag>`; never delete it.
+
+        Returns the new path, or None when there was no directory to move. Idempotent for
+        the same tag (a retried task finds the directory it already moved).
+        """
+        if not MOVE_TAG_RE.match(tag):
+            raise ValueError(f"invalid move-aside tag {tag!r}")
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = self.host.run(sh_argv(_MOVE_ASIDE, data_directory, tag, stamp, self._bin("pg_ctl"))).stdout.strip()
+        word, _, path = out.partition(" ")
+        if word in ("moved", "already"):
+            return path
+        return None
+
+    def move_back(self, data_directory: str, aside: str, tag: str) -> str:
+        """Rollback: put a moved-aside directory back; whatever is there now is moved aside too."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        return self.host.run(sh_argv(_MOVE_BACK, data_directory, aside, tag, stamp, self._bin("pg_ctl"))).stdout
+
+    def prepare_directory(self, path: str, mode: str = "0700") -> None:
+        """Create an empty directory for a restore (Barman refuses non-empty destinations)."""
+        self.host.run(["mkdir", "-p", "-m", mode, path])
+        self.host.run(["chmod", mode, path])
