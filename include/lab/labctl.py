@@ -18,6 +18,7 @@ strings. Run as root: PostgreSQL runs as `postgres`, Barman as `barman`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -40,13 +41,19 @@ PG_PORT = 5432
 PGBOUNCER_PORT = 6432
 AIRFLOW_API_PORT = 8080
 
-OPS = "127.0.10.1"
+# A second lab (a CI check from a fresh clone next to a developer's lab) takes another
+# /24 of the loopback range: LAB_NET=127.0.20 make lab-up.
+LAB_NET = os.environ.get("LAB_NET", "127.0.10")
+if not (LAB_NET.startswith("127.") and len(LAB_NET.split(".")) == 3 and all(p.isdigit() for p in LAB_NET.split("."))):
+    raise SystemExit(f"[lab] LAB_NET={LAB_NET!r}: use three octets inside 127.0.0.0/8, e.g. 127.0.10")
+OPS = f"{LAB_NET}.1"
 HOSTS = {  # lab host name -> (address, the OS user SSH logs in as)
-    "barman-lab": ("127.0.10.2", "barman"),
-    "pg-primary": ("127.0.10.11", "postgres"),
-    "pg-standby": ("127.0.10.12", "postgres"),
-    "pg-nonprod": ("127.0.10.13", "postgres"),
+    "barman-lab": (f"{LAB_NET}.2", "barman"),
+    "pg-primary": (f"{LAB_NET}.11", "postgres"),
+    "pg-standby": (f"{LAB_NET}.12", "postgres"),
+    "pg-nonprod": (f"{LAB_NET}.13", "postgres"),
 }
+WORKER_LOG_PORT = 8793 + int(LAB_NET.split(".")[2]) - 10
 BARMAN_SERVER = "pg-primary"
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
@@ -124,6 +131,11 @@ class Lab:
 
     def ensure_dirs(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        net_file = self.p("lab-net")
+        if net_file.exists() and net_file.read_text().strip() != LAB_NET:
+            raise SystemExit(f"[lab] {self.dir} was built for LAB_NET={net_file.read_text().strip()}, not {LAB_NET}: "
+                             "use that LAB_NET, or another LAB_DIR")
+        net_file.write_text(LAB_NET + "\n")
         os.chmod(self.dir, 0o755)
         for d in ("run", "log", "pg", "ssh", "ssh/keys", "ssh/authorized_keys", "secrets", "bin",
                   "barman", "barman/log", "barman/home", "pgbouncer", "airflow", "hosts"):
@@ -309,10 +321,8 @@ class Lab:
         """One libpq password file per OS user that needs one (0600, owned by that user)."""
         s = self.secrets()
         entries = {
-            "postgres": [(h, "replicator", s["replicator"]) for h in ("127.0.10.11", "127.0.10.12", "127.0.10.13")]
-            + [("127.0.10.11", "dr_admin", s["dr_admin"])],
-            "barman": [("127.0.10.11", "barman", s["barman"]), ("127.0.10.11", "streaming_barman", s["streaming_barman"]),
-                       ("127.0.10.12", "barman", s["barman"]), ("127.0.10.12", "streaming_barman", s["streaming_barman"])],
+            "postgres": [(h, u, s[u]) for h in ("*",) for u in ("replicator", "dr_admin")],
+            "barman": [("*", u, s[u]) for u in ("barman", "streaming_barman")],
         }
         for user, rows in entries.items():
             path = self.p("secrets", f"pgpass-{user}")
@@ -436,7 +446,8 @@ class Lab:
             "",
         ]))
         wrapper = self.p("bin", "barman")
-        wrapper.write_text(f"#!/bin/sh\n# barman with the lab's configuration\nexec {BARMAN_VENV}/bin/barman -c {b / 'barman.conf'} \"$@\"\n")
+        conf = b / "barman.conf"
+        wrapper.write_text(f"#!/bin/sh\n# barman with the lab's configuration\nexec {BARMAN_VENV}/bin/barman -c {conf} \"$@\"\n")
         os.chmod(wrapper, 0o755)
         self.chown(b, "barman", recursive=True)
         # `barman cron` keeps receive-wal running and applies retention: the lab runs it in a loop
@@ -494,7 +505,6 @@ class Lab:
 
     # ---------------------------------------------------------------- airflow
     def airflow_env(self) -> dict[str, str]:
-        s = self.secrets()
         env = dict(os.environ)
         env.update(self.exports())
         env["PATH"] = f"{self.venv / 'bin'}:{env.get('PATH', '')}"
@@ -591,7 +601,8 @@ class Lab:
             "AIRFLOW__API__BASE_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
             "AIRFLOW__API__HOST": OPS,
             "AIRFLOW__API__PORT": str(AIRFLOW_API_PORT),
-            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "8793",
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(WORKER_LOG_PORT),
+            "LAB_NET": LAB_NET,
             "AIRFLOW__SCHEDULER__MIN_FILE_PROCESS_INTERVAL": "5",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "LAB_AIRFLOW_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
@@ -663,7 +674,7 @@ class Lab:
         rows = [("component", "address", "state", "version"), *self.status_rows()]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for i, r in enumerate(rows):
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
             if i == 0:
                 print("  ".join("-" * w for w in widths))
         print(f"\nLAB_DIR={self.dir}\nsource {self.p('env.sh')}")
@@ -704,10 +715,8 @@ class Lab:
             time.sleep(0.2)
         if pid_alive(pid):
             log(f"{what} did not stop on SIGTERM: SIGKILL")
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL) if group else os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         pidf.unlink(missing_ok=True)
         log(f"stopped {what} (pid {pid})")
 

@@ -53,3 +53,19 @@ GRANT SELECT, INSERT ON audit.events TO dr_audit_writer;
 REVOKE UPDATE, DELETE, TRUNCATE ON audit.events FROM dr_audit_writer;
 -- the writer may not create objects in the database's public schema either
 REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+
+-- Control state that must also survive a PITR of a managed server: the per-server lock
+-- that keeps two DR runs from touching the same server at once. Unlike audit.events
+-- this table is mutable (a lock is taken and released); every take and release is also
+-- recorded as an audit event.
+CREATE SCHEMA IF NOT EXISTS control;
+CREATE TABLE IF NOT EXISTS control.server_locks (
+    server      text PRIMARY KEY,
+    dag_id      text NOT NULL,
+    run_id      text NOT NULL,
+    purpose     text NOT NULL,
+    acquired_at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+REVOKE ALL ON SCHEMA control FROM PUBLIC;
+GRANT USAGE ON SCHEMA control TO dr_audit_writer;
+GRANT SELECT, INSERT, DELETE ON control.server_locks TO dr_audit_writer;

@@ -68,8 +68,9 @@ class AuditContext:
         dag_run = context.get("dag_run")
         who = None
         if dag_run is not None:
-            who = (getattr(dag_run, "triggering_user_name", None) or
-                   str(getattr(dag_run, "triggered_by", "") or "") or str(getattr(dag_run, "run_type", "") or "")) or None
+            who = (getattr(dag_run, "triggering_user_name", None)
+                   or str(getattr(dag_run, "triggered_by", "") or "")
+                   or str(getattr(dag_run, "run_type", "") or "")) or None
         conf = (getattr(dag_run, "conf", None) or {}) if dag_run is not None else {}
         return cls(
             dag_id=getattr(ti, "dag_id", None),
@@ -166,7 +167,7 @@ class AuditTrail:
             with conn.cursor() as cur:
                 cur.execute(sql, params)
                 cols = [d[0] for d in cur.description]
-                rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+                rows = [dict(zip(cols, r, strict=False)) for r in cur.fetchall()]
         finally:
             conn.close()
         for r in rows:

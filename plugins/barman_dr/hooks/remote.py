@@ -20,7 +20,6 @@ import json
 import re
 import selectors
 import shlex
-import socket
 import time
 from collections.abc import Callable, Sequence
 from functools import cached_property
@@ -131,13 +130,13 @@ class RemoteHost:
                 f"key out of band, then update connection {self.ssh_conn_id!r} (extra `host_key`)."
             ) from exc
         except paramiko.SSHException as exc:
-            if "not found in known_hosts" in str(exc) or "Server" in str(exc) and "not found" in str(exc):
+            if "not found in known_hosts" in str(exc) or ("Server" in str(exc) and "not found" in str(exc)):
                 raise HostKeyError(
                     f"SSH host key of {self.name} is unknown ({exc}). Add it to connection "
                     f"{self.ssh_conn_id!r} (extra `host_key`) after verifying it."
                 ) from exc
             raise SshConnectError(f"SSH to {self.name} via {self.ssh_conn_id!r} failed: {exc}") from exc
-        except (OSError, socket.timeout) as exc:
+        except (TimeoutError, OSError) as exc:
             raise SshConnectError(f"cannot reach {self.name} via {self.ssh_conn_id!r}: {exc}") from exc
 
     def close(self) -> None:

@@ -1,0 +1,1 @@
+"""Operators: one per DR runbook step, each audited."""

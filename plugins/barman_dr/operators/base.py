@@ -1,0 +1,171 @@
+"""The operator base every barman-dr step builds on.
+
+The provider contract (apache/airflow providers/ssh, providers/postgres): keyword-only
+`__init__` that only assigns, `template_fields`, hooks as `cached_property`, no I/O at
+import or in `__init__`, JSON-serialisable return values, `on_kill`.
+
+Every step is audited the same way: a `started` event, then `ok` (with the step's
+result) or `failed` (with the error), each with the duration. Errors that a retry cannot
+fix (invalid input, a failed safety check, a held lock, a changed host key) fail the
+task without retries (`AirflowFailException`); everything else may be retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from barman_dr.audit import AuditContext, AuditTrail
+from barman_dr.exceptions import (
+    AuditUnavailableError,
+    HostKeyError,
+    InventoryError,
+    PreflightError,
+    ValidationError,
+)
+from barman_dr.hooks.barman import BarmanHook
+from barman_dr.hooks.dbhost import DbHostHook
+from barman_dr.inventory import Instance, Inventory, Server, load_inventory
+from barman_dr.locks import ServerLockedError
+from barman_dr.pitr_request import PitrRequest
+
+#: errors a retry cannot fix: fail at once, with the message, no retry
+NON_RETRYABLE = (ValidationError, PreflightError, ServerLockedError, HostKeyError, InventoryError, AuditUnavailableError)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+class DrBaseOperator(BaseOperator):
+    """A DR step on one server of the inventory, audited from start to end."""
+
+    template_fields: Sequence[str] = ("request",)
+    #: the audit action name of this step
+    action: str = "step"
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, request: Any = None, audit_conn_id: str = "dr_audit", inventory_path: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.request = request
+        self.audit_conn_id = audit_conn_id
+        self.inventory_path = inventory_path
+
+    # ------------------------------------------------------------------ context
+    @cached_property
+    def inventory(self) -> Inventory:
+        return load_inventory(self.inventory_path)
+
+    @cached_property
+    def req(self) -> PitrRequest:
+        if not isinstance(self.request, dict):
+            raise ValidationError("request", self.request, "the validated request (XCom of validate_params) is missing")
+        return PitrRequest.from_dict(self.request)
+
+    @property
+    def server_name(self) -> str:
+        return self.req.server
+
+    @cached_property
+    def srv(self) -> Server:
+        return self.inventory.server(self.server_name)
+
+    @cached_property
+    def barman(self) -> BarmanHook:
+        bh = self.inventory.barman_host_of(self.srv)
+        return BarmanHook(ssh_conn_id=bh.ssh_conn_id, barman_command=bh.barman_command, job_dir=bh.job_dir)
+
+    @cached_property
+    def _db_hooks(self) -> dict[str, DbHostHook]:
+        return {}
+
+    def db(self, host_name: str) -> DbHostHook:
+        if host_name not in self._db_hooks:
+            self._db_hooks[host_name] = DbHostHook(db_host=self.inventory.db_host(host_name))
+        return self._db_hooks[host_name]
+
+    @property
+    def target_instance(self) -> Instance:
+        """Where the recovered server will run: the primary (in place) or the chosen standby."""
+        return self.srv.primary if self.req.in_place else self.srv.standby(self.req.restore_to)
+
+    def run_tag(self, context: Any) -> str:
+        """A short, stable, filesystem-safe tag for this DAG run (moved-aside dirs, job ids)."""
+        import hashlib
+
+        return hashlib.sha256(f"{context['dag'].dag_id}/{context['run_id']}".encode()).hexdigest()[:10]
+
+    def upstream(self, context: Any, task_id: str) -> Any:
+        return context["ti"].xcom_pull(task_ids=task_id)
+
+    # -------------------------------------------------------------------- audit
+    def audit_context(self, context: Any) -> AuditContext:
+        incident = None
+        if isinstance(self.request, dict):
+            incident = self.request.get("incident_id")
+        return AuditContext.from_airflow(context, incident_id=incident)
+
+    def audit(self, context: Any) -> AuditTrail:
+        return AuditTrail(postgres_conn_id=self.audit_conn_id, context=self.audit_context(context))
+
+    def audit_target(self) -> str | None:
+        try:
+            return self.req.target.describe()
+        except Exception:  # noqa: BLE001 - the request may be what failed
+            return None
+
+    def audit_server(self) -> str | None:
+        try:
+            return self.server_name
+        except Exception:  # noqa: BLE001
+            return None
+
+    # ---------------------------------------------------------------- execution
+    def execute(self, context: Any) -> Any:
+        audit = self.audit(context)
+        started = time.monotonic()
+        started_at = utcnow()
+        audit.record(self.action, "started", server=self.audit_server(), target=self.audit_target())
+        try:
+            result = self.run(context)
+        except AirflowSkipException:
+            raise
+        except Exception as exc:
+            details = {"error": f"{type(exc).__name__}: {exc}"[:8000], "next_action": self.next_action(context, exc)}
+            try:
+                audit.record(self.action, "refused" if isinstance(exc, NON_RETRYABLE) else "failed",
+                             server=self.audit_server(), target=self.audit_target(),
+                             duration_s=round(time.monotonic() - started, 3), details=details,
+                             exit_code=getattr(exc, "exit_code", None), argv=getattr(exc, "argv", None))
+            except AuditUnavailableError:
+                self.log.exception("the audit trail is unavailable while recording a failure")
+            hint = details["next_action"]
+            message = f"{self.task_id} failed: {exc}" + (f"\nNEXT: {hint}" if hint else "")
+            self.log.error("%s", message)
+            if isinstance(exc, NON_RETRYABLE):
+                raise AirflowFailException(message) from exc
+            raise
+        if isinstance(result, dict):
+            result.setdefault("started_at", started_at)
+            result.setdefault("ended_at", utcnow())
+            result.setdefault("duration_s", round(time.monotonic() - started, 3))
+        audit.record(self.action, "ok", server=self.audit_server(), target=self.audit_target(),
+                     duration_s=round(time.monotonic() - started, 3), details=self.audit_details(result))
+        return result
+
+    def run(self, context: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def audit_details(self, result: Any) -> dict[str, Any]:
+        return result if isinstance(result, dict) else {"result": result}
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        """What the on-call DBA should do now; each step says it in its own terms."""
+        return None

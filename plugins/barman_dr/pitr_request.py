@@ -1,0 +1,226 @@
+"""The PITR request: trigger-form params in, a validated, typed `PitrRequest` out.
+
+Everything a user types passes through `validate_pitr_conf` before any command runs.
+Every rejection is a `ValidationError` naming the field, the value and the fix. Values
+are checked against strict allow-lists (not deny-lists): a value that is not exactly
+the shape we expect never gets near a command line.
+
+Choices made here (also in the trigger form's help texts):
+* `target_time` must carry a timezone (`2026-11-25T11:45:00+00:00` or `...Z`); a naive
+  time is rejected, not guessed: the UI's date-time picker always sends UTC (`Z`).
+* `reason` is free text but limited to printable ASCII letters, digits, spaces and
+  `. , : _ - ( ) / # @ + =` (max 500): it is shown in the audit and the DR page.
+* `target_name` (a restore point) is limited to letters, digits and `. _ - :` (max 63,
+  PostgreSQL's limit).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from barman_dr.exceptions import ValidationError
+from barman_dr.inventory import Inventory
+from barman_dr.models import Lsn, RecoveryTarget
+
+BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}$")
+INCIDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+RESTORE_POINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
+XID_RE = re.compile(r"^[0-9]{1,19}$")
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+REASON_RE = re.compile(r"^[A-Za-z0-9 .,:_\-()/#@+=]{0,500}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+MAX_JOBS = 16
+TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
+KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
+                "reason", "jobs", "confirm", "staging"}
+
+
+@dataclass(frozen=True)
+class PitrRequest:
+    """A validated PITR request. JSON-serialisable through `to_dict` (it travels by XCom)."""
+
+    server: str
+    target: RecoveryTarget
+    backup_id: str
+    restore_to: str
+    expected: dict[str, int]
+    incident_id: str | None
+    reason: str | None
+    jobs: int
+    confirmed: bool
+    staging: bool = False
+    requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+
+    @property
+    def in_place(self) -> bool:
+        return self.restore_to == "in_place"
+
+    def confirm_text(self) -> str:
+        return confirm_text(self.server)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target"] = self.target.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PitrRequest:
+        t = d["target"]
+        return cls(**{**d, "target": RecoveryTarget(t["kind"], t["value"], bool(t["inclusive"]))})
+
+
+def confirm_text(server: str) -> str:
+    return f"PITR {server}"
+
+
+def _str_field(conf: dict[str, Any], name: str) -> str | None:
+    """A string param: None/'' mean absent. Non-strings, NUL and control characters are rejected."""
+    value = conf.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ValidationError(name, value, "must be a string")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError(name, value, "contains control characters (NUL, newline, ...): remove them")
+    if not value.isascii():
+        raise ValidationError(name, value, "contains non-ASCII characters: use plain ASCII")
+    return value.strip()
+
+
+def parse_target_time(value: str, now: datetime) -> datetime:
+    if len(value) > 40:
+        raise ValidationError("target_time", value, "too long: use ISO 8601 like 2026-11-25T11:45:00+00:00")
+    text = value.replace("Z", "+00:00").replace("z", "+00:00")
+    if " " in text and "T" not in text:
+        text = text.replace(" ", "T", 1)
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValidationError("target_time", value,
+                              "not an ISO 8601 date-time: use e.g. 2026-11-25T11:45:00+00:00 (timezone required)") from None
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValidationError("target_time", value,
+                              "has no timezone: add one, e.g. +00:00 or Z (barman-dr never guesses the timezone)")
+    parsed = parsed.astimezone(UTC)
+    if parsed > now:
+        raise ValidationError("target_time", value,
+                              f"is in the future (now is {now.isoformat(timespec='seconds')}): pick a time before the incident")
+    return parsed
+
+
+def parse_target(conf: dict[str, Any], now: datetime) -> RecoveryTarget:
+    given = []
+    for name in TARGET_FIELDS:
+        v = conf.get(name)
+        if name == "target_immediate":
+            if v not in (None, False, True):
+                raise ValidationError(name, v, "must be true or false")
+            if v is True:
+                given.append(name)
+        elif v not in (None, ""):
+            given.append(name)
+    if not given:
+        raise ValidationError("target", None, "give exactly one recovery target: target_time, target_xid, target_lsn, "
+                                              "target_name or target_immediate")
+    if len(given) > 1:
+        raise ValidationError(", ".join(given), [conf.get(g) for g in given],
+                              "give exactly one recovery target, not several: clear all but one")
+    inclusive = conf.get("target_inclusive", True)
+    if inclusive is None:
+        inclusive = True
+    if not isinstance(inclusive, bool):
+        raise ValidationError("target_inclusive", inclusive, "must be true or false")
+    name = given[0]
+    if name == "target_immediate":
+        return RecoveryTarget("immediate", None, True)
+    value = _str_field(conf, name)
+    assert value is not None
+    if name == "target_time":
+        return RecoveryTarget("time", parse_target_time(value, now).isoformat(), inclusive)
+    if name == "target_xid":
+        if not XID_RE.match(value) or int(value) < 3 or int(value) > 2**64 - 1:
+            raise ValidationError(name, value, "must be a transaction id: digits only, 3 or more (e.g. 7312)")
+        return RecoveryTarget("xid", str(int(value)), inclusive)
+    if name == "target_lsn":
+        if not LSN_RE.match(value):
+            raise ValidationError(name, value, "must be an LSN like 0/7000028 (hex/hex)")
+        return RecoveryTarget("lsn", str(Lsn.parse(value)), inclusive)
+    if not RESTORE_POINT_RE.match(value):
+        raise ValidationError(name, value, "must be a restore point name: letters, digits, '.', '_', '-', ':' (max 63)")
+    return RecoveryTarget("name", value, inclusive)
+
+
+def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> PitrRequest:
+    """Validate a dr_pitr run conf (the trigger form's params). Pure: no I/O, no clock but `now`."""
+    now = now or datetime.now(UTC)
+    if not isinstance(conf, dict):
+        raise ValidationError("conf", conf, "the run configuration must be a JSON object")
+    unknown = sorted(k for k in conf if k not in KNOWN_FIELDS)
+    if unknown:
+        raise ValidationError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(KNOWN_FIELDS))}")
+
+    server = _str_field(conf, "server")
+    if not server or not NAME_RE.match(server) or server not in inventory.servers:
+        raise ValidationError("server", conf.get("server"),
+                              f"must be one of the inventory's servers: {', '.join(inventory.server_names)}")
+    srv = inventory.server(server)
+
+    target = parse_target(conf, now)
+
+    backup_id = _str_field(conf, "backup_id") or "auto"
+    if backup_id != "auto" and not BACKUP_ID_RE.match(backup_id):
+        raise ValidationError("backup_id", backup_id, "use 'auto' or a Barman backup id like 20261125T020000")
+
+    restore_to = _str_field(conf, "restore_to") or "in_place"
+    standbys = [s.name for s in srv.standbys]
+    if restore_to != "in_place" and restore_to not in standbys:
+        raise ValidationError("restore_to", restore_to,
+                              f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}")
+
+    expected_raw = conf.get("expected") or {}
+    if not isinstance(expected_raw, dict):
+        raise ValidationError("expected", expected_raw, 'must be an object like {"orders_total": 10500}')
+    expected: dict[str, int] = {}
+    for k, v in expected_raw.items():
+        if k not in srv.validation_queries:
+            raise ValidationError(f"expected.{k}" if isinstance(k, str) and k.isascii() and len(k) < 64 else "expected",
+                                  k, f"unknown validation query; the inventory defines: "
+                                     f"{', '.join(sorted(srv.validation_queries)) or '(none)'}")
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValidationError(f"expected.{k}", v, "must be a non-negative integer")
+        expected[k] = v
+
+    incident_id = _str_field(conf, "incident_id")
+    if incident_id is not None and not INCIDENT_RE.match(incident_id):
+        raise ValidationError("incident_id", incident_id, "letters, digits, '.', '_', '-' only (max 64), e.g. INC-123")
+
+    reason = _str_field(conf, "reason")
+    if reason is not None and not REASON_RE.match(reason):
+        raise ValidationError("reason", reason, "plain text only: letters, digits, spaces and . , : _ - ( ) / # @ + = "
+                                                "(max 500 characters)")
+
+    jobs = conf.get("jobs", 1)
+    if jobs is None:
+        jobs = 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise ValidationError("jobs", jobs, f"must be an integer from 1 to {MAX_JOBS}")
+
+    confirm = conf.get("confirm")
+    if confirm not in (None, "") and not isinstance(confirm, str):
+        raise ValidationError("confirm", confirm, f"type exactly: {confirm_text(server)}")
+    confirmed = confirm == confirm_text(server)
+    if confirm not in (None, "") and not confirmed:
+        raise ValidationError("confirm", confirm,
+                              f"does not match: type exactly '{confirm_text(server)}' to execute, or leave it empty "
+                              "for a plan-only run")
+
+    staging = conf.get("staging", False)
+    if not isinstance(staging, bool):
+        raise ValidationError("staging", staging, "must be true or false")
+
+    return PitrRequest(server=server, target=target, backup_id=backup_id, restore_to=restore_to, expected=expected,
+                       incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=staging,
+                       requested_at=now.isoformat())

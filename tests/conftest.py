@@ -1,0 +1,38 @@
+"""Shared fixtures: the inventory, the lab's environment, and skips when the lab is absent."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+
+
+def lab_is_up() -> bool:
+    return bool(os.environ.get("LAB_DIR")) and Path(os.environ["LAB_DIR"], "env.sh").exists() \
+        and bool(os.environ.get("AIRFLOW_CONN_BARMAN_HOST"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Integration and e2e tests need the lab's environment (`source .lab/env.sh`)."""
+    if lab_is_up():
+        return
+    skip = pytest.mark.skip(reason="the lab is not up: run `make test` (or make lab-up && source .lab/env.sh)")
+    for item in items:
+        if "integration" in item.keywords or "e2e" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def inventory():
+    from barman_dr.inventory import load_inventory
+
+    return load_inventory()
