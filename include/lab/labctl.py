@@ -453,10 +453,12 @@ class Lab:
         # `barman cron` keeps receive-wal running and applies retention: the lab runs it in a loop
         pidf = self.p("run", "barman-cron.pid")
         pid = read_pid(pidf)
+        pause = self.p("run", "barman-cron.paused")
         if not (pid and pid_alive(pid)):
             loop = self.p("bin", "barman-cron-loop")
             loop.write_text(f"#!/bin/sh\n# the lab's stand-in for the seed's `*/5 * * * * barman cron`\n"
-                            f"while true; do {wrapper} cron >/dev/null 2>&1; sleep 20; done\n")
+                            f"# tests pause it (to simulate a stopped WAL stream) by creating {pause}\n"
+                            f"while true; do [ -e {pause} ] || {wrapper} cron >/dev/null 2>&1; sleep 20; done\n")
             os.chmod(loop, 0o755)
             proc = subprocess.Popen(["runuser", "-u", "barman", "--", "setsid", str(loop)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -578,6 +580,11 @@ class Lab:
             "pgbouncer_admin": pg(HOSTS["pg-primary"][0], "pgbouncer_admin", s["pgbouncer_admin"], "pgbouncer",
                                   PGBOUNCER_PORT),
             "dr_audit": pg(OPS, "dr_audit_writer", s["dr_audit_writer"], "dr_audit"),
+            # the application's own path (through PgBouncer): "app connectivity" after a PITR
+            "app_shop": pg(HOSTS["pg-primary"][0], "app", s["app"], "shop", PGBOUNCER_PORT),
+            # the Airflow REST API, for run notes written by DR tasks
+            "airflow_api": {"conn_type": "http", "host": OPS, "port": AIRFLOW_API_PORT, "schema": "http",
+                            "login": "admin", "password": s["airflow_admin_ui"]},
         }
 
     def exports(self) -> dict[str, str]:

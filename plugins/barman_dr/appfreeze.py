@@ -14,6 +14,7 @@ of the Airflow connection.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class PgBouncerAdmin:
                 cur.execute("SHOW DATABASES")
                 cols = [d[0] for d in cur.description]
                 for row in cur.fetchall():
-                    r = dict(zip(cols, row))
+                    r = dict(zip(cols, row, strict=False))
                     if r.get("name") == self.freeze.database:
                         return FreezeState(self.freeze.database, bool(int(r.get("paused") or 0)), r.get("host"),
                                            int(r["port"]) if r.get("port") else None)
@@ -106,10 +107,8 @@ class PgBouncerAdmin:
         waited = round(time.monotonic() - start, 3)
         if worker.is_alive():
             # cancel the pending PAUSE so the application keeps running: fail safe, not frozen
-            try:
+            with contextlib.suppress(Exception):  # the error below is what matters
                 self.command(f"RESUME {db}")
-            except Exception:  # noqa: BLE001, S110 - the error below is what matters
-                pass
             raise FreezeError(
                 f"PAUSE {db} did not complete within {self.freeze.timeout_seconds}s: a transaction is still open "
                 "(SHOW SERVERS / pg_stat_activity shows which). The pause was cancelled (RESUME); the application "

@@ -108,6 +108,19 @@ class AppFreeze:
     timeout_seconds: int = 30
     freeze_command: tuple[str, ...] | None = None
     unfreeze_command: tuple[str, ...] | None = None
+    #: Postgres connection the application uses (through PgBouncer): proves app connectivity
+    app_conn_id: str | None = None
+    #: pgbouncer.ini and the db host it lives on: repointed when restore_to is a standby
+    config_file: str | None = None
+    config_host: str | None = None
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How standbys connect to the primary (rebuilding them after a PITR)."""
+
+    user: str
+    passfile: str
 
 
 @dataclass(frozen=True)
@@ -127,6 +140,7 @@ class Server:
     verification: dict[str, float]
     rto_objective_seconds: int
     validation_queries: dict[str, str]
+    replication: Replication | None = None
 
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
@@ -180,6 +194,14 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> 
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
     )
+
+
+def _db_host_ref(value: Any, where: str, db_hosts: dict[str, DbHost]) -> str | None:
+    if value is None:
+        return None
+    if value not in db_hosts:
+        raise InventoryError(f"{where}: {value!r} is not in db_hosts")
+    return str(value)
 
 
 def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, str] | None = None) -> Inventory:
@@ -241,7 +263,15 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
                 if freeze.get("freeze_command") else None,
                 unfreeze_command=_argv(freeze["unfreeze_command"], f"{w}.app_freeze.unfreeze_command")
                 if freeze.get("unfreeze_command") else None,
+                app_conn_id=_name(freeze["app_conn_id"], f"{w}.app_freeze.app_conn_id") if freeze.get("app_conn_id") else None,
+                config_file=_abs_path(freeze["config_file"], f"{w}.app_freeze.config_file")
+                if freeze.get("config_file") else None,
+                config_host=_db_host_ref(freeze.get("config_host"), f"{w}.app_freeze.config_host", db_hosts),
             ),
+            replication=Replication(
+                user=_name(d["replication"].get("user"), f"{w}.replication.user"),
+                passfile=_abs_path(d["replication"].get("passfile"), f"{w}.replication.passfile"),
+            ) if d.get("replication") else None,
             recovery_window_days=int(retention.get("recovery_window_days", 7)),
             minimum_redundancy=int(retention.get("minimum_redundancy", 1)),
             verification={k: float(v) for k, v in (d.get("verification") or {}).items()},
@@ -297,5 +327,17 @@ def server_names_for_dags(path: str | Path | None = None) -> list[str]:
     try:
         raw = yaml.safe_load(p.read_text()) or {}
         return sorted((raw.get("servers") or {}).keys())
+    except (OSError, yaml.YAMLError, AttributeError):
+        return []
+
+
+def standby_names_for_dags(path: str | Path | None = None) -> list[str]:
+    """Every standby name in the inventory (for the `restore_to` param); never raises."""
+    p = Path(path) if path else inventory_path()
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        names = {sb.get("name") or sb.get("host") for srv in (raw.get("servers") or {}).values()
+                 for sb in (srv.get("standbys") or []) if isinstance(sb, dict)}
+        return sorted(n for n in names if isinstance(n, str))
     except (OSError, yaml.YAMLError, AttributeError):
         return []

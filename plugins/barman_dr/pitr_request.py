@@ -17,7 +17,7 @@ Choices made here (also in the trigger form's help texts):
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,7 +69,10 @@ class PitrRequest:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PitrRequest:
         t = d["target"]
-        return cls(**{**d, "target": RecoveryTarget(t["kind"], t["value"], bool(t["inclusive"]))})
+        known = {f.name for f in fields(cls)}
+        # the XCom also carries the step's timing keys (started_at, ...): only the request's own fields count
+        return cls(**{k: v for k, v in d.items() if k in known and k != "target"},
+                   target=RecoveryTarget(t["kind"], t["value"], bool(t["inclusive"])))
 
 
 def confirm_text(server: str) -> str:

@@ -92,8 +92,8 @@ class HistoryEntry:
 
 def parse_history_file(text: str) -> list[HistoryEntry]:
     out = []
-    for line in text.splitlines():
-        line = line.strip()
+    for raw in text.splitlines():
+        line = raw.strip()
         if not line or line.startswith("#"):
             continue
         parts = line.split("\t")

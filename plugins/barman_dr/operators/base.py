@@ -128,11 +128,21 @@ class DrBaseOperator(BaseOperator):
             return None
 
     # ---------------------------------------------------------------- execution
+    #: where `request` comes from when the DAG does not pass it: the validated request
+    request_task_id: str | None = "validate_params"
+
     def execute(self, context: Any) -> Any:
+        if self.request is None and self.request_task_id:
+            self.request = context["ti"].xcom_pull(task_ids=self.request_task_id)
         audit = self.audit(context)
         started = time.monotonic()
         started_at = utcnow()
-        audit.record(self.action, "started", server=self.audit_server(), target=self.audit_target())
+        try:
+            audit.record(self.action, "started", server=self.audit_server(), target=self.audit_target())
+        except AuditUnavailableError as exc:
+            # no unaudited DR action, destructive or not: refuse, without retries
+            self.log.error("%s refused: %s", self.task_id, exc)
+            raise AirflowFailException(f"{self.task_id} refused: {exc}") from exc
         try:
             result = self.run(context)
         except AirflowSkipException:

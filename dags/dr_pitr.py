@@ -1,0 +1,121 @@
+"""dr_pitr: on-demand point-in-time recovery of one server, from the UI form or the REST API.
+
+The seed's runbook as a DAG: assess (validate, preflight, WAL coverage, plan) -> execute
+(freeze app, stop, move aside, restore, start) -> verify (target reached, data) ->
+post-incident (unfreeze, standbys, Barman, report). Without `confirm` = "PITR <server>"
+the run stops after the plan and touches nothing. The logic lives in
+plugins/barman_dr/operators/pitr.py; this file only declares.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from barman_dr.inventory import server_names_for_dags, standby_names_for_dags
+from barman_dr.operators.pitr import (
+    BarmanRestoreOperator,
+    FreezeAppOperator,
+    MoveAsideOperator,
+    PitrFailureSummaryOperator,
+    PitrPreflightOperator,
+    PitrReportOperator,
+    PlanGateOperator,
+    RebaseBarmanOperator,
+    RebuildStandbyOperator,
+    ReleaseLockOperator,
+    StandbysToRebuildOperator,
+    StartRecoveryOperator,
+    StopPostgresOperator,
+    UnfreezeAppOperator,
+    ValidateDataOperator,
+    ValidatePitrRequestOperator,
+    VerifyTargetOperator,
+    WalCoverageOperator,
+)
+
+SERVERS = server_names_for_dags() or ["(inventory not found)"]
+STANDBYS = standby_names_for_dags()
+OPT_STR = ["null", "string"]
+
+params = {
+    "server": Param(SERVERS[0], type="string", enum=SERVERS, title="Server",
+                    description="The Barman server (PostgreSQL cluster) to recover, from the inventory."),
+    "target_time": Param(None, type=OPT_STR, format="date-time", title="Target time (recover to)",
+                         description="The last good moment, with its timezone: the picker sends UTC. Recovery stops "
+                                     "before the first transaction that committed after it. Example: "
+                                     "2026-11-25T11:45:00+00:00. A time without a timezone is rejected, never guessed. "
+                                     "Give exactly one target."),
+    "target_xid": Param(None, type=OPT_STR, title="Target transaction id",
+                        description="Instead of a time: a transaction id (digits), e.g. the xid of the bad DELETE "
+                                    "with 'Target inclusive' off to stop right before it."),
+    "target_lsn": Param(None, type=OPT_STR, title="Target LSN",
+                        description="Instead of a time: a WAL location like 0/7000028."),
+    "target_name": Param(None, type=OPT_STR, title="Target restore point",
+                         description="Instead of a time: a restore point created with pg_create_restore_point()."),
+    "target_immediate": Param(False, type="boolean", title="Target: end of the backup",
+                              description="Recover only to the end of the base backup (no WAL replay after it)."),
+    "target_inclusive": Param(True, type="boolean", title="Target inclusive",
+                              description="On: stop just after the target (xid/LSN). Off: stop just before it "
+                                          "(Barman --exclusive)."),
+    "backup_id": Param("auto", type="string", title="Backup",
+                       description="'auto' picks the newest DONE backup that ended before the target; or a Barman "
+                                   "backup id like 20261125T020000."),
+    "restore_to": Param("in_place", type="string", enum=["in_place", *STANDBYS], title="Restore to",
+                        description="'in_place': the primary's own host and data directory (its data is moved aside, "
+                                    "kept). Or a standby: recover there, repoint the app to it, and leave the damaged "
+                                    "primary stopped and untouched for forensics."),
+    "expected": Param({}, type="object", title="Expected counts",
+                      description='Validation query name -> expected integer, e.g. {"orders_total": 10500, '
+                                  '"orders_completed": 7465}. Queries are defined in the inventory.'),
+    "incident_id": Param(None, type=OPT_STR, title="Incident id",
+                         description="Your incident ticket, e.g. INC-123 (letters, digits, . _ -). Shown in the audit."),
+    "reason": Param(None, type=OPT_STR, title="Reason",
+                    description="Why this recovery runs, in plain words (shown in the audit trail)."),
+    "jobs": Param(1, type="integer", minimum=1, maximum=16, title="Parallel restore jobs",
+                  description="barman restore --jobs: parallel copy processes (1-16)."),
+    "confirm": Param(None, type=OPT_STR, title="Confirm",
+                     description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE. Leave empty for a "
+                                 "plan-only run that changes nothing and writes the plan to the run note."),
+}
+
+with DAG(
+    dag_id="dr_pitr",
+    description="Point-in-time recovery with Barman: preflight, WAL proof, restore, target proof, RTO report",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=4,
+    tags=["dr", "pitr", "barman"],
+    params=params,
+    doc_md=__doc__,
+    default_args={"owner": "dba-oncall", "retries": 2, "retry_delay": timedelta(seconds=10)},
+) as dag:
+    validate = ValidatePitrRequestOperator(task_id="validate_params", retries=0)
+    preflight = PitrPreflightOperator(task_id="preflight", retries=1)
+    wal = WalCoverageOperator(task_id="wal_coverage", retries=1)
+    plan = PlanGateOperator(task_id="plan", retries=0)
+    freeze = FreezeAppOperator(task_id="freeze_app")
+    stop = StopPostgresOperator(task_id="stop_postgres")
+    aside = MoveAsideOperator(task_id="move_aside")
+    restore = BarmanRestoreOperator(task_id="barman_restore", retries=3, retry_delay=timedelta(seconds=15))
+    start = StartRecoveryOperator(task_id="start_recovery", retries=1)
+    verify = VerifyTargetOperator(task_id="verify_target", retries=1)
+    data = ValidateDataOperator(task_id="validate_data", retries=1)
+    unfreeze = UnfreezeAppOperator(task_id="unfreeze_app")
+    to_rebuild = StandbysToRebuildOperator(task_id="list_standbys")
+    standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby").expand(standby=to_rebuild.output)
+    rebase = RebaseBarmanOperator(task_id="rebase_barman")
+    report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
+    main = [validate, preflight, wal, plan, freeze, stop, aside, restore, start, verify, data, unfreeze, to_rebuild,
+            standbys, rebase, report]
+    # a leaf that fails when anything failed: the run's state is the PITR's state
+    failure = PitrFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
+    release = ReleaseLockOperator(task_id="release_lock", trigger_rule="all_done", retries=2)
+
+    validate >> preflight >> wal >> plan >> freeze >> stop >> aside >> restore >> start >> verify >> data
+    data >> unfreeze >> rebase >> report
+    data >> to_rebuild >> standbys >> report
+    main >> failure
+    main >> release

@@ -1,0 +1,100 @@
+"""remote.sh_argv, JOB_ID_RE and the job-status protocol: argv lists, never shell strings."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+import pytest
+
+from barman_dr.exceptions import BarmanCommandError, RemoteCommandError, ValidationError
+from barman_dr.hooks.remote import _START_SCRIPT, _STATUS_SCRIPT, JOB_ID_RE, RemoteHost, sh_argv
+
+
+def test_sh_argv_shape():
+    argv = sh_argv("echo \"$1\"", "a b", "$(id)")
+    assert argv == ["sh", "-c", 'echo "$1"', "barman-dr", "a b", "$(id)"]
+
+
+@pytest.mark.parametrize("hostile", ["a b", "$(touch /tmp/pwned)", "`id`", "x; echo INJECTED", "'\"", "a\nb", "*"])
+def test_sh_argv_arguments_are_never_interpreted(hostile):
+    # what the SSH server runs is shlex.join(argv) through the login shell: run it the same way locally
+    command = shlex.join(sh_argv('printf "%s" "$1"', hostile))
+    out = subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout
+    assert out == hostile
+
+
+def test_sh_argv_script_positional_zero():
+    command = shlex.join(sh_argv('printf "%s|%s" "$0" "$#"', "x", "y"))
+    assert subprocess.run(["sh", "-c", command], capture_output=True, text=True, check=True).stdout == "barman-dr|2"
+
+
+@pytest.mark.parametrize("job_id", ["backup-pg-primary-20261125", "dr_pitr.restore.abc123", "a", "A" * 200,
+                                    "0-run_1.x"])
+def test_job_id_accepted(job_id):
+    assert JOB_ID_RE.match(job_id)
+    assert RemoteHost("x")._job_dir("/jobs/", job_id) == f"/jobs/{job_id}"
+
+
+@pytest.mark.parametrize("job_id", ["", "-leading", ".hidden", "../etc", "a/b", "a b", "a;b", "$(id)", "A" * 201, "é"])
+def test_job_id_rejected(job_id):
+    assert not JOB_ID_RE.match(job_id)
+    with pytest.raises(ValueError, match="invalid job id"):
+        RemoteHost("x")._job_dir("/jobs", job_id)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG hooks/remote.py JOB_ID_RE uses `$`, which also matches before a "
+                                       "trailing newline: 'job\\n' passes _job_dir (harmless in argv, but not "
+                                       "the strict allow-list intended; use \\Z or fullmatch)")
+def test_job_id_trailing_newline_rejected_by_regex():
+    assert not JOB_ID_RE.match("job\n")
+
+
+@pytest.mark.parametrize(("line", "state", "pid", "code"), [
+    ("finished 0", "finished", None, 0),
+    ("finished 2", "finished", None, 2),
+    ("running 4242", "running", 4242, None),
+    ("started 4242", "running", 4242, None),
+    ("lost 4242", "lost", 4242, None),
+    ("absent", "absent", None, None),
+    ("", "absent", None, None),
+])
+def test_parse_status(line, state, pid, code):
+    s = RemoteHost._parse_status("j", line)
+    assert (s.state, s.pid, s.exit_code) == (state, pid, code)
+    assert s.finished == (state == "finished") and s.running == (state == "running")
+
+
+def test_job_scripts_run_locally(tmp_path):
+    """The detached-job protocol itself, with plain sh (what the remote host runs)."""
+    d = str(tmp_path / "job1")
+
+    def sh(script, *args):
+        return subprocess.run(sh_argv(script, *args), capture_output=True, text=True, check=True, timeout=30).stdout
+
+    assert sh(_STATUS_SCRIPT, d).strip() == "absent"
+    first = sh(_START_SCRIPT, d, "sh", "-c", "echo out; echo err >&2; exit 3").strip().splitlines()[-1]
+    assert first.split()[0] in ("started", "finished")
+    import time
+
+    for _ in range(100):
+        if sh(_STATUS_SCRIPT, d).startswith("finished"):
+            break
+        time.sleep(0.05)
+    assert sh(_STATUS_SCRIPT, d).strip() == "finished 3"
+    assert (tmp_path / "job1" / "out").read_text() == "out\n"
+    assert (tmp_path / "job1" / "err").read_text() == "err\n"
+    assert (tmp_path / "job1" / "argv").read_text().splitlines() == ["sh", "-c", "echo out; echo err >&2; exit 3"]
+    # starting again under the same id never runs a second copy: it reports the first one's result
+    assert sh(_START_SCRIPT, d, "sh", "-c", "echo second > second").strip() == "finished 3"
+    assert not (tmp_path / "second").exists()
+
+
+def test_errors_carry_facts():
+    e = BarmanCommandError("barman host", ["barman", "-f", "json", "show-backup", "pg-primary", "nope"], 1,
+                           "ERROR: Unknown backup 'nope' for server 'pg-primary'\n")
+    assert isinstance(e, RemoteCommandError)
+    assert e.exit_code == 1 and "Unknown backup" in e.stderr and e.argv[3] == "show-backup"
+    assert "exited 1" in str(e) and "Unknown backup" in str(e)
+    v = ValidationError("target_xid", "x" * 500, "digits only")
+    assert len(str(v)) < 200 and str(v).startswith("target_xid: ")
