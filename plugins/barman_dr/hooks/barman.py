@@ -221,7 +221,7 @@ class BarmanHook(BaseHook):
 
     def restore_argv(self, server: str, backup_id: str, destination: str, target: RecoveryTarget, *,
                      remote_ssh_command: Sequence[str] | None, jobs: int = 1,
-                     target_action: str = "promote") -> list[str]:
+                     target_action: str = "promote", target_tli: int | None = None) -> list[str]:
         args = ["restore"]
         if remote_ssh_command:
             # Barman runs this through a shell itself; we hand it a correctly quoted string.
@@ -229,6 +229,10 @@ class BarmanHook(BaseHook):
 
             args += ["--remote-ssh-command", shlex.join(remote_ssh_command)]
         args += target.barman_args()
+        if target_tli is not None:
+            # without it Barman copies only the backup's timeline WAL: a target on a later
+            # timeline (a second PITR from a backup older than the first) is never reached
+            args += ["--target-tli", str(int(target_tli))]
         if target.kind != "immediate" or target_action:
             args += ["--target-action", target_action]
         if jobs > 1:

@@ -383,6 +383,21 @@ class MoveAsideOperator(DrBaseOperator):
         return "The app is frozen and PostgreSQL is stopped; the data directory is where it was. Clear this task."
 
 
+def target_timeline(backup: dict[str, Any], wal: dict[str, Any]) -> int | None:
+    """The timeline to recover along, when it is not the backup's own.
+
+    The incident happened on the damaged server's current timeline; when an earlier PITR
+    moved the server to a newer timeline than the chosen backup's, recovery must follow
+    the history to that timeline. (A target before that earlier fork needs an explicit
+    backup on the old timeline: choose `backup_id`.)
+    """
+    current = wal.get("server_current_wal") or wal.get("last_wal")
+    if not current:
+        return None
+    tli = WalSegment.parse(current).timeline
+    return tli if tli != int(backup.get("timeline") or tli) else None
+
+
 class BarmanRestoreOperator(DrBaseOperator):
     """Step 8: `barman restore` to the target host as a detached job on the barman host.
 
@@ -420,9 +435,11 @@ class BarmanRestoreOperator(DrBaseOperator):
             # the live directory was moved aside by the previous step; anything there now is not ours
             raise PreflightError(f"{inst.data_directory} exists but no restore job of this run wrote it: refusing "
                                  "to restore over it")
+        wal = self.upstream(context, "wal_coverage") or {}
         argv = self.barman.restore_argv(
             srv.name, pre["backup_id"], inst.data_directory, req.target,
-            remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command, jobs=req.jobs)
+            remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command, jobs=req.jobs,
+            target_tli=target_timeline(pre["backup"], wal))
         self._job = (self.barman.job_dir, job_id)
         started = time.monotonic()
         result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
@@ -478,6 +495,30 @@ class StartRecoveryOperator(DrBaseOperator):
                 f"{aside.get('moved_to')}: run dr_pitr_rollback to put it back, or fix and clear this task.")
 
 
+#: what `barman restore` appends to postgresql.auto.conf; they outlive the promotion
+RECOVERY_SETTINGS = ("restore_command", "recovery_end_command", "recovery_target", "recovery_target_time",
+                     "recovery_target_xid", "recovery_target_lsn", "recovery_target_name", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_action")
+
+
+def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
+    """`ALTER SYSTEM RESET` Barman's recovery settings once the server is promoted.
+
+    Left in postgresql.auto.conf they point at a `barman_wal` directory that no longer
+    exists and pin `recovery_target_timeline`, and pg_basebackup copies them to every
+    standby built from the new primary, which then refuses to start ("recovery target
+    timeline N does not exist").
+    """
+    present = db.psql(inst, "SELECT string_agg(name, ',') FROM pg_file_settings WHERE sourcefile LIKE "
+                            "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(RECOVERY_SETTINGS) + "'])")
+    names = sorted({n for n in present.split(",") if n})
+    for name in names:
+        db.psql(inst, f"ALTER SYSTEM RESET {name}")
+    if names:
+        db.psql(inst, "SELECT pg_reload_conf()")
+    return names
+
+
 class VerifyTargetOperator(DrBaseOperator):
     """Step 10: prove recovery stopped at the target (server log + timeline history), on a new timeline."""
 
@@ -501,7 +542,8 @@ class VerifyTargetOperator(DrBaseOperator):
             raise VerificationError("recovery target NOT reached: " + "; ".join(proof.reasons)
                                     + "\nlog: " + "\n".join(proof.stop.get("lines", [])[-6:]))
         entries = parse_history_file(history or "")
-        return {**proof.to_dict(), "history_file": hist_path,
+        cleaned = clear_recovery_settings(db, inst)
+        return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
                 "switch_lsn": entries[-1].switch_lsn if entries else None}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
