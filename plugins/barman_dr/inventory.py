@@ -141,6 +141,8 @@ class Server:
     rto_objective_seconds: int
     validation_queries: dict[str, str]
     replication: Replication | None = None
+    #: how long `switch-wal --archive` may wait for Barman to receive the closed WAL
+    switch_wal_timeout_seconds: int = 60
 
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
@@ -277,6 +279,7 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             verification={k: float(v) for k, v in (d.get("verification") or {}).items()},
             rto_objective_seconds=int(d.get("rto_objective_seconds", 900)),
             validation_queries=dict(queries),
+            switch_wal_timeout_seconds=int(d.get("switch_wal_timeout_seconds", 60)),
         )
     if not servers:
         raise InventoryError(f"{path}: no servers defined")

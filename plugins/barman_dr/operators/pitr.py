@@ -114,9 +114,11 @@ class PitrPreflightOperator(DrBaseOperator):
     """Step 2: a usable backup exists, ended before the target, inside the recovery window; `barman check` OK."""
 
     action = "preflight"
-    #: checks that do not affect a restore (they matter for taking new backups)
-    NON_BLOCKING_CHECKS = frozenset({"backup_maximum_age", "minimum_redundancy_requirements", "failed_backups",
-                                     "archiver_errors", "retention_policy_settings"})
+    #: `barman check` results that make a restore unsafe: the archive itself is broken or is
+    #: not this server's. The others (PostgreSQL reachable, streaming, slot, backup age...)
+    #: describe the *live* server, which is down or damaged in a disaster: they are reported
+    #: as warnings, and the WAL coverage proof (next step) decides whether the target is reachable.
+    BLOCKING_CHECKS = frozenset({"directories", "systemid_coherence", "compression_settings"})
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
@@ -146,7 +148,7 @@ class PitrPreflightOperator(DrBaseOperator):
             problems.append(f"the target is older than the recovery window ({srv.recovery_window_days} days): "
                             "WAL for it may have been removed by retention")
         check = self.barman.check(srv.name)
-        blocking = check.failed_except(set(self.NON_BLOCKING_CHECKS))
+        blocking = [c for c in check.failed if c.name in self.BLOCKING_CHECKS]
         for c in blocking:
             problems.append(f"barman check {c.name} FAILED" + (f" ({c.hint})" if c.hint else ""))
         instance = self.target_instance
@@ -182,12 +184,13 @@ class WalCoverageOperator(DrBaseOperator):
 
     action = "wal_coverage"
 
-    def __init__(self, *, archive_timeout: int = 60, **kwargs: Any) -> None:
+    def __init__(self, *, archive_timeout: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.archive_timeout = archive_timeout
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
+        timeout = self.archive_timeout or srv.switch_wal_timeout_seconds
         pre = self.upstream(context, "preflight")
         backup = pre["backup"]
         primary = srv.primary
@@ -201,7 +204,7 @@ class WalCoverageOperator(DrBaseOperator):
             db.psql(primary, "SELECT pg_current_xact_id()", database=srv.database)
             current = db.psql(primary, "SELECT pg_walfile_name(pg_current_wal_lsn())")
             try:
-                closed = self.barman.switch_wal(srv.name, archive_timeout=self.archive_timeout)
+                closed = self.barman.switch_wal(srv.name, archive_timeout=timeout)
             except BarmanCommandError as exc:
                 switch_error = str(exc).splitlines()[-1] if str(exc) else "switch-wal failed"
         # segments only: the catalogue also lists timeline history files (00000002.history)
@@ -228,7 +231,7 @@ class WalCoverageOperator(DrBaseOperator):
         problems = []
         if switch_error:
             problems.append(f"`barman switch-wal --force --archive` did not archive the current WAL within "
-                            f"{self.archive_timeout}s ({switch_error}): WAL streaming/archiving is not working")
+                            f"{timeout}s ({switch_error}): WAL streaming/archiving is not working")
         if not coverage.complete:
             problems.append(f"WAL missing from Barman's archive between {first} and {last}: "
                             + ", ".join(coverage.missing_ranges()))

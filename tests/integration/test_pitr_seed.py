@@ -1,0 +1,110 @@
+"""The seed's disaster, recovered end to end by dr_pitr (in-process `dag.test`, real lab).
+
+The app writes through PgBouncer the whole time; the PITR is triggered *immediately* after
+the DELETE (no waiting for archive_timeout: the seed's failure), with target_time = GOOD STATE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from include.lab import seed_scenario
+from tests.pitr_support import audit, counts, one, pgbouncer_paused, primary_timeline, run_dag, sql, xcom
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+STEPS = ["validate", "preflight", "wal_coverage", "plan", "freeze_app", "stop_postgres", "move_aside",
+         "barman_restore", "start_recovery", "verify_target", "validate_data", "unfreeze_app", "rebuild_standby",
+         "rebase_barman", "report"]
+
+
+@pytest.fixture(scope="module")
+def pitr():
+    tli_before = primary_timeline()
+    writer = seed_scenario.AppWriter()
+    writer.start()
+    scenario = seed_scenario.play()
+    assert scenario.after_delete == {"orders_total": 3035, "orders_completed": 0}
+    conf = {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-SEED-1",
+            "reason": "seed scenario: mass DELETE of completed orders",
+            "expected": {"orders_total": 10500, "orders_completed": 7465}, "confirm": "PITR pg-primary"}
+    state, run_id, tasks = run_dag("dr_pitr", conf)
+    commits_before_stop = writer.ok
+    writer.stop_event.wait(2)
+    app = writer.stop()
+    return {"state": state, "run_id": run_id, "tasks": tasks, "scenario": scenario, "tli_before": tli_before,
+            "app": app, "commits_before_stop": commits_before_stop,
+            "report": xcom("dr_pitr", run_id, "report")}
+
+
+def test_run_succeeded(pitr):
+    assert pitr["state"] == "success", pitr["tasks"]
+    assert pitr["tasks"]["failure_summary"] == "skipped"
+
+
+def test_counts_are_back_to_the_good_state(pitr):
+    assert counts() == {"orders_total": 10500, "orders_completed": 7465}
+    assert pitr["report"]["counts"] == {"orders_total": 10500, "orders_completed": 7465}
+
+
+def test_new_timeline_and_target_proven(pitr):
+    report = pitr["report"]
+    assert primary_timeline() == report["new_timeline"] > pitr["tli_before"] == report["old_timeline"]
+    assert any("recovery stopping before commit" in line for line in report["recovery_stop"])
+    proof = xcom("dr_pitr", pitr["run_id"], "verify_target")
+    assert proof["reached"] is True
+    assert proof["history_reason"].startswith("before ")
+
+
+def test_app_writes_through_pgbouncer_again(pitr):
+    assert not pgbouncer_paused()
+    before = one("LAB_APP_DSN", "SELECT count(*) FROM app_heartbeat")
+    sql("LAB_APP_DSN", "INSERT INTO app_heartbeat DEFAULT VALUES")
+    assert one("LAB_APP_DSN", "SELECT count(*) FROM app_heartbeat") == before + 1
+    # the writer ran during the whole PITR: PAUSE makes it wait, it does not make it fail
+    assert pitr["app"]["commits"] > 0
+    assert pitr["report"]["app_check"]["checked"] is True
+
+
+def test_standby_streams_from_the_new_primary(pitr):
+    rows = sql("LAB_PRIMARY_DSN", "SELECT application_name, state FROM pg_stat_replication")
+    assert ("pg-standby", "streaming") in rows
+    assert one("LAB_STANDBY_DSN", "SELECT pg_is_in_recovery()") is True
+    standby_tli = int(one("LAB_STANDBY_DSN", "SELECT received_tli FROM pg_stat_wal_receiver"))
+    assert standby_tli == primary_timeline()
+
+
+def test_old_data_directory_is_kept(pitr):
+    moved = pitr["report"]["moved_aside"]
+    assert moved and moved.startswith(os.environ["LAB_DIR"])
+    assert Path(moved, "PG_VERSION").exists()
+    assert Path(moved, "global", "pg_control").exists()
+
+
+def test_audit_trail_holds_every_step(pitr):
+    events = audit(pitr["run_id"])
+    ok = {e["action"] for e in events if e["outcome"] == "ok"}
+    missing = [s for s in STEPS if s not in ok]
+    assert not missing, missing
+    assert any(e["action"] == "plan" and e["outcome"] == "planned" for e in events)
+    assert {e["incident_id"] for e in events} == {"INC-SEED-1"}
+    moved = [json.loads(e["details"]) for e in events if e["action"] == "move_aside" and e["outcome"] == "ok"]
+    assert moved[0]["moved_to"] == pitr["report"]["moved_aside"]
+
+
+def test_barman_protects_the_new_timeline(pitr):
+    report = pitr["report"]
+    assert report["new_backup_id"]
+    rebase = xcom("dr_pitr", pitr["run_id"], "rebase_barman")
+    assert rebase["new_backup_timeline"] == report["new_timeline"]
+
+
+def test_rto_reported_per_phase(pitr):
+    report = pitr["report"]
+    assert report["rto_s"] is not None and report["rto_s"] > 0
+    for phase in ("freeze_app", "stop_postgres", "barman_restore", "start_recovery", "unfreeze_app"):
+        assert report["phases_s"][phase] is not None

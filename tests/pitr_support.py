@@ -1,0 +1,93 @@
+"""Shared helpers of the PITR integration and e2e tests: run a DAG in-process, query the lab."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import psycopg2
+
+
+def sql(dsn_env: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    conn = psycopg2.connect(os.environ[dsn_env], connect_timeout=10)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def one(dsn_env: str, query: str, params: tuple[Any, ...] = ()) -> Any:
+    return sql(dsn_env, query, params)[0][0]
+
+
+def primary_timeline() -> int:
+    return int(one("LAB_PRIMARY_DSN", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+
+
+def counts(dsn_env: str = "LAB_PRIMARY_DSN") -> dict[str, int]:
+    total, completed = sql(dsn_env, "SELECT count(*), count(*) FILTER (WHERE status = 'completed') "
+                                    "FROM critical_orders")[0]
+    return {"orders_total": total, "orders_completed": completed}
+
+
+def pgbouncer_paused(database: str = "shop") -> bool:
+    """Ask PgBouncer's admin console (simple protocol) whether the pool is paused."""
+    from airflow.sdk import BaseHook
+
+    c = BaseHook.get_connection("pgbouncer_admin")
+    conn = psycopg2.connect(host=c.host, port=c.port, user=c.login, password=c.password, dbname="pgbouncer")
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW DATABASES")
+            cols = [d[0] for d in cur.description]
+            for row in cur.fetchall():
+                r = dict(zip(cols, row, strict=False))
+                if r["name"] == database:
+                    return bool(int(r["paused"]))
+    finally:
+        conn.close()
+    raise AssertionError(f"pgbouncer has no database {database}")
+
+
+def audit(run_id: str) -> list[dict[str, Any]]:
+    rows = sql("LAB_AUDIT_DSN", "SELECT action, outcome, task_id, details::text, incident_id FROM audit.events "
+                                "WHERE run_id = %s ORDER BY event_id", (run_id,))
+    return [{"action": a, "outcome": o, "task_id": t, "details": d, "incident_id": i} for a, o, t, d, i in rows]
+
+
+def dagbag() -> Any:
+    """A fresh DagBag per run: `dag.test` merges run_conf into the in-process DAG's params."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return DagBag(os.path.join(repo, "dags"))
+
+
+def run_dag(dag_id: str, conf: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """Run a DAG in-process with `dag.test` (retries honoured). Returns (state, run_id, task states)."""
+    dag = dagbag().dags[dag_id]
+    dr = dag.test(run_conf=conf)
+    states = {}
+    for ti in dr.get_task_instances():
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"
+        states[key] = str(getattr(ti.state, "value", ti.state))
+    return str(getattr(dr.state, "value", dr.state)), dr.run_id, states
+
+
+def xcom(dag_id: str, run_id: str, task_id: str) -> Any:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.query(XComModel).filter_by(dag_id=dag_id, run_id=run_id, task_id=task_id,
+                                                 key="return_value").first()
+        if row is None:
+            return None
+        value = row.value
+    import json
+
+    return json.loads(value) if isinstance(value, str) else value
