@@ -32,7 +32,7 @@ def app_dsn() -> str:
     return os.environ["LAB_APP_DSN"]
 
 
-def connect(dsn: str | None = None):  # noqa: ANN201 - psycopg2 connection
+def connect(dsn: str | None = None):
     conn = psycopg2.connect(dsn or app_dsn(), connect_timeout=10, application_name="seed-app")
     conn.autocommit = True
     return conn
@@ -91,7 +91,7 @@ def play(dsn: str | None = None, settle: float = 1.0) -> Scenario:
     return Scenario(cp1, cp2, good_state, after, deleted, xid, {"play_s": round(time.monotonic() - t0, 3)})
 
 
-def _counts(cur) -> dict[str, int]:  # noqa: ANN001
+def _counts(cur) -> dict[str, int]:
     cur.execute("SELECT count(*), count(*) FILTER (WHERE status = 'completed') FROM critical_orders")
     total, completed = cur.fetchone()
     return {"orders_total": int(total), "orders_completed": int(completed)}

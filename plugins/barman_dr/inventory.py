@@ -21,7 +21,7 @@ import yaml
 from barman_dr.exceptions import InventoryError
 
 DEFAULT_INVENTORY = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FREEZE_METHODS = ("pgbouncer", "command", "none")
 
@@ -184,7 +184,7 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> 
     if host not in db_hosts:
         raise InventoryError(f"{where}.host: {host!r} is not in db_hosts")
     port = data.get("port", 5432)
-    if not isinstance(port, int) or not 1 <= port <= 65535:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise InventoryError(f"{where}.port: {port!r} is not a TCP port")
     return Instance(
         name=_name(data.get("name", host), f"{where}.name"),

@@ -25,13 +25,13 @@ from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import Inventory
 from barman_dr.models import Lsn, RecoveryTarget
 
-BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}$")
-INCIDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-RESTORE_POINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
-XID_RE = re.compile(r"^[0-9]{1,19}$")
-LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-REASON_RE = re.compile(r"^[A-Za-z0-9 .,:_\-()/#@+=]{0,500}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\Z")
+INCIDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+RESTORE_POINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}\Z")
+XID_RE = re.compile(r"^[0-9]{1,19}\Z")
+LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
+REASON_RE = re.compile(r"^[A-Za-z0-9 .,:_\-()/#@+=]{0,500}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_JOBS = 16
 TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
@@ -107,7 +107,10 @@ def parse_target_time(value: str, now: datetime) -> datetime:
     if parsed.tzinfo is None or parsed.utcoffset() is None:
         raise ValidationError("target_time", value,
                               "has no timezone: add one, e.g. +00:00 or Z (barman-dr never guesses the timezone)")
-    parsed = parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError("target_time", value, "is outside the range of dates PostgreSQL can recover to") from None
     if parsed > now:
         raise ValidationError("target_time", value,
                               f"is in the future (now is {now.isoformat(timespec='seconds')}): pick a time before the incident")
@@ -183,7 +186,9 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
         raise ValidationError("restore_to", restore_to,
                               f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}")
 
-    expected_raw = conf.get("expected") or {}
+    expected_raw = conf.get("expected")
+    if expected_raw is None:
+        expected_raw = {}
     if not isinstance(expected_raw, dict):
         raise ValidationError("expected", expected_raw, 'must be an object like {"orders_total": 10500}')
     expected: dict[str, int] = {}

@@ -91,9 +91,6 @@ def test_nonzero_exit_raises_barman_command_error(barman, server_name):
     assert "_ERROR" in err.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="BUG hooks/barman.py BarmanHook.run: with `-f json` Barman prints errors on "
-                                       "stdout as {\"_ERROR\": [...]}; BarmanCommandError.stderr stays empty, so "
-                                       "code that reads exc.stderr (audit, next_action) sees no reason")
 def test_barman_command_error_stderr_carries_the_reason(barman, server_name):
     with pytest.raises(BarmanCommandError) as ei:
         barman.show_backup(server_name, "20000101T000000")

@@ -43,9 +43,6 @@ def test_job_id_rejected(job_id):
         RemoteHost("x")._job_dir("/jobs", job_id)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG hooks/remote.py JOB_ID_RE uses `$`, which also matches before a "
-                                       "trailing newline: 'job\\n' passes _job_dir (harmless in argv, but not "
-                                       "the strict allow-list intended; use \\Z or fullmatch)")
 def test_job_id_trailing_newline_rejected_by_regex():
     assert not JOB_ID_RE.match("job\n")
 

@@ -132,8 +132,20 @@ class BarmanHook(BaseHook):
         return [*self.barman_command, *(["-f", "json"] if json_output else []), *args]
 
     def run(self, *args: str, timeout: float | None = None, json_output: bool = True) -> CommandResult:
-        return self.host.run(self.argv(*args, json_output=json_output), timeout=timeout,
-                             error_cls=BarmanCommandError)
+        try:
+            return self.host.run(self.argv(*args, json_output=json_output), timeout=timeout,
+                                 error_cls=BarmanCommandError)
+        except BarmanCommandError as exc:
+            # with -f json Barman prints its errors on stdout as {"_ERROR": [...]}: surface them as stderr
+            if not exc.stderr.strip() and exc.stdout.strip().startswith("{"):
+                try:
+                    errors = parse_json_output(exc.stdout, "barman").get("_ERROR") or []
+                except (BarmanOutputError, AttributeError):
+                    errors = []
+                if errors:
+                    raise BarmanCommandError(exc.host, exc.argv, exc.exit_code, "\n".join(map(str, errors)),
+                                             exc.stdout) from None
+            raise
 
     def run_json(self, *args: str, timeout: float | None = None) -> Any:
         result = self.run(*args, timeout=timeout)

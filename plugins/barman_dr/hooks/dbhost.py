@@ -27,7 +27,7 @@ from barman_dr.hooks.remote import RemoteHost, sh_argv
 from barman_dr.inventory import DbHost, Instance
 from barman_dr.models import ControlData
 
-MOVE_TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+MOVE_TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}\Z")
 
 # Refuse to move a directory a running postmaster uses; mv (same filesystem: a rename) then
 # prints the new path. Idempotent: when the source is gone and a directory with this tag

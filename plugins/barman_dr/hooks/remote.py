@@ -31,7 +31,7 @@ from airflow.providers.ssh.hooks.ssh import SSHHook
 from barman_dr.exceptions import HostKeyError, RemoteCommandError, RemoteJobError, SshConnectError
 from barman_dr.models import CommandResult, JobStatus
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 
 # Starts argv detached under job dir $1. Idempotent: if a job with that id is running it
 # reports it, if it finished it reports the exit code; it never starts a second copy.
@@ -82,6 +82,14 @@ mv "$d" "$d.$tag"
 """
 
 
+def _fingerprint(key: paramiko.PKey) -> str:
+    """OpenSSH's SHA256 fingerprint (what `ssh-keygen -lf` prints), to compare keys by eye."""
+    import base64
+    import hashlib
+
+    return "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+
+
 def sh_argv(script: str, *args: str) -> list[str]:
     """argv that runs an inline POSIX sh script with positional arguments (no interpolation)."""
     return ["sh", "-c", script, "barman-dr", *args]
@@ -125,7 +133,7 @@ class RemoteHost:
         except paramiko.BadHostKeyException as exc:
             raise HostKeyError(
                 f"SSH host key of {self.name} ({exc.hostname}) CHANGED: got {exc.key.get_name()} "
-                f"{exc.key.get_base64()[:24]}..., expected {exc.expected_key.get_base64()[:24]}.... "
+                f"{_fingerprint(exc.key)}, expected {_fingerprint(exc.expected_key)}. "
                 "Refusing to connect (possible man-in-the-middle or a rebuilt host). Verify the host's "
                 f"key out of band, then update connection {self.ssh_conn_id!r} (extra `host_key`)."
             ) from exc

@@ -19,7 +19,7 @@ from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import app_connectivity, freeze_app
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,249}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,249}\Z")
 
 
 def validate_rollback_conf(conf: dict[str, Any], servers: list[str]) -> dict[str, Any]:
