@@ -1,0 +1,75 @@
+"""A PITR that fails after the freeze leaves the app frozen and the old data kept; dr_pitr_rollback undoes it.
+
+The failure is real: a transaction id that was never assigned is a target recovery can
+never reach, so PostgreSQL stops with "recovery ended before configured recovery target
+was reached" after the data directory was already moved aside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.pitr_support import audit, counts, one, pgbouncer_paused, primary_timeline, run_dag, sql
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def failed_pitr():
+    sql("LAB_PRIMARY_DSN", "INSERT INTO critical_orders (order_id, customer_id, amount, status) "
+                           "VALUES (9000001, 1, 1.00, 'pending') ON CONFLICT DO NOTHING")
+    before = counts()
+    tli = primary_timeline()
+    future_xid = int(one("LAB_PRIMARY_DSN", "SELECT pg_current_xact_id()::text")) + 1_000_000
+    # an xid target defaults to the oldest backup; the newest keeps the replay short
+    out = subprocess.run([*shlex.split(os.environ["LAB_BARMAN"]), "-f", "json", "list-backups", "pg-primary"],
+                         check=True, capture_output=True, text=True).stdout
+    newest = max(b["backup_id"] for b in json.loads(out)["pg-primary"] if b["status"] == "DONE")
+    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_xid": str(future_xid),
+                                               "backup_id": newest,
+                                               "incident_id": "INC-RB-1", "confirm": "PITR pg-primary"})
+    return {"state": state, "run_id": run_id, "tasks": tasks, "before": before, "tli": tli}
+
+
+def test_pitr_fails_at_start_and_keeps_the_app_frozen(failed_pitr):
+    assert failed_pitr["state"] == "failed"
+    tasks = failed_pitr["tasks"]
+    assert tasks["barman_restore"] == "success"
+    assert tasks["start_recovery"] == "failed"
+    assert tasks["unfreeze_app"] == "upstream_failed"
+    assert pgbouncer_paused()  # safe: the app never saw the half-recovered server
+
+
+def test_failure_is_audited_with_the_log_tail_and_the_old_directory(failed_pitr):
+    events = audit(failed_pitr["run_id"])
+    failed = [e for e in events if e["action"] == "start_recovery" and e["outcome"] == "failed"]
+    assert failed and "recovery ended before configured recovery target was reached" in failed[0]["details"]
+    moved = [json.loads(e["details"])["moved_to"] for e in events if e["action"] == "move_aside" and e["outcome"] == "ok"]
+    assert moved and Path(moved[0], "PG_VERSION").exists()
+    summary = [e for e in events if e["action"] == "failure_summary" and e["outcome"] == "ok"]
+    assert summary and "dr_pitr_rollback" in summary[0]["details"]
+
+
+def test_rollback_puts_the_old_data_back_and_resumes_the_app(failed_pitr):
+    state, run_id, tasks = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": failed_pitr["run_id"],
+                                                        "confirm": "ROLLBACK pg-primary"})
+    assert state == "success", tasks
+    assert counts() == failed_pitr["before"]
+    assert primary_timeline() == failed_pitr["tli"]
+    assert not pgbouncer_paused()
+    assert one("LAB_APP_DSN", "SELECT count(*) FROM critical_orders WHERE order_id = 9000001") == 1
+    rb = [e for e in audit(run_id) if e["action"] == "rollback" and e["outcome"] == "ok"]
+    assert rb and ".failed-" in rb[0]["details"]  # the failed restore was set aside too, not deleted
+
+
+def test_rollback_refuses_without_confirmation():
+    state, run_id, _ = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": "x"})
+    assert state == "failed"
+    refused = [e for e in audit(run_id) if e["outcome"] == "refused"]
+    assert refused and "confirm" in refused[0]["details"]
