@@ -136,9 +136,22 @@ class DbHostHook(BaseHook):
         """Start PostgreSQL on the instance (no-op when already running)."""
         if self.status(instance.data_directory) == "running":
             return
+        offset = self.log_size(instance.log_file)
         self.host.run([self._bin("pg_ctl"), "start", "-D", instance.data_directory, "-l", instance.log_file,
                        "-o", self.start_options(instance), *(["-w", "-t", str(timeout)] if wait else ["-W"])],
                       timeout=timeout + 30)
+        if not wait:
+            # `pg_ctl -W` returns before the postmaster has written its pid file: until then
+            # `status` says "stopped", which callers would read as "exited during start-up"
+            deadline = time.monotonic() + 30
+            while self.status(instance.data_directory) != "running":
+                if "database system is shut down" in self.log_since(instance.log_file, offset):
+                    raise BarmanDrError(f"PostgreSQL on {instance.name} exited during start-up. "
+                                        f"Server log tail:\n{self.log_tail(instance.log_file)}")
+                if time.monotonic() > deadline:
+                    raise BarmanDrError(f"PostgreSQL on {instance.name} did not start (no postmaster after 30s). "
+                                        f"Server log tail:\n{self.log_tail(instance.log_file)}")
+                time.sleep(0.2)
 
     def stop(self, instance: Instance, *, mode: str = "fast", timeout: int = 120) -> str:
         """Stop PostgreSQL (fast: roll back open transactions, checkpoint, exit). Idempotent."""

@@ -1,0 +1,48 @@
+"""dr_monthly_restore_drill: restore every server's newest backup onto its non-prod instance and prove it.
+
+Per server (mapped, bounded by the barman host's pool): take the server lock, stop the
+non-prod instance and move its data directory aside (never deleted), `barman restore`
+(detached job; target: end of the newest backup) to the non-prod host, start it there on
+its own address and port with archiving off, wait for promotion, clear Barman's recovery
+settings, run the inventory's validation queries (compared with the primary's counts at
+that backup when the weekly backup recorded them), measure the RTO against the objective.
+`teardown` always runs: it stops the non-prod instance (keeps its directory) and releases
+the lock; it touches nothing else. Logic: plugins/barman_dr/operators/scheduled.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from barman_dr.fleet import schedule_for, servers_by_pool
+from barman_dr.notifications import DrNotifier
+from barman_dr.operators.scheduled import DrillTeardownOperator, FleetSummaryOperator, RestoreDrillOperator
+
+POOLS = servers_by_pool()
+
+with DAG(
+    dag_id="dr_monthly_restore_drill",
+    description="Monthly restore drill of every Barman server onto its non-prod instance, with RTO",
+    schedule=schedule_for("dr_monthly_restore_drill"),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=1,
+    tags=["dr", "barman", "drill", "scheduled"],
+    doc_md=__doc__,
+    default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": DrNotifier()},
+) as dag:
+    drill_ids = []
+    for pool, servers in sorted(POOLS.items()):
+        drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool).expand(server=servers)
+        teardown = DrillTeardownOperator.partial(task_id=f"teardown__{pool}", trigger_rule="all_done",
+                                                 retries=2).expand(server=servers)
+        drill >> teardown
+        drill_ids.append(f"drill__{pool}")
+    summary = FleetSummaryOperator(task_id="summary", servers=sorted(s for v in POOLS.values() for s in v),
+                                   report_task_ids=drill_ids, action="drill_summary", trigger_rule="all_done",
+                                   retries=0)
+    for pool in sorted(POOLS):
+        dag.get_task(f"teardown__{pool}") >> summary

@@ -1,0 +1,68 @@
+"""Parse-time view of the fleet for the scheduled DAGs: servers grouped by barman host pool, schedules.
+
+Read from the raw inventory YAML without `${VAR}` expansion and without any network or
+database access (DAG files import this; the dag processor must stay fast and offline).
+Names never contain `${...}`, so the unexpanded document is enough.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from barman_dr.inventory import BarmanHost, inventory_path
+
+#: default schedules (cron, the scheduler's timezone, UTC by default); override per DAG in the
+#: inventory's top-level `schedules:` section, e.g. `schedules: {dr_daily_verification: "30 3 * * *"}`
+DEFAULT_SCHEDULES = {
+    "dr_weekly_full_backup": "0 2 * * 0",      # Sunday 02:00
+    "dr_daily_verification": "30 3 * * *",     # every day 03:30
+    "dr_monthly_restore_drill": "0 4 1 * *",   # the 1st of the month 04:00
+}
+
+
+def _raw(path: str | Path | None) -> dict[str, Any]:
+    p = Path(path) if path else inventory_path()
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+        return raw if isinstance(raw, dict) else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+
+
+def pool_name(barman_host: str) -> str:
+    """The Airflow pool of a barman host (same rule as inventory.BarmanHost.pool)."""
+    return BarmanHost(name=barman_host, address="", ssh_conn_id="-", barman_command=("barman",), job_dir="/",
+                      backup_directory="/").pool
+
+
+def servers_by_pool(path: str | Path | None = None) -> dict[str, list[str]]:
+    """{pool name: [server names]}; never raises (a broken inventory must not hide DAGs)."""
+    out: dict[str, list[str]] = {}
+    try:
+        for name, d in sorted((_raw(path).get("servers") or {}).items()):
+            bh = (d or {}).get("barman_host") if isinstance(d, dict) else None
+            if isinstance(bh, str):
+                out.setdefault(pool_name(bh), []).append(str(name))
+    except (AttributeError, TypeError):
+        return {}
+    return out
+
+
+def pool_slots(path: str | Path | None = None) -> dict[str, int]:
+    """{pool name: slots} from `barman_hosts.<name>.pool_slots` (for creating the pools)."""
+    out = {}
+    for name, d in (_raw(path).get("barman_hosts") or {}).items():
+        try:
+            out[pool_name(str(name))] = int((d or {}).get("pool_slots", 4))
+        except (TypeError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def schedule_for(dag_id: str, path: str | Path | None = None) -> str:
+    sched = (_raw(path).get("schedules") or {})
+    value = sched.get(dag_id) if isinstance(sched, dict) else None
+    return str(value) if isinstance(value, str) and value.strip() else DEFAULT_SCHEDULES[dag_id]

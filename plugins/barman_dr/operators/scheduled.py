@@ -1,0 +1,470 @@
+"""Operators of the scheduled fleet DAGs: weekly full backup, daily verification, monthly drill.
+
+One task instance per server (dynamic task mapping over the inventory's server names),
+each bounded by the Airflow pool of its barman host. Unlike the PITR steps, these take no
+validated request: the server name is the mapped, templated argument. Every step is
+audited like the PITR steps (started / ok / failed), and retry-safe: a retried backup
+attaches to the job its first attempt started, a retried drill finds its restore job.
+The pure threshold logic lives in barman_dr/verification.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from barman_dr.audit import AuditContext, AuditTrail
+from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
+from barman_dr.hooks.remote import sh_argv
+from barman_dr.locks import ServerLock
+from barman_dr.models import RecoveryTarget, is_wal_segment_name
+from barman_dr.operators.base import DrBaseOperator, utcnow
+from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
+from barman_dr.verification import (
+    CRITICAL,
+    Finding,
+    build_report,
+    check_findings,
+    disk_finding,
+    freshness_finding,
+    parse_df_percent,
+    retention_plan,
+    standby_findings,
+    streaming_findings,
+    summarise,
+    thresholds_for,
+    wal_continuity_findings,
+)
+
+VERIFIED_BACKUP_ALIAS = "barman-verified-backups"
+
+
+def verified_backup_uri(server: str) -> str:
+    """The Asset a successful weekly backup of `server` emits (other DAGs may schedule on it)."""
+    return f"barman://{server}/verified-backup"
+
+
+class FleetServerOperator(DrBaseOperator):
+    """A DR step on one server of the fleet; `server` is a (mapped) templated argument."""
+
+    template_fields: Sequence[str] = ("server",)
+    request_task_id = None
+
+    def __init__(self, *, server: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.server = server
+
+    @property
+    def server_name(self) -> str:
+        return str(self.server)
+
+    def audit_target(self) -> str | None:
+        return None
+
+    def _sql_literal(self, value: str) -> str:
+        return "'" + value.replace("'", "''") + "'"
+
+
+# ------------------------------------------------------------------------------------ weekly backup
+
+
+class WeeklyBackupOperator(FleetServerOperator):
+    """`barman backup --wait` as a detached job, then check-backup, verify-backup, retention.
+
+    The job id is derived from the DAG run and the server: a retried task attaches to the
+    backup its first attempt started (or reads its result) instead of starting a second
+    concurrent backup. A failed or lost attempt's job record is kept under another name
+    and a new backup starts. While the job runs, a tiny transaction on the primary every
+    few seconds gives `--wait` the WAL record it waits for on an idle server.
+    """
+
+    action = "backup"
+
+    def __init__(self, *, wait_timeout: int = 3600, job_timeout: float = 6 * 3600, nudge_every_s: float = 3.0,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.wait_timeout = wait_timeout
+        self.job_timeout = job_timeout
+        self.nudge_every_s = nudge_every_s
+
+    def _nudge(self) -> None:
+        try:
+            self.db(self.srv.primary.host).psql(self.srv.primary, "SELECT pg_current_xact_id()",
+                                                database=self.srv.database)
+        except BarmanDrError as exc:
+            self.log.warning("could not nudge the primary: %s", exc)
+
+    def _run_backup(self, job_id: str) -> dict[str, Any]:
+        host, job_dir = self.barman.host, self.barman.job_dir
+        status = host.job_status(job_dir, job_id)
+        if status.state == "lost" or (status.finished and status.exit_code != 0):
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            host.reset_job(job_dir, job_id, f"failed-{stamp}")
+            self.log.warning("earlier backup attempt %s failed (%s): kept as failed-%s, starting again",
+                             job_id, status, stamp)
+        argv = self.barman.argv("backup", "--wait", "--wait-timeout", str(self.wait_timeout), self.srv.name)
+        t0 = time.monotonic()
+        status = host.start_job(job_dir, job_id, argv)
+        attached = status.state == "running"
+        last_nudge = 0.0
+        while not status.finished:
+            if status.state in ("lost", "absent"):
+                raise BarmanDrError(f"backup job {job_id} is {status.state}: its process is gone; retry the task")
+            if time.monotonic() - t0 > self.job_timeout:
+                raise BarmanDrError(f"backup job {job_id} still running after {self.job_timeout:.0f}s")
+            if time.monotonic() - last_nudge > self.nudge_every_s:
+                self._nudge()
+                last_nudge = time.monotonic()
+            time.sleep(1)
+            status = host.job_status(job_dir, job_id)
+        out, err = host.job_output(job_dir, job_id)
+        if status.exit_code != 0:
+            raise BarmanCommandError(host.name, argv, int(status.exit_code or 1), err, out)
+        return {"job_id": job_id, "attached_to_running_job": attached, "backup_s": round(time.monotonic() - t0, 3),
+                "stdout_tail": out[-1500:]}
+
+    def run(self, context: Any) -> dict[str, Any]:
+        srv = self.srv
+        audit = self.audit(context)
+        job_id = f"weekly-{srv.name}-{self.run_tag(context)}"
+        before = {b.backup_id for b in self.barman.list_backups(srv.name)}
+        job = self._run_backup(job_id)
+        backups = self.barman.list_backups(srv.name)
+        done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
+        new = [b for b in done if b.backup_id not in before]
+        if new:
+            backup_id = new[-1].backup_id
+        else:
+            # a retry after the job had finished: the job's own output names the backup
+            named = [b.backup_id for b in done if b.backup_id in job["stdout_tail"]]
+            if not named:
+                raise BarmanDrError(f"backup job {job_id} finished but no new DONE backup is listed")
+            backup_id = named[-1]
+        info = self.barman.show_backup(srv.name, backup_id)
+        audit.record("backup_taken", "info", server=srv.name, details={"backup_id": backup_id, **job})
+        # the primary's validation counts right after the backup: what a drill to this backup
+        # (target immediate) should find, when nothing was written in between
+        counts = {}
+        try:
+            for name, sql in srv.validation_queries.items():
+                counts[name] = int(self.db(srv.primary.host).psql(srv.primary, sql, database=srv.database))
+        except BarmanDrError as exc:
+            self.log.warning("validation counts on the primary failed: %s", exc)
+        self.barman.check_backup(srv.name, backup_id)
+        audit.record("check_backup", "ok", server=srv.name, details={"backup_id": backup_id})
+        verify = self.verify_backup(srv.name, backup_id, info.backup_method)
+        audit.record("verify_backup", "ok" if verify["verified"] else "info", server=srv.name,
+                     details={"backup_id": backup_id, **verify})
+        retention = self.apply_retention(backup_id)
+        audit.record("retention", "ok", server=srv.name, details=retention)
+        alias = self._alias()
+        if alias is not None:
+            from airflow.sdk import Asset
+
+            context["outlet_events"][alias].add(Asset(verified_backup_uri(srv.name)),
+                                                 extra={"backup_id": backup_id})
+        return {"server": srv.name, "status": "OK", "backup_id": backup_id, "backup_method": info.backup_method,
+                "begin_wal": info.begin_wal, "end_wal": info.end_wal, "size_bytes": info.size_bytes,
+                "counts_after_backup": counts, "job": {k: v for k, v in job.items() if k != "stdout_tail"},
+                "check_backup": "OK", "verify_backup": verify, "retention": retention}
+
+    def _alias(self) -> Any:
+        from airflow.sdk import AssetAlias
+
+        for o in self.outlets or []:
+            if isinstance(o, AssetAlias):
+                return o
+        return None
+
+    def verify_backup(self, server: str, backup_id: str, method: str | None) -> dict[str, Any]:
+        """`barman verify-backup` runs pg_verifybackup against the backup's `backup_manifest`.
+
+        Only `pg_basebackup` (backup_method postgres, PG 13+) writes that manifest; rsync
+        backups have none unless `barman generate-manifest` made one. Barman reports a
+        failure with exit code 1 and an error message.
+        """
+        if method != "postgres":
+            return {"verified": False, "skipped": f"backup_method {method!r} has no backup_manifest"}
+        r = self.barman.run("verify-backup", server, backup_id, json_output=False, timeout=3600)
+        return {"verified": True, "output": r.stdout.strip()[-500:]}
+
+    def apply_retention(self, protect: str) -> dict[str, Any]:
+        """Delete what Barman's retention policy made OBSOLETE, never below minimum redundancy."""
+        srv = self.srv
+        backups = self.barman.list_backups(srv.name)
+        plan = retention_plan(backups, srv.minimum_redundancy, protect=[protect])
+        deleted = []
+        for bid in plan["delete"]:
+            # re-check before each delete: a concurrent `barman cron` may have deleted some already
+            current = self.barman.list_backups(srv.name)
+            if len([b for b in current if b.is_done]) <= srv.minimum_redundancy:
+                break
+            if bid not in {b.backup_id for b in current}:
+                continue
+            self.barman.delete_backup(srv.name, bid)
+            deleted.append(bid)
+        remaining = [b.backup_id for b in self.barman.list_backups(srv.name) if b.is_done]
+        if len(remaining) < srv.minimum_redundancy:
+            raise AirflowFailException(f"{srv.name}: only {len(remaining)} DONE backups remain, minimum redundancy "
+                                       f"is {srv.minimum_redundancy}")
+        return {**plan, "deleted": deleted, "remaining": remaining}
+
+
+# ------------------------------------------------------------------------------- daily verification
+
+
+class DailyVerificationOperator(FleetServerOperator):
+    """Every check of the seed's monitoring for one server: OK / WARNING / CRITICAL with reasons.
+
+    Never fails on a CRITICAL *result* (the report is the result; the summary task fails
+    the run): it fails only when it could not produce a report. Each probe that errors
+    becomes a CRITICAL finding of its own, so one broken probe does not hide the others.
+    """
+
+    action = "verify"
+
+    def _probe(self, findings: list[Finding], name: str, fn: Any) -> Any:
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - a failed probe is a finding, not a crash
+            findings.append(Finding(name, CRITICAL, f"{name} could not be measured: {type(exc).__name__}: "
+                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"))
+            return None
+
+    def run(self, context: Any) -> dict[str, Any]:
+        srv = self.srv
+        th = thresholds_for(srv.verification)
+        now = datetime.now(UTC)
+        findings: list[Finding] = []
+        facts: dict[str, Any] = {"thresholds": th}
+        prim = srv.primary
+        pdb = self.db(prim.host)
+
+        check = self._probe(findings, "barman_check", lambda: self.barman.check(srv.name))
+        if check is not None:
+            findings += check_findings(check)
+            facts["barman_check_failed"] = [c.name for c in check.failed]
+
+        backups = self._probe(findings, "list_backups", lambda: self.barman.list_backups(srv.name))
+        oldest_begin = None
+        if backups is not None:
+            findings.append(freshness_finding(backups, now, th["max_backup_age_hours"]))
+            done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
+            facts["done_backups"] = [b.backup_id for b in done]
+            if done:
+                info = self._probe(findings, "show_backup", lambda: self.barman.show_backup(srv.name, done[0].backup_id))
+                oldest_begin = info.begin_wal if info else None
+
+        current = self._probe(findings, "primary_current_wal",
+                              lambda: pdb.psql(prim, "SELECT pg_walfile_name(pg_current_wal_lsn())"))
+        catalog = self._probe(findings, "wal_catalog", lambda: self.barman.wal_catalog(srv.name))
+        if catalog is not None and backups is not None:
+            wal_f, wal_facts = wal_continuity_findings([e.name for e in catalog if is_wal_segment_name(e.name)],
+                                                       oldest_begin, current, th["max_wal_lag_files"])
+            findings += wal_f
+            facts["wal"] = wal_facts
+
+        procs = self._probe(findings, "list_processes", lambda: self.barman.list_processes(srv.name))
+        server_info = self._probe(findings, "show_server", lambda: self.barman.show_server(srv.name))
+        if procs is not None and server_info is not None:
+            slot = server_info.get("slot_name")
+            active = None
+            if slot:
+                state = self._probe(findings, "slot_state", lambda: pdb.psql(
+                    prim, "SELECT active FROM pg_replication_slots WHERE slot_name = " + self._sql_literal(str(slot))))
+                active = None if not state else state == "t"
+            findings += streaming_findings(any(p.get("name") == "receive-wal" for p in procs), slot, active)
+
+        if srv.standbys:
+            rep = self._probe(findings, "replication_status", lambda: self.barman.replication_status(srv.name))
+            if rep is not None:
+                findings += standby_findings([s.name for s in srv.standbys], rep.get("streaming_clients") or [],
+                                             th["max_standby_lag_bytes"])
+
+        bh = self.inventory.barman_host_of(srv)
+        df = self._probe(findings, "disk_usage",
+                         lambda: self.barman.host.run(["df", "-P", bh.backup_directory], timeout=60).stdout)
+        if df is not None:
+            pct, mount = parse_df_percent(df)
+            facts["disk_usage_percent"] = pct
+            findings.append(disk_finding(pct, mount, bh.backup_directory, th["max_disk_usage_percent"]))
+
+        report = build_report(srv.name, findings, facts, checked_at=now.isoformat())
+        self.audit(context).record("verify_report", report["status"].lower(), server=srv.name, details=report)
+        log = self.log.error if report["status"] == CRITICAL else self.log.info
+        log("%s: %s\n%s", srv.name, report["status"], "\n".join(report["reasons"]) or "all checks OK")
+        return report
+
+
+class FleetSummaryOperator(BaseOperator):
+    """Runs after every per-server task (all_done): the fleet view; fails when any server is CRITICAL.
+
+    A server whose task failed (no report) counts as CRITICAL: a broken check must not
+    read as a healthy server.
+    """
+
+    template_fields: Sequence[str] = ()
+    ui_color = "#e8f1fb"
+
+    def __init__(self, *, servers: Sequence[str], report_task_ids: Sequence[str], audit_conn_id: str = "dr_audit",
+                 action: str = "verify_summary", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.servers = list(servers)
+        self.report_task_ids = list(report_task_ids)
+        self.audit_conn_id = audit_conn_id
+        self.action = action
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        pulled = context["ti"].xcom_pull(task_ids=self.report_task_ids) or []
+        if isinstance(pulled, dict):
+            pulled = [pulled]
+        reports: dict[str, Any] = {s: None for s in self.servers}
+        for rep in pulled:
+            if isinstance(rep, dict) and rep.get("server"):
+                reports[str(rep["server"])] = rep
+        summary = summarise(reports)
+        AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context)).record(
+            self.action, summary["status"].lower(), details=summary)
+        if summary["status"] == CRITICAL:
+            lines = [f"{s}: {'; '.join(summary['reasons'].get(s, []))}" for s in summary["critical"]]
+            raise AirflowFailException("CRITICAL servers: " + " | ".join(lines))
+        return summary
+
+
+# ------------------------------------------------------------------------------------ monthly drill
+
+
+class RestoreDrillOperator(FleetServerOperator):
+    """Restore the newest backup onto the server's non-prod instance, start it, validate, measure RTO.
+
+    Safety: only the inventory's `nonprod` instance is touched (its data directory moved
+    aside, never deleted); the restored copy must never archive into production WAL
+    archives: Barman writes `archive_command = false` and we append `archive_mode = off`
+    before the first start; Barman's recovery settings are cleared after promotion. One
+    DR run per server (the server lock), released by the teardown task.
+    """
+
+    action = "drill"
+
+    def __init__(self, *, restore_timeout: float = 6 * 3600, recovery_timeout: float = 3600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.restore_timeout = restore_timeout
+        self.recovery_timeout = recovery_timeout
+
+    def run(self, context: Any) -> dict[str, Any]:
+        srv = self.srv
+        inst = srv.nonprod
+        if inst is None:
+            raise AirflowSkipException(f"server {srv.name} has no nonprod instance in the inventory: no drill")
+        if inst.host in {srv.primary.host, *(s.host for s in srv.standbys)} and \
+                inst.data_directory in {srv.primary.data_directory, *(s.data_directory for s in srv.standbys)}:
+            raise PreflightError(f"nonprod instance {inst.name} points at a production data directory: refused")
+        ServerLock(postgres_conn_id=self.audit_conn_id).acquire(srv.name, dag_id=context["dag"].dag_id,
+                                                                run_id=context["run_id"], purpose="drill")
+        db = self.db(inst.host)
+        tag = self.run_tag(context)
+        job_id = f"drill-{srv.name}-{tag}"
+        host, job_dir = self.barman.host, self.barman.job_dir
+        phases: dict[str, float] = {}
+        t0 = time.monotonic()
+        db.stop(inst)
+        status = host.job_status(job_dir, job_id)
+        moved = []
+        if status.state == "absent":
+            m = db.move_aside(inst.data_directory, tag)
+            if m:
+                moved.append(m)
+        elif status.state == "lost" or (status.finished and status.exit_code != 0):
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            host.reset_job(job_dir, job_id, f"failed-{stamp}")
+            m = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
+            if m:
+                moved.append(m)
+        done = sorted((b for b in self.barman.list_backups(srv.name) if b.is_done), key=lambda b: b.backup_id)
+        if not done:
+            raise PreflightError(f"{srv.name} has no DONE backup to drill with")
+        backup = self.barman.show_backup(srv.name, done[-1].backup_id)
+        target = RecoveryTarget("immediate", None)
+        argv = self.barman.restore_argv(srv.name, backup.backup_id, inst.data_directory, target,
+                                        remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command)
+        phases["prepare_s"] = round(time.monotonic() - t0, 3)
+        t1 = time.monotonic()
+        self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
+        phases["restore_s"] = round(time.monotonic() - t1, 3)
+        # never archive from the copy: archive_mode needs a restart, so it goes in before the first start
+        db.host.run(sh_argv('printf "%s\\n" "$2" >> "$1"', f"{inst.data_directory}/postgresql.auto.conf",
+                            "archive_mode = 'off'  # barman-dr drill: never archive from a restored copy"))
+        db.host.run(["mkdir", "-p", inst.socket_directory])
+        t2 = time.monotonic()
+        db.start(inst, wait=False)
+        phases["ready_s"] = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))
+        phases["recovery_s"] = db.wait_recovery_end(inst, timeout=self.recovery_timeout)
+        phases["start_to_promoted_s"] = round(time.monotonic() - t2, 3)
+        cleared = clear_recovery_settings(db, inst)
+        archive_mode = db.psql(inst, "SHOW archive_mode")
+        if archive_mode != "off":
+            raise VerificationError(f"the restored copy on {inst.name} has archive_mode={archive_mode}: stopping it")
+        t3 = time.monotonic()
+        counts = {name: int(db.psql(inst, sql, database=srv.database)) for name, sql in srv.validation_queries.items()}
+        phases["validate_s"] = round(time.monotonic() - t3, 3)
+        rto = round(time.monotonic() - t1, 3)
+        expected = self._counts_at_backup(context, backup.backup_id)
+        mismatches = {k: {"expected": v, "actual": counts.get(k)} for k, v in (expected or {}).items()
+                      if counts.get(k) != v}
+        result = {"server": srv.name, "status": "OK", "instance": inst.name, "host": inst.host, "backup_id": backup.backup_id,
+                  "target": target.to_dict(), "moved_aside": moved, "job_id": job_id, "counts": counts,
+                  "expected_counts": expected, "mismatches": mismatches, "recovery_settings_cleared": cleared,
+                  "archive_mode": archive_mode, "rto_s": rto, "rto_objective_s": srv.rto_objective_seconds,
+                  "rto_met": rto <= srv.rto_objective_seconds, "phases_s": phases, "finished_at": utcnow()}
+        if mismatches:
+            raise VerificationError(f"drill of {srv.name}: counts differ from the primary's at backup "
+                                    f"{backup.backup_id}: {mismatches}")
+        if not result["rto_met"]:
+            raise VerificationError(f"drill of {srv.name}: RTO {rto}s exceeds the objective "
+                                    f"{srv.rto_objective_seconds}s")
+        return result
+
+    def _counts_at_backup(self, context: Any, backup_id: str) -> dict[str, int] | None:
+        """The primary's counts right after that backup, when dr_weekly_full_backup recorded them."""
+        try:
+            for e in self.audit(context).events(server=self.srv.name, action="backup", limit=50):
+                d = e.get("details") or {}
+                if e.get("outcome") == "ok" and isinstance(d, dict) and d.get("backup_id") == backup_id:
+                    return d.get("counts_after_backup") or None
+        except BarmanDrError:
+            return None
+        return None
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        return ("Only the nonprod instance was touched. Read the log above; the teardown task stops it and releases "
+                "the lock.")
+
+
+class DrillTeardownOperator(FleetServerOperator):
+    """Always runs (all_done): stop the non-prod instance (its directory is kept), release the lock.
+
+    Touches nothing but the inventory's `nonprod` instance of the server.
+    """
+
+    action = "drill_teardown"
+
+    def run(self, context: Any) -> dict[str, Any]:
+        srv = self.srv
+        out: dict[str, Any] = {"server": srv.name, "stopped": None}
+        lock = ServerLock(postgres_conn_id=self.audit_conn_id)
+        holder = lock.holder(srv.name)
+        if holder and (holder.dag_id, holder.run_id) != (context["dag"].dag_id, context["run_id"]):
+            # another DR run owns this server (maybe a drill using the same nonprod): not ours to stop
+            out["skipped"] = f"server locked by {holder.dag_id} {holder.run_id}"
+            return out
+        if srv.nonprod is not None:
+            out["stopped"] = self.db(srv.nonprod.host).stop(srv.nonprod)
+            out["instance"] = srv.nonprod.name
+        out["lock_released"] = lock.release(
+            srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        return out

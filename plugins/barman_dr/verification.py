@@ -1,0 +1,266 @@
+"""Pure report logic of the scheduled DR DAGs: measurements in, OK / WARNING / CRITICAL out.
+
+No I/O here: the operators (operators/scheduled.py) collect Barman's JSON, the WAL
+catalogue, `df -P` and the primary's view, and these functions turn them into a
+per-server report with reasons. Keeping the thresholds logic pure lets unit tests
+replay recorded Barman output and crafted faults without a lab.
+
+Thresholds come from the inventory (`servers.<name>.verification`):
+`max_backup_age_hours`, `max_wal_lag_files`, `max_disk_usage_percent`,
+`max_standby_lag_bytes`. Missing keys fall back to DEFAULT_THRESHOLDS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from barman_dr.hooks.barman import compute_coverage
+from barman_dr.models import BackupSummary, CheckReport, WalSegment, is_wal_segment_name
+
+OK, WARNING, CRITICAL = "OK", "WARNING", "CRITICAL"
+_RANK = {OK: 0, WARNING: 1, CRITICAL: 2}
+
+DEFAULT_THRESHOLDS: dict[str, float] = {
+    "max_backup_age_hours": 170.0,   # weekly full backups: 7 days + 2 h of slack
+    "max_wal_lag_files": 10.0,       # the seed's monitoring: > 10 files behind is a WARNING
+    "max_disk_usage_percent": 85.0,
+    "max_standby_lag_bytes": 16 * 1024 * 1024.0,
+}
+
+#: what the on-call DBA should do for a failed `barman check` item (Barman's own hint is often empty)
+CHECK_HINTS: dict[str, str] = {
+    "receive_wal_running": "WAL streaming is stopped: run `barman cron` on the barman host (it restarts "
+                           "`receive-wal`), then `barman check`",
+    "replication_slot": "the replication slot is not used by receive-wal: restart WAL streaming with `barman cron` "
+                        "(`barman receive-wal --create-slot` if the slot is missing)",
+    "postgresql": "Barman cannot connect to PostgreSQL: check the server and Barman's conninfo",
+    "postgresql_streaming": "Barman's streaming connection fails: check streaming_conninfo and pg_hba.conf",
+    "backup_maximum_age": "no recent backup: run `barman backup` (or dr_weekly_full_backup)",
+    "minimum_redundancy_requirements": "fewer backups than minimum_redundancy: take a backup now",
+    "failed_backups": "failed backups exist: inspect them (`barman list-backups`) and delete them",
+    "archiver_errors": "WAL files were rejected by the archiver: see the errors directory of the server",
+    "wal_maximum_age": "no WAL archived recently: check WAL streaming",
+}
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    status: str
+    reason: str
+    hint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worst(statuses: Iterable[str]) -> str:
+    out = OK
+    for s in statuses:
+        if _RANK[s] > _RANK[out]:
+            out = s
+    return out
+
+
+def thresholds_for(verification: Mapping[str, float] | None) -> dict[str, float]:
+    return {**DEFAULT_THRESHOLDS, **{k: float(v) for k, v in (verification or {}).items()}}
+
+
+# ------------------------------------------------------------------------------------ single checks
+
+
+def check_findings(report: CheckReport) -> list[Finding]:
+    """Every failed `barman check` item is CRITICAL, named with Barman's hint and ours."""
+    out = []
+    for c in report.failed:
+        ours = CHECK_HINTS.get(c.name)
+        hint = "; ".join(h for h in (c.hint, ours) if h)
+        out.append(Finding(f"barman_check.{c.name}", CRITICAL, f"barman check {c.name} FAILED", hint or None))
+    return out
+
+
+def freshness_finding(backups: Sequence[BackupSummary], now: datetime, max_age_hours: float) -> Finding:
+    done = [b for b in backups if b.is_done and b.end_time is not None]
+    if not done:
+        return Finding("backup_freshness", CRITICAL, "no DONE backup at all",
+                       "take a backup now: `barman backup --wait` or trigger dr_weekly_full_backup")
+    newest = max(done, key=lambda b: b.end_time)  # type: ignore[arg-type, return-value]
+    age_h = (now - newest.end_time).total_seconds() / 3600  # type: ignore[operator]
+    if age_h > max_age_hours:
+        return Finding("backup_freshness", CRITICAL,
+                       f"newest DONE backup {newest.backup_id} is {age_h:.1f} h old (max {max_age_hours:g} h)",
+                       "the weekly backup did not run or failed: check dr_weekly_full_backup, take a backup now")
+    return Finding("backup_freshness", OK, f"newest DONE backup {newest.backup_id} is {age_h:.1f} h old "
+                                           f"(max {max_age_hours:g} h)")
+
+
+def wal_continuity_findings(catalog: Sequence[str], oldest_begin_wal: str | None, current_wal: str | None,
+                            max_lag_files: float) -> tuple[list[Finding], dict[str, Any]]:
+    """No gap from the oldest kept backup's begin WAL to the newest archived segment; lag behind the server.
+
+    The current segment (still being written, a `.partial` in Barman's streaming
+    directory) is never archived yet: lag counts the segments between the newest
+    archived one and the server's current one, so a healthy server shows 0 or 1.
+    """
+    segs = [n for n in catalog if is_wal_segment_name(n)]
+    facts: dict[str, Any] = {"first_wal": oldest_begin_wal, "current_wal": current_wal}
+    if not oldest_begin_wal:
+        return [Finding("wal_continuity", CRITICAL, "no kept backup with a begin WAL: nothing to check from",
+                        "take a backup")], facts
+    if not segs:
+        return [Finding("wal_continuity", CRITICAL, "Barman's WAL catalogue is empty", CHECK_HINTS["receive_wal_running"])], facts
+    newest = max(segs, key=lambda n: (WalSegment.parse(n).segno, WalSegment.parse(n).timeline))
+    facts["newest_archived"] = newest
+    out: list[Finding] = []
+    first = WalSegment.parse(oldest_begin_wal)
+    if WalSegment.parse(newest).segno < first.segno:
+        out.append(Finding("wal_continuity", CRITICAL,
+                           f"nothing archived since the oldest backup's begin WAL {oldest_begin_wal}",
+                           CHECK_HINTS["receive_wal_running"]))
+    else:
+        cov = compute_coverage(segs, oldest_begin_wal, newest)
+        facts["coverage"] = cov.to_dict()
+        if cov.complete:
+            out.append(Finding("wal_continuity", OK, f"{cov.present} segments {oldest_begin_wal}..{newest}, no gap"))
+        else:
+            out.append(Finding("wal_continuity", CRITICAL,
+                               f"WAL missing from the archive between {oldest_begin_wal} and {newest}: "
+                               + ", ".join(cov.missing_ranges()),
+                               "recovery past the gap is impossible: take a new full backup now; find out why the "
+                               "segments are missing (retention, manual deletion, streaming gap)"))
+    if current_wal:
+        lag = WalSegment.parse(current_wal).segno - WalSegment.parse(newest).segno - 1
+        lag = max(lag, 0)
+        facts["archive_lag_files"] = lag
+        if lag > max_lag_files:
+            out.append(Finding("wal_archive_lag", WARNING,
+                               f"{lag} WAL files not yet archived (server at {current_wal}, archive at {newest}; "
+                               f"max {max_lag_files:g})", CHECK_HINTS["receive_wal_running"]))
+        else:
+            out.append(Finding("wal_archive_lag", OK, f"{lag} WAL files behind the server (max {max_lag_files:g})"))
+    else:
+        out.append(Finding("wal_archive_lag", WARNING, "the server's current WAL is unknown (primary unreachable?)"))
+    return out, facts
+
+
+def streaming_findings(receive_wal_running: bool, slot_name: str | None, slot_active: bool | None) -> list[Finding]:
+    out = []
+    if receive_wal_running:
+        out.append(Finding("receive_wal", OK, "receive-wal is running"))
+    else:
+        out.append(Finding("receive_wal", CRITICAL, "receive-wal is NOT running: WAL is not being archived",
+                           CHECK_HINTS["receive_wal_running"]))
+    if slot_name:
+        if slot_active is None:
+            out.append(Finding("replication_slot", CRITICAL, f"replication slot {slot_name!r} does not exist on the "
+                               "primary", "`barman receive-wal --create-slot <server>` then `barman cron`"))
+        elif not slot_active:
+            out.append(Finding("replication_slot", CRITICAL, f"replication slot {slot_name!r} is not active",
+                               CHECK_HINTS["replication_slot"]))
+        else:
+            out.append(Finding("replication_slot", OK, f"replication slot {slot_name!r} is active"))
+    return out
+
+
+def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any]], max_lag_bytes: float) -> list[Finding]:
+    """Each inventory standby must stream from the primary, with replay lag under the threshold.
+
+    Lag comes from Barman's `replication-status` (`replay_lsn_diff_bytes` is negative when behind).
+    """
+    by_name = {str(c.get("application_name")): c for c in clients}
+    out = []
+    for name in expected:
+        c = by_name.get(name)
+        if c is None:
+            out.append(Finding(f"standby.{name}", CRITICAL, f"standby {name} is not connected to the primary",
+                               "start the standby / check its primary_conninfo and its log"))
+            continue
+        state = c.get("current_state")
+        diff = c.get("replay_lsn_diff_bytes")
+        lag = abs(int(diff)) if diff is not None else None
+        if state != "streaming":
+            out.append(Finding(f"standby.{name}", CRITICAL, f"standby {name} is {state}, not streaming"))
+        elif lag is None:
+            out.append(Finding(f"standby.{name}", WARNING, f"standby {name} streams but reports no replay position"))
+        elif lag > max_lag_bytes:
+            out.append(Finding(f"standby.{name}", WARNING, f"standby {name} replay lag {lag} bytes "
+                               f"(max {max_lag_bytes:g})", "check the standby's I/O and network"))
+        else:
+            out.append(Finding(f"standby.{name}", OK, f"standby {name} streaming, replay lag {lag} bytes"))
+    return out
+
+
+def parse_df_percent(text: str) -> tuple[float, str]:
+    """`df -P DIR` -> (use percent, mount point)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) < 2:
+        raise ValueError(f"unexpected df -P output: {text!r}")
+    parts = lines[-1].split()
+    used, avail = int(parts[2]), int(parts[3])
+    pct = 100.0 * used / (used + avail) if used + avail else 0.0
+    return round(pct, 1), parts[-1]
+
+
+def disk_finding(percent: float, mount: str, directory: str, max_percent: float) -> Finding:
+    if percent > max_percent:
+        return Finding("disk_usage", CRITICAL, f"{directory} ({mount}) is {percent:.1f}% full (max {max_percent:g}%)",
+                       "free space or grow the volume before the next backup fails; check retention")
+    return Finding("disk_usage", OK, f"{directory} ({mount}) is {percent:.1f}% full (max {max_percent:g}%)")
+
+
+def build_report(server: str, findings: Sequence[Finding], facts: Mapping[str, Any] | None = None,
+                 checked_at: str | None = None) -> dict[str, Any]:
+    status = worst(f.status for f in findings)
+    return {
+        "server": server,
+        "status": status,
+        "checked_at": checked_at,
+        "reasons": [f"{f.status}: {f.reason}" + (f" (hint: {f.hint})" if f.hint else "")
+                    for f in findings if f.status != OK],
+        "findings": [f.to_dict() for f in findings],
+        "facts": dict(facts or {}),
+    }
+
+
+def summarise(reports: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]:
+    """The fleet view: a server without a report (its task failed) counts as CRITICAL."""
+    per_server: dict[str, str] = {}
+    reasons: dict[str, list[str]] = {}
+    for server, rep in sorted(reports.items()):
+        if not rep:
+            per_server[server] = CRITICAL
+            reasons[server] = ["CRITICAL: the verification task failed, no report (see its log)"]
+        else:
+            per_server[server] = str(rep.get("status", CRITICAL))
+            if rep.get("reasons"):
+                reasons[server] = list(rep["reasons"])
+    return {"status": worst(per_server.values()) if per_server else CRITICAL, "servers": per_server,
+            "reasons": reasons,
+            "critical": sorted(s for s, v in per_server.items() if v == CRITICAL),
+            "warning": sorted(s for s, v in per_server.items() if v == WARNING)}
+
+
+# ------------------------------------------------------------------------------------------ retention
+
+
+def retention_plan(backups: Sequence[BackupSummary], minimum_redundancy: int,
+                   protect: Iterable[str] = ()) -> dict[str, Any]:
+    """Which OBSOLETE backups may be deleted without going below minimum redundancy.
+
+    Barman marks backups OBSOLETE from the retention policy (`list-backups`
+    retention_status). We delete oldest first, and never so many that fewer than
+    `minimum_redundancy` DONE backups remain; `protect` (e.g. the backup just taken)
+    is never deleted.
+    """
+    protected = set(protect)
+    done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
+    obsolete = [b.backup_id for b in done if (b.retention_status or "").upper() == "OBSOLETE"
+                and b.backup_id not in protected]
+    may_delete = max(len(done) - max(int(minimum_redundancy), 1), 0)
+    delete = obsolete[:may_delete]
+    return {"done": len(done), "minimum_redundancy": int(minimum_redundancy), "obsolete": obsolete,
+            "delete": delete, "kept_for_redundancy": obsolete[len(delete):],
+            "remaining_after": len(done) - len(delete)}
