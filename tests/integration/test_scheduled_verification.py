@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from pitr_support import run_dag, sql, xcom
 
 pytestmark = pytest.mark.integration

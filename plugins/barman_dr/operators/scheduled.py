@@ -107,10 +107,12 @@ class WeeklyBackupOperator(FleetServerOperator):
             host.reset_job(job_dir, job_id, f"failed-{stamp}")
             self.log.warning("earlier backup attempt %s failed (%s): kept as failed-%s, starting again",
                              job_id, status, stamp)
+            status = host.job_status(job_dir, job_id)
+        # "running"/"finished": an earlier attempt of this run started it; start_job only attaches
+        attached = status.state in ("running", "finished")
         argv = self.barman.argv("backup", "--wait", "--wait-timeout", str(self.wait_timeout), self.srv.name)
         t0 = time.monotonic()
         status = host.start_job(job_dir, job_id, argv)
-        attached = status.state == "running"
         last_nudge = 0.0
         while not status.finished:
             if status.state in ("lost", "absent"):
@@ -125,7 +127,7 @@ class WeeklyBackupOperator(FleetServerOperator):
         out, err = host.job_output(job_dir, job_id)
         if status.exit_code != 0:
             raise BarmanCommandError(host.name, argv, int(status.exit_code or 1), err, out)
-        return {"job_id": job_id, "attached_to_running_job": attached, "backup_s": round(time.monotonic() - t0, 3),
+        return {"job_id": job_id, "attached_to_existing_job": attached, "backup_s": round(time.monotonic() - t0, 3),
                 "stdout_tail": out[-1500:]}
 
     def run(self, context: Any) -> dict[str, Any]:
