@@ -525,6 +525,18 @@ class Lab:
             log("airflow db migrate")
             run([airflow, "db", "migrate"], env=env, timeout=600)
             stamp.write_text(want)
+        # one pool per barman host, sized from the inventory: the scheduler never runs a task
+        # whose pool does not exist (dag.test ignores pools, so tests alone would not notice)
+        pools_stamp = home / ".pools"
+        inventory = (REPO / "include" / "inventory" / "lab.yaml").read_bytes()
+        if not pools_stamp.exists() or pools_stamp.read_bytes() != inventory:
+            sys.path.insert(0, str(REPO / "plugins"))
+            from barman_dr.fleet import pool_slots
+
+            for pool, slots in pool_slots(REPO / "include" / "inventory" / "lab.yaml").items():
+                run([airflow, "pools", "set", pool, str(slots), "barman-dr: concurrent commands on this barman host"],
+                    env=env, timeout=120)
+            pools_stamp.write_bytes(inventory)
         if not start:
             return
         for comp in AIRFLOW_COMPONENTS:
