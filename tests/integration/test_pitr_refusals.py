@@ -130,3 +130,20 @@ def test_second_pitr_of_a_locked_server_is_refused(baseline):
         assert any("locked by dr_pitr run 'someone-else'" in e["details"] for e in events if e["outcome"] == "refused")
     finally:
         lock.release("pg-primary", dag_id="dr_pitr", run_id="someone-else")
+
+
+def test_audit_database_down_refuses_the_pitr(baseline, monkeypatch):
+    """No unaudited DR run: with the audit DB unreachable the first task refuses, nothing is touched."""
+    import json as _json
+
+    tli, before = baseline
+    conn = _json.loads(os.environ["AIRFLOW_CONN_DR_AUDIT"])
+    conn["port"] = 1  # nothing listens there
+    monkeypatch.setenv("AIRFLOW_CONN_DR_AUDIT", _json.dumps(conn))
+    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": now_iso(-1),
+                                               "confirm": "PITR pg-primary", "incident_id": "INC-AUDIT-DOWN"})
+    monkeypatch.undo()
+    assert state == "failed"
+    assert tasks["validate_params"] == "failed" and tasks["preflight"] == "upstream_failed"
+    assert primary_timeline() == tli and counts() == before and not pgbouncer_paused()
+    assert audit(run_id) == []  # it could not write, so it did nothing
