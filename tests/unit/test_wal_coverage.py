@@ -153,3 +153,17 @@ def test_non_wal_names_are_ignored():
 def test_bad_ends(bad):
     with pytest.raises(ValueError):
         compute_coverage([], bad, WalSegment(1, 1).name)
+
+
+def test_coverage_follows_the_timeline_history():
+    """After a fork at 0/3000148 (segment 3), segments 3.. must be on timeline 2, not 1."""
+    from barman_dr.hooks.barman import compute_coverage
+
+    catalog = ["000000010000000000000001", "000000010000000000000002", "000000010000000000000003",
+               "000000010000000000000004",  # the old timeline past the fork: useless for timeline 2
+               "000000020000000000000003", "000000020000000000000005"]
+    switches = [(1, "0/3000148")]
+    cov = compute_coverage(catalog, "000000010000000000000001", "000000020000000000000005", switches)
+    assert cov.missing == ("000000020000000000000004",)
+    loose = compute_coverage(catalog, "000000010000000000000001", "000000020000000000000005")
+    assert loose.complete  # the timeline-blind check would have passed

@@ -25,6 +25,7 @@ from barman_dr.models import (
     BackupSummary,
     CheckReport,
     CommandResult,
+    Lsn,
     RecoveryTarget,
     WalSegment,
     is_wal_segment_name,
@@ -76,11 +77,15 @@ class WalCoverage:
                 "missing": self.missing_ranges(), "timelines": list(self.timelines)}
 
 
-def compute_coverage(catalog: Sequence[str], first: str, last: str) -> WalCoverage:
+def compute_coverage(catalog: Sequence[str], first: str, last: str,
+                     switches: Sequence[tuple[int, str]] | None = None) -> WalCoverage:
     """Which segments between `first` and `last` (inclusive) are absent from the catalogue.
 
-    A segment number counts as present on any timeline between the two ends' timelines
-    (recovery follows the timeline history from the backup's timeline to the newest).
+    Without `switches`, a segment number counts as present on any timeline between the two
+    ends' timelines. With the target timeline's history (`switches`: the history file's
+    `(parent timeline, switch LSN)` lines), each segment must exist on the timeline recovery
+    will ask for: the parent timeline before its switch segment, the child from the switch
+    segment on (PostgreSQL requests the switch segment under the new timeline's name).
     """
     a, b = WalSegment.parse(first), WalSegment.parse(last)
     if b < a:
@@ -89,16 +94,28 @@ def compute_coverage(catalog: Sequence[str], first: str, last: str) -> WalCovera
     have: dict[int, set[int]] = {}
     for name in catalog:
         if is_wal_segment_name(name):
-            s = WalSegment.parse(name)
-            if s.timeline in tlis:
-                have.setdefault(s.segno, set()).add(s.timeline)
+            seg = WalSegment.parse(name)
+            if seg.timeline in tlis:
+                have.setdefault(seg.segno, set()).add(seg.timeline)
+    bounds = sorted((WalSegment.from_lsn(tli, Lsn.parse(lsn)).segno, tli) for tli, lsn in (switches or ()))
+
+    def wanted(segno: int) -> int | None:
+        if not switches:
+            return None
+        for switch_segno, parent in bounds:
+            if segno < switch_segno:
+                return parent
+        return b.timeline
+
     missing = []
     present = 0
     for segno in range(a.segno, b.segno + 1):
-        if have.get(segno):
+        need = wanted(segno)
+        ok = bool(have.get(segno)) if need is None else need in have.get(segno, set())
+        if ok:
             present += 1
         else:
-            tli = a.timeline if segno < b.segno else b.timeline
+            tli = need if need is not None else (a.timeline if segno < b.segno else b.timeline)
             missing.append(WalSegment(tli, segno).name)
     return WalCoverage(first=a.name, last=b.name, present=present, missing=tuple(missing),
                        timelines=tuple(sorted({t for ts in have.values() for t in ts})))
@@ -201,6 +218,17 @@ class BarmanHook(BaseHook):
 
     def wal_coverage(self, server: str, first: str, last: str) -> WalCoverage:
         return compute_coverage([e.name for e in self.wal_catalog(server)], first, last)
+
+    def timeline_history(self, server: str, timeline: int) -> str | None:
+        """The archived history file of a timeline (`0000000N.history`), or None when Barman has none."""
+        if timeline <= 1:
+            return None
+        info = self.show_server(server)
+        directory = info.get("wals_directory")
+        if not directory:
+            raise BarmanOutputError("show-server: no wals_directory")
+        r = self.host.run(["cat", f"{directory}/{timeline:08X}.history"], check=False, timeout=60)
+        return r.stdout if r.exit_code == 0 else None
 
     # ----------------------------------------------------------------- actions
     def switch_wal(self, server: str, *, archive_timeout: int = 60) -> str | None:

@@ -219,7 +219,17 @@ class WalCoverageOperator(DrBaseOperator):
             last = current  # the switch did not archive: show how far the archive falls short of the server
         else:
             last = max(names, key=lambda n: WalSegment.parse(n).segno) if names else first
-        coverage = compute_coverage(names, first, last)
+        switches = None
+        target_tli = WalSegment.parse(last).timeline
+        if target_tli > WalSegment.parse(first).timeline:
+            # recovery follows the history to the target's timeline: each segment must be on the right one
+            history = self.barman.timeline_history(srv.name, target_tli)
+            if history is None:
+                raise PreflightError(f"timeline {target_tli} has no history file in Barman's archive: recovery from "
+                                     f"backup {pre['backup_id']} (timeline {WalSegment.parse(first).timeline}) cannot "
+                                     "follow it. Nothing was stopped.")
+            switches = [(e.parent_timeline, e.switch_lsn) for e in parse_history_file(history)]
+        coverage = compute_coverage(names, first, last, switches)
         newest = max(catalog, key=lambda e: (WalSegment.parse(e.name).segno, e.time)) if catalog else None
         result = {
             "first_wal": first, "last_wal": last, "closed_wal": closed, "server_current_wal": current,
