@@ -1,0 +1,57 @@
+"""The incident CLI (`bin/barman-dr`) against the real Airflow API server and scheduler."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from barman_dr.api_client import from_env
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+CLI = str(Path(__file__).resolve().parents[2] / "bin" / "barman-dr")
+
+
+@pytest.fixture(scope="module")
+def api():
+    client = from_env()
+    deadline = time.monotonic() + 120
+    while not client.dag_exists("dr_pitr"):
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    client.unpause("dr_pitr")
+    yield client
+    client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
+
+
+def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_plan_waits_and_prints_the_plan_then_is_idempotent(api):
+    incident = f"INC-CLI-{int(time.time())}"
+    target = (datetime.now(UTC) - timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = cli("plan", "--server", "pg-primary", "--target-time", target, "--incident", incident,
+            "--expect", "orders_total=10500", "--wait")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "plan only" in r.stdout and "WAL proven" in r.stdout and "SUCCESS" in r.stdout
+    again = cli("plan", "--server", "pg-primary", "--target-time", target, "--incident", incident)
+    assert again.returncode == 0 and "already exists" in again.stdout
+    status = cli("status", "--incident", incident)
+    assert status.returncode == 0 and "wal_coverage" in status.stdout and "success" in status.stdout
+
+
+def test_a_naive_time_is_refused_by_the_api(api):
+    r = cli("pitr", "--server", "pg-primary", "--target-time", "2026-11-25T10:00:00", "--incident", "INC-CLI-BAD",
+            "--confirm")
+    assert r.returncode == 2
+    assert "date-time" in r.stderr
+
+
+def test_usage_errors_exit_2():
+    assert cli("pitr", "--server", "pg-primary", "--incident", "X").returncode == 2  # no target
+    r = cli("pitr", "--server", "pg-primary", "--incident", "X", "--target-xid", "7", "--expect", "orders_total")
+    assert r.returncode != 0 and "NAME=INTEGER" in r.stderr
