@@ -68,3 +68,23 @@ def test_seed_recovery_through_the_rest_api(api):
     assert report["rto_s"] > 0
     note = api.get_run("dr_pitr", run_id).get("note") or ""
     assert "DONE" in note and "RTO" in note
+
+
+def test_dr_page_shows_the_recovery(api):
+    """The DR page (plugin FastAPI app in the API server): behind Airflow's auth, shows the PITR run."""
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(f"{api.base_url}/barman-dr/", timeout=30)
+    assert exc.value.code == 401
+    data = api._call("GET", "/barman-dr/api/summary")
+    assert [s["server"] for s in data["servers"]] == ["pg-primary"] or "pg-primary" in [s["server"] for s in
+                                                                                         data["servers"]]
+    rest_runs = [r for r in data["pitr_runs"] if (r["incident_id"] or "").startswith("INC-REST-")]
+    assert rest_runs and rest_runs[0]["outcome"] == "success" and rest_runs[0]["rto_s"] > 0
+    req = urllib.request.Request(f"{api.base_url}/barman-dr/?incident_id={rest_runs[0]['incident_id']}",
+                                 headers={"Authorization": f"Bearer {api.token()}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        page = resp.read().decode()
+    assert "PITR runs" in page and rest_runs[0]["run_id"] in page and "barman_restore" in page
