@@ -88,6 +88,8 @@ def main() -> int:
     print(f" old data kept  : {r['moved_aside']}")
     print(f" new backup     : {r['new_backup_id']} (timeline {r['new_timeline']})")
     print(f" app            : {app['commits']} commits, {app['errors']} errors, longest stall {app['longest_stall_s']} s")
+    for err in app["first_errors"]:
+        print(f"   app error    : {err}")
     print(f" RTO            : {r['rto_s']} s (freeze -> resume; objective {r['rto_objective_s']} s, "
           f"estimated {r['estimated_rto_s']} s)")
     for phase, secs in r["phases_s"].items():

@@ -26,6 +26,7 @@ import psycopg2
 CP1_TOTAL, CP1_COMPLETED = 10_000, 6_965
 CP2_TOTAL, CP2_COMPLETED = 10_500, 7_465
 AFTER_DELETE = CP2_TOTAL - CP2_COMPLETED  # 3,035
+HEARTBEAT_DDL = "CREATE TABLE IF NOT EXISTS app_heartbeat (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())"
 
 
 def app_dsn() -> str:
@@ -61,7 +62,7 @@ def play(dsn: str | None = None, settle: float = 1.0) -> Scenario:
     t0 = time.monotonic()
     conn = connect(dsn)
     cur = conn.cursor()
-    cur.execute("CREATE TABLE IF NOT EXISTS app_heartbeat (id bigserial PRIMARY KEY, at timestamptz DEFAULT now())")
+    cur.execute(HEARTBEAT_DDL)
     cur.execute("TRUNCATE critical_orders")
     # CP1: 10,000 orders, 6,965 completed
     cur.execute(
@@ -117,6 +118,9 @@ class AppWriter(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = connect(self.dsn)
+                    if self.ok == 0:  # a fresh lab: the table may not exist yet
+                        with conn.cursor() as cur:
+                            cur.execute(HEARTBEAT_DDL)
                 with conn.cursor() as cur:
                     cur.execute("INSERT INTO app_heartbeat DEFAULT VALUES")
                 self.ok += 1
