@@ -111,6 +111,12 @@ class AppWriter(threading.Thread):
         self.longest_stall_s = 0.0
         self.last_ok_at: float | None = None
 
+    def start(self) -> None:
+        """Create the heartbeat table first (a fresh lab has none), then start writing."""
+        with connect(self.dsn) as conn, conn.cursor() as cur:
+            cur.execute(HEARTBEAT_DDL)
+        super().start()
+
     def run(self) -> None:
         conn = None
         while not self.stop_event.is_set():
@@ -118,9 +124,6 @@ class AppWriter(threading.Thread):
             try:
                 if conn is None or conn.closed:
                     conn = connect(self.dsn)
-                    if self.ok == 0:  # a fresh lab: the table may not exist yet
-                        with conn.cursor() as cur:
-                            cur.execute(HEARTBEAT_DDL)
                 with conn.cursor() as cur:
                     cur.execute("INSERT INTO app_heartbeat DEFAULT VALUES")
                 self.ok += 1
