@@ -2,10 +2,15 @@
 
 Per server (mapped, bounded by the barman host's pool): take the server lock, stop the
 non-prod instance and move its data directory aside (never deleted), `barman restore`
-(detached job; target: end of the newest backup) to the non-prod host, start it there on
-its own address and port with archiving off, wait for promotion, clear Barman's recovery
-settings, run the inventory's validation queries (compared with the primary's counts at
-that backup when the weekly backup recorded them), measure the RTO against the objective.
+(detached job) to the non-prod host, by default to a **random instant** between the newest
+backup's end and now (a commit is made and archived first, so WAL replay is exercised;
+param `target: immediate` restores to the backup's end instead), start it there on its own
+address and port with archiving off, wait for promotion, clear Barman's recovery settings,
+run the inventory's validation queries (compared with the primary's counts recorded by the
+weekly backup when the target is `immediate`; "unknown" for a random time), `amcheck`
+(`bt_index_check`) on the largest btree indexes, measure the RTO: over the inventory's
+`rto_objective_seconds` the drill fails (and DrNotifier notifies). A server without a
+`nonprod` target is reported "SKIPPED: no nonprod target".
 `teardown` always runs: it stops the non-prod instance (keeps its directory) and releases
 the lock; it touches nothing else. Logic: plugins/barman_dr/operators/scheduled.py.
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG
+from airflow.sdk import DAG, Param
 
 from barman_dr.fleet import schedule_for, servers_by_pool
 from barman_dr.notifications import DrNotifier
@@ -33,10 +38,14 @@ with DAG(
     doc_md=__doc__,
     default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=30),
                   "on_failure_callback": DrNotifier()},
+    params={"target": Param("random", type="string", enum=["random", "immediate"], title="Drill target",
+                            description="random: a random instant after the backup's end (tests WAL replay); "
+                                        "immediate: the end of the backup")},
 ) as dag:
     drill_ids = []
     for pool, servers in sorted(POOLS.items()):
-        drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool).expand(server=servers)
+        drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool,
+                                             target_mode="{{ params.target }}").expand(server=servers)
         teardown = DrillTeardownOperator.partial(task_id=f"teardown__{pool}", trigger_rule="all_done",
                                                  retries=2).expand(server=servers)
         drill >> teardown

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from barman_dr.hooks.barman import compute_coverage
 from barman_dr.models import BackupSummary, CheckReport, WalSegment, is_wal_segment_name
 
 OK, WARNING, CRITICAL = "OK", "WARNING", "CRITICAL"
-_RANK = {OK: 0, WARNING: 1, CRITICAL: 2}
+#: a drill that did not apply to a server (no nonprod target): neither healthy nor failing
+SKIPPED = "SKIPPED"
+_RANK = {OK: 0, SKIPPED: 0, WARNING: 1, CRITICAL: 2}
 
 DEFAULT_THRESHOLDS: dict[str, float] = {
     "max_backup_age_hours": 170.0,   # weekly full backups: 7 days + 2 h of slack
@@ -98,15 +100,26 @@ def freshness_finding(backups: Sequence[BackupSummary], now: datetime, max_age_h
 
 
 def wal_continuity_findings(catalog: Sequence[str], oldest_begin_wal: str | None, current_wal: str | None,
-                            max_lag_files: float) -> tuple[list[Finding], dict[str, Any]]:
+                            max_lag_files: float, files_on_disk: Iterable[str] | None = None,
+                            ) -> tuple[list[Finding], dict[str, Any]]:
     """No gap from the oldest kept backup's begin WAL to the newest archived segment; lag behind the server.
 
     The current segment (still being written, a `.partial` in Barman's streaming
     directory) is never archived yet: lag counts the segments between the newest
     archived one and the server's current one, so a healthy server shows 0 or 1.
+
+    `files_on_disk` (the segment files really present in Barman's `wals` directory):
+    a segment the catalogue lists but whose file is gone (deleted by hand, lost with a
+    disk) is a gap too; without it only the catalogue is trusted.
     """
     segs = [n for n in catalog if is_wal_segment_name(n)]
     facts: dict[str, Any] = {"first_wal": oldest_begin_wal, "current_wal": current_wal}
+    if files_on_disk is not None:
+        disk = set(files_on_disk)
+        first_segno = WalSegment.parse(oldest_begin_wal).segno if oldest_begin_wal else -1
+        lost = sorted(n for n in segs if n not in disk and WalSegment.parse(n).segno >= first_segno)
+        facts["catalogued_files_missing"] = lost[:50]
+        segs = [n for n in segs if n in disk]
     if not oldest_begin_wal:
         return [Finding("wal_continuity", CRITICAL, "no kept backup with a begin WAL: nothing to check from",
                         "take a backup")], facts
@@ -126,9 +139,13 @@ def wal_continuity_findings(catalog: Sequence[str], oldest_begin_wal: str | None
         if cov.complete:
             out.append(Finding("wal_continuity", OK, f"{cov.present} segments {oldest_begin_wal}..{newest}, no gap"))
         else:
+            lost_note = ""
+            if facts.get("catalogued_files_missing"):
+                lost_note = (" (listed in Barman's catalogue but the file is gone: "
+                             + ", ".join(facts["catalogued_files_missing"][:10]) + ")")
             out.append(Finding("wal_continuity", CRITICAL,
                                f"WAL missing from the archive between {oldest_begin_wal} and {newest}: "
-                               + ", ".join(cov.missing_ranges()),
+                               + ", ".join(cov.missing_ranges()) + lost_note,
                                "recovery past the gap is impossible: take a new full backup now; find out why the "
                                "segments are missing (retention, manual deletion, streaming gap)"))
     if current_wal:
@@ -235,30 +252,52 @@ def summarise(reports: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Any]
             reasons[server] = ["CRITICAL: the verification task failed, no report (see its log)"]
         else:
             per_server[server] = str(rep.get("status", CRITICAL))
+            if per_server[server] not in _RANK:
+                per_server[server] = CRITICAL
             if rep.get("reasons"):
                 reasons[server] = list(rep["reasons"])
+            elif per_server[server] == SKIPPED:
+                reasons[server] = [f"SKIPPED: {rep.get('skipped') or 'not applicable'}"]
     return {"status": worst(per_server.values()) if per_server else CRITICAL, "servers": per_server,
             "reasons": reasons,
             "critical": sorted(s for s, v in per_server.items() if v == CRITICAL),
+            "skipped": sorted(s for s, v in per_server.items() if v == SKIPPED),
             "warning": sorted(s for s, v in per_server.items() if v == WARNING)}
 
 
 # ------------------------------------------------------------------------------------------ retention
 
 
+def window_obsolete(backups: Sequence[BackupSummary], recovery_window_days: float, now: datetime) -> list[str]:
+    """Backups a RECOVERY WINDOW policy makes obsolete (Barman's rule, from the inventory's window).
+
+    Every DONE backup that ended before the window's start is obsolete, except the
+    newest of them: recovery to the window's first instant starts from it.
+    """
+    start = now - timedelta(days=float(recovery_window_days))
+    before = sorted((b for b in backups if b.is_done and b.end_time is not None and b.end_time < start),
+                    key=lambda b: b.backup_id)
+    return [b.backup_id for b in before[:-1]]
+
+
 def retention_plan(backups: Sequence[BackupSummary], minimum_redundancy: int,
-                   protect: Iterable[str] = ()) -> dict[str, Any]:
+                   protect: Iterable[str] = (), recovery_window_days: float | None = None,
+                   now: datetime | None = None) -> dict[str, Any]:
     """Which OBSOLETE backups may be deleted without going below minimum redundancy.
 
-    Barman marks backups OBSOLETE from the retention policy (`list-backups`
-    retention_status). We delete oldest first, and never so many that fewer than
+    Barman marks backups OBSOLETE from the retention policy of its own configuration
+    (`list-backups` retention_status); with `recovery_window_days` (the inventory's
+    policy, which may be stricter than barman.conf's) the window rule is applied here
+    too. We delete oldest first, and never so many that fewer than
     `minimum_redundancy` DONE backups remain; `protect` (e.g. the backup just taken)
     is never deleted.
     """
     protected = set(protect)
     done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
-    obsolete = [b.backup_id for b in done if (b.retention_status or "").upper() == "OBSOLETE"
-                and b.backup_id not in protected]
+    by_window = set(window_obsolete(done, recovery_window_days, now)) \
+        if recovery_window_days is not None and now is not None else set()
+    obsolete = [b.backup_id for b in done if ((b.retention_status or "").upper() == "OBSOLETE"
+                                              or b.backup_id in by_window) and b.backup_id not in protected]
     may_delete = max(len(done) - max(int(minimum_redundancy), 1), 0)
     delete = obsolete[:may_delete]
     return {"done": len(done), "minimum_redundancy": int(minimum_redundancy), "obsolete": obsolete,

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pitr_support import run_dag, sql, xcom
+from pitr_support import run_dag, sql
+from scheduled_support import temp_inventory, xcom_for
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +49,11 @@ def wait_streaming(timeout: float = 90) -> None:
     raise AssertionError("barman check did not become OK again")
 
 
-def report_of(run_id: str) -> dict:
+def report_of(run_id: str, server: str = "pg-primary") -> dict:
     from barman_dr.fleet import servers_by_pool
 
     pool = sorted(servers_by_pool())[0]
-    return xcom(DAG_ID, run_id, f"verify__{pool}")
+    return xcom_for(DAG_ID, run_id, f"verify__{pool}", server)
 
 
 def test_healthy_lab_is_ok():
@@ -66,9 +67,15 @@ def test_healthy_lab_is_ok():
     checks = {f["check"] for f in rep["findings"]}
     assert {"backup_freshness", "wal_continuity", "wal_archive_lag", "receive_wal", "replication_slot",
             "standby.pg-standby", "disk_usage"} <= checks
-    rows = sql("LAB_AUDIT_DSN", "SELECT outcome FROM audit.events WHERE run_id = %s AND action = 'verify_report'",
-               (run_id,))
-    assert rows == [("ok",)]
+    # the second server of the fleet (no standby) is verified in the same run, on its own
+    rep2 = report_of(run_id, "pg-primary2")
+    assert rep2["status"] == "OK", rep2["reasons"]
+    assert {"backup_freshness", "wal_continuity", "receive_wal", "replication_slot"} <= \
+        {f["check"] for f in rep2["findings"]}
+    assert not any(f["check"].startswith("standby.") for f in rep2["findings"])
+    rows = sql("LAB_AUDIT_DSN", "SELECT outcome, server FROM audit.events WHERE run_id = %s AND "
+                                "action = 'verify_report' ORDER BY server", (run_id,))
+    assert rows == [("ok", "pg-primary"), ("ok", "pg-primary2")]
     summary = sql("LAB_AUDIT_DSN", "SELECT outcome FROM audit.events WHERE run_id = %s AND action = 'verify_summary'",
                   (run_id,))
     assert summary == [("ok",)]
@@ -94,7 +101,9 @@ def test_receive_wal_stopped_is_critical_with_hint():
         # the run fails through the summary, while the per-server report itself succeeded
         assert state == "failed"
         assert states["summary"] == "failed"
-        assert [v for k, v in states.items() if k.startswith("verify__")] == ["success"]
+        assert [v for k, v in states.items() if k.startswith("verify__")] == ["success", "success"]
+        # one bad server does not hide the others: pg-primary2 still streams and reports OK
+        assert report_of(run_id, "pg-primary2")["status"] == "OK"
         notified = sql("LAB_AUDIT_DSN", "SELECT count(*) FROM audit.events WHERE run_id = %s AND action = 'notify'",
                        (run_id,))
         assert notified[0][0] >= 1
@@ -102,3 +111,60 @@ def test_receive_wal_stopped_is_critical_with_hint():
         paused.unlink(missing_ok=True)
         barman("cron", check=False)
         wait_streaming()
+
+
+def _wal_dir(server: str) -> Path:
+    out = barman("-f", "json", "show-server", server).stdout
+    return Path(json.loads(out)[server]["wals_directory"])
+
+
+def test_wal_segment_removed_from_archive_is_critical_naming_the_gap():
+    """A segment file moved out of Barman's wals directory (the catalogue still lists it) is a gap.
+
+    Only the file is moved: that is what a manual deletion or a lost disk does, and Barman's
+    catalogue (`-xlog.db`) would still claim it. The continuity check lists the files too.
+    """
+    server = os.environ.get("LAB_BARMAN_SERVER2", "pg-primary2")
+    wals = _wal_dir(server)
+    backups = json.loads(barman("-f", "json", "list-backups", server).stdout)[server]
+    oldest = sorted(b["backup_id"] for b in backups if b["status"] == "DONE")[0]
+    begin = json.loads(barman("-f", "json", "show-backup", server, oldest).stdout)[server][
+        "base_backup_information"]["begin_wal"]
+    segs = sorted(p for p in wals.glob("*/*") if p.is_file() and len(p.name) == 24 and p.name[:8] == begin[:8]
+                  and p.name >= begin)
+    assert len(segs) >= 3, segs
+    victim = segs[1]  # inside the range, never the newest: a real gap, not archive lag
+    aside = Path(os.environ["LAB_DIR"], "run", f"wal-aside-{victim.name}")
+    victim.rename(aside)
+    try:
+        state, run_id, states = run_dag(DAG_ID, {})
+        rep = report_of(run_id, server)
+        assert rep["status"] == "CRITICAL"
+        by = {f["check"]: f for f in rep["findings"]}
+        assert by["wal_continuity"]["status"] == "CRITICAL"
+        assert victim.name in by["wal_continuity"]["reason"]
+        assert "take a new full backup" in by["wal_continuity"]["hint"]
+        assert victim.name in rep["facts"]["wal"]["catalogued_files_missing"]
+        assert state == "failed" and states["summary"] == "failed"
+        assert report_of(run_id, "pg-primary")["status"] == "OK"
+    finally:
+        aside.rename(victim)
+    assert victim.exists()
+
+
+def test_stale_backup_is_freshness_critical(tmp_path, monkeypatch):
+    """A threshold override (test inventory via BARMAN_DR_INVENTORY) instead of waiting a week."""
+    def edit(doc: dict) -> None:
+        doc["servers"]["pg-primary"]["verification"]["max_backup_age_hours"] = 0.0001
+
+    temp_inventory(tmp_path, monkeypatch, edit)
+    wait_streaming()
+    state, run_id, states = run_dag(DAG_ID, {})
+    rep = report_of(run_id)
+    by = {f["check"]: f for f in rep["findings"]}
+    assert rep["status"] == "CRITICAL"
+    assert by["backup_freshness"]["status"] == "CRITICAL"
+    assert "max 0.0001 h" in by["backup_freshness"]["reason"]
+    assert "dr_weekly_full_backup" in by["backup_freshness"]["hint"]
+    assert report_of(run_id, "pg-primary2")["status"] == "OK"  # its threshold was not changed
+    assert state == "failed" and states["summary"] == "failed"

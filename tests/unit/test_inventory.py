@@ -37,7 +37,10 @@ def test_default_inventory_is_the_lab_yaml():
 
 
 def test_lab_inventory_parses(inv):
-    assert inv.server_names == ["pg-primary"]
+    assert inv.server_names == ["pg-primary", "pg-primary2"]
+    second = inv.server("pg-primary2")
+    assert second.barman_host == "barman-lab" and second.standbys == () and second.nonprod is None
+    assert second.primary.postgres_conn_id == "pg_primary2"
     srv = inv.server("pg-primary")
     assert srv.database == "shop"
     assert srv.barman_host == "barman-lab"
@@ -66,7 +69,7 @@ def test_lab_inventory_hosts(inv):
     assert bh.job_dir == "/var/tmp/lab-x/hosts/barman-lab/jobs"
     assert bh.pool == "barman_barman_lab"
     assert bh.pool_slots == 4
-    assert set(inv.db_hosts) == {"pg-primary", "pg-standby", "pg-nonprod"}
+    assert set(inv.db_hosts) == {"pg-primary", "pg-standby", "pg-nonprod", "pg-primary2"}
     st = inv.db_host("pg-standby")
     assert st.address == "127.0.77.12" and st.ssh_conn_id == "pg_standby_ssh"
     assert st.pg_bin == "/usr/lib/postgresql/15/bin"
@@ -137,12 +140,12 @@ def test_barman_dr_inventory_env_var(monkeypatch, tmp_path, raw):
     monkeypatch.setenv("LAB_DIR", "/srv/lab-y")
     monkeypatch.setenv("LAB_NET", "127.0.88")
     assert load_inventory().path == str(p)
-    assert server_names_for_dags() == ["pg-primary"]
+    assert server_names_for_dags() == ["pg-primary", "pg-primary2"]
 
 
 def test_server_names_for_dags_never_raises(tmp_path, monkeypatch):
     monkeypatch.delenv("LAB_DIR", raising=False)
-    assert server_names_for_dags(LAB_YAML) == ["pg-primary"]
+    assert server_names_for_dags(LAB_YAML) == ["pg-primary", "pg-primary2"]
     assert server_names_for_dags(tmp_path / "missing.yaml") == []
     bad = tmp_path / "bad.yaml"
     bad.write_text(": : :\n  - [")

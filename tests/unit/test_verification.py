@@ -12,6 +12,7 @@ from barman_dr.models import BackupSummary, CheckReport, WalSegment, parse_list_
 from barman_dr.verification import (
     CRITICAL,
     OK,
+    SKIPPED,
     WARNING,
     build_report,
     check_findings,
@@ -24,6 +25,7 @@ from barman_dr.verification import (
     summarise,
     thresholds_for,
     wal_continuity_findings,
+    window_obsolete,
 )
 
 BARMAN = Path(__file__).resolve().parents[1] / "fixtures" / "barman"
@@ -179,3 +181,43 @@ def test_retention_protects_new_backup_and_ignores_failed():
 def test_retention_recorded_list_backups(backups):
     plan = retention_plan(backups, 2)
     assert plan["delete"] == [] and plan["done"] == 2
+
+
+# ------------------------------------------------------------- added with the fleet's second server
+
+
+def _seg(n: int, tli: int = 1) -> str:
+    return WalSegment(tli, n).name
+
+
+def test_catalogued_segment_missing_on_disk_is_a_named_gap():
+    cat = [_seg(n) for n in range(2, 9)]
+    disk = set(cat) - {_seg(5)}
+    found, facts = wal_continuity_findings(cat, _seg(2), _seg(9), 10, files_on_disk=disk)
+    by = {f.check: f for f in found}
+    assert by["wal_continuity"].status == CRITICAL
+    assert _seg(5) in by["wal_continuity"].reason and "file is gone" in by["wal_continuity"].reason
+    assert facts["catalogued_files_missing"] == [_seg(5)]
+    ok, facts = wal_continuity_findings(cat, _seg(2), _seg(9), 10, files_on_disk=set(cat))
+    assert {f.check: f for f in ok}["wal_continuity"].status == OK and facts["catalogued_files_missing"] == []
+
+
+def test_window_retention_keeps_newest_before_window_and_minimum_redundancy():
+    now = datetime(2026, 1, 10, tzinfo=UTC)
+
+    def b(bid: str, day: int) -> BackupSummary:
+        return BackupSummary(bid, "DONE", datetime(2026, 1, day, tzinfo=UTC), 1, 1, "full", "VALID")
+
+    bs = [b("20260101T000000", 1), b("20260102T000000", 2), b("20260103T000000", 3), b("20260109T000000", 9)]
+    assert window_obsolete(bs, 7, now) == ["20260101T000000"]  # the 2nd is the newest before the window start
+    plan = retention_plan(bs, 2, recovery_window_days=0, now=now)
+    assert plan["obsolete"] == ["20260101T000000", "20260102T000000", "20260103T000000"]
+    assert plan["delete"] == ["20260101T000000", "20260102T000000"] and plan["remaining_after"] == 2
+    assert plan["kept_for_redundancy"] == ["20260103T000000"]
+
+
+def test_summary_counts_a_skipped_drill_as_neither_ok_nor_critical():
+    s = summarise({"a": {"server": "a", "status": "OK"},
+                   "b": {"server": "b", "status": SKIPPED, "skipped": "no nonprod target"}})
+    assert s["status"] == OK and s["skipped"] == ["b"] and s["reasons"]["b"] == ["SKIPPED: no nonprod target"]
+    assert summarise({"a": {"server": "a", "status": "bogus"}})["status"] == CRITICAL

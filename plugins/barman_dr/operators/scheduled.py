@@ -10,13 +10,15 @@ The pure threshold logic lives in barman_dr/verification.py.
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException
 
 from barman_dr.audit import AuditContext, AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
@@ -27,6 +29,7 @@ from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
 from barman_dr.verification import (
     CRITICAL,
+    SKIPPED,
     Finding,
     build_report,
     check_findings,
@@ -199,7 +202,9 @@ class WeeklyBackupOperator(FleetServerOperator):
         """Delete what Barman's retention policy made OBSOLETE, never below minimum redundancy."""
         srv = self.srv
         backups = self.barman.list_backups(srv.name)
-        plan = retention_plan(backups, srv.minimum_redundancy, protect=[protect])
+        plan = retention_plan(backups, srv.minimum_redundancy, protect=[protect],
+                              recovery_window_days=srv.recovery_window_days, now=datetime.now(UTC))
+        plan["recovery_window_days"] = srv.recovery_window_days
         deleted = []
         for bid in plan["delete"]:
             # re-check before each delete: a concurrent `barman cron` may have deleted some already
@@ -265,9 +270,12 @@ class DailyVerificationOperator(FleetServerOperator):
         current = self._probe(findings, "primary_current_wal",
                               lambda: pdb.psql(prim, "SELECT pg_walfile_name(pg_current_wal_lsn())"))
         catalog = self._probe(findings, "wal_catalog", lambda: self.barman.wal_catalog(srv.name))
+        # the catalogue alone would not see a segment file deleted by hand: list the files too
+        on_disk = self._probe(findings, "wal_files", lambda: self._wal_files_on_disk(srv.name))
         if catalog is not None and backups is not None:
             wal_f, wal_facts = wal_continuity_findings([e.name for e in catalog if is_wal_segment_name(e.name)],
-                                                       oldest_begin, current, th["max_wal_lag_files"])
+                                                       oldest_begin, current, th["max_wal_lag_files"],
+                                                       files_on_disk=on_disk)
             findings += wal_f
             facts["wal"] = wal_facts
 
@@ -301,6 +309,17 @@ class DailyVerificationOperator(FleetServerOperator):
         log = self.log.error if report["status"] == CRITICAL else self.log.info
         log("%s: %s\n%s", srv.name, report["status"], "\n".join(report["reasons"]) or "all checks OK")
         return report
+
+
+    def _wal_files_on_disk(self, server: str) -> set[str]:
+        """Names of the WAL segment files in Barman's `wals/<hex16>/` directories of the server."""
+        directory = self.barman.show_server(server).get("wals_directory")
+        if not directory:
+            raise BarmanDrError("show-server: no wals_directory")
+        out = self.barman.host.run(["find", str(directory), "-mindepth", "2", "-maxdepth", "2", "-type", "f",
+                                    "-printf", "%f\\n"], timeout=120).stdout
+        # compressed or encrypted segments may carry a suffix; the segment name is the first 24 characters
+        return {n[:24] for n in out.split() if is_wal_segment_name(n[:24])}
 
 
 class FleetSummaryOperator(BaseOperator):
@@ -344,25 +363,107 @@ class FleetSummaryOperator(BaseOperator):
 class RestoreDrillOperator(FleetServerOperator):
     """Restore the newest backup onto the server's non-prod instance, start it, validate, measure RTO.
 
+    Target (`target_mode`): `random` (default) = a random instant after the backup's end
+    and before now, so WAL replay is exercised and not only the base backup (a commit is
+    made on the primary and its WAL archived first: recovery to a time needs a commit
+    after it); `immediate` = the end of the backup (then the primary's counts recorded by
+    dr_weekly_full_backup at that backup are the expected counts). After validation,
+    `amcheck`'s `bt_index_check` runs on the largest btree indexes of the copy.
+
     Safety: only the inventory's `nonprod` instance is touched (its data directory moved
     aside, never deleted); the restored copy must never archive into production WAL
     archives: Barman writes `archive_command = false` and we append `archive_mode = off`
     before the first start; Barman's recovery settings are cleared after promotion. One
-    DR run per server (the server lock), released by the teardown task.
+    DR run per server (the server lock), released by the teardown task. A server without
+    a nonprod target is reported as SKIPPED (nothing touched, no lock taken).
     """
 
     action = "drill"
+    template_fields: Sequence[str] = ("server", "target_mode")
 
-    def __init__(self, *, restore_timeout: float = 6 * 3600, recovery_timeout: float = 3600, **kwargs: Any) -> None:
+    def __init__(self, *, target_mode: str = "random", amcheck_indexes: int = 5, restore_timeout: float = 6 * 3600,
+                 recovery_timeout: float = 3600, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.target_mode = target_mode
+        self.amcheck_indexes = amcheck_indexes
         self.restore_timeout = restore_timeout
         self.recovery_timeout = recovery_timeout
 
+    # ------------------------------------------------------------------ target
+    def _archive_past_now(self) -> datetime:
+        """A commit on the primary after `now`, and its WAL archived; returns `now` (the latest usable target)."""
+        srv = self.srv
+        pdb = self.db(srv.primary.host)
+        upper = datetime.now(UTC)
+        time.sleep(0.01)
+        pdb.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
+        stop = threading.Event()
+
+        def nudge() -> None:  # switch-wal --archive returns once a WAL record follows the switch
+            while not stop.wait(1.0):
+                try:
+                    pdb.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
+                except BarmanDrError:
+                    return
+
+        t = threading.Thread(target=nudge, daemon=True)
+        t.start()
+        try:
+            self.barman.switch_wal(srv.name, archive_timeout=int(srv.switch_wal_timeout_seconds or 60))
+        finally:
+            stop.set()
+            t.join(timeout=5)
+        return upper
+
+    def choose_target(self, backup: Any) -> tuple[RecoveryTarget, dict[str, Any]]:
+        mode = str(self.target_mode or "random").strip().lower()
+        if mode not in ("random", "immediate"):
+            raise AirflowFailException(f"target_mode {mode!r}: use random or immediate")
+        if mode == "immediate":
+            return RecoveryTarget("immediate", None), {"mode": "immediate"}
+        end = backup.end_time
+        if end is None:
+            raise PreflightError(f"backup {backup.backup_id} has no end time: cannot pick a random target after it")
+        if end.tzinfo is None:
+            end = end.replace(tzinfo=UTC)
+        upper = self._archive_past_now()
+        lower = end + timedelta(seconds=1)
+        # a drill target, not a secret: `random` is fine here
+        chosen = upper if upper <= lower else lower + (upper - lower) * random.random()  # noqa: S311
+        return (RecoveryTarget("time", chosen.isoformat()),
+                {"mode": "random", "window_from": lower.isoformat(), "window_to": upper.isoformat(),
+                 "chosen": chosen.isoformat()})
+
+    # ------------------------------------------------------------------ amcheck
+    def amcheck(self, db: Any, inst: Any) -> dict[str, Any]:
+        """`bt_index_check` on the largest btree indexes of the restored copy (read-only checks)."""
+        database = self.srv.database
+        db.psql(inst, "CREATE EXTENSION IF NOT EXISTS amcheck", database=database)
+        rows = db.psql(inst, (
+            "SELECT c.oid::regclass::text || '|' || pg_relation_size(c.oid) FROM pg_index i "
+            "JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE a.amname = 'btree' AND c.relpersistence <> 't' AND i.indisvalid AND i.indisready "
+            # the application's indexes first (largest first); catalogue indexes only fill up to N
+            "ORDER BY n.nspname IN ('pg_catalog', 'information_schema', 'pg_toast'), pg_relation_size(c.oid) DESC, 1 "
+            f"LIMIT {int(self.amcheck_indexes)}"), database=database)
+        checked, failed = [], {}
+        for line in [r for r in rows.splitlines() if r.strip()]:
+            name, _, size = line.rpartition("|")
+            try:
+                db.psql(inst, f"SELECT bt_index_check({self._sql_literal(name)}::regclass)", database=database)
+                checked.append({"index": name, "size_bytes": int(size)})
+            except BarmanDrError as exc:
+                failed[name] = str(exc).strip()[-500:]
+        return {"ok": not failed and bool(checked), "checked": checked, "failed": failed}
+
+    # ------------------------------------------------------------------ run
     def run(self, context: Any) -> dict[str, Any]:
         srv = self.srv
         inst = srv.nonprod
         if inst is None:
-            raise AirflowSkipException(f"server {srv.name} has no nonprod instance in the inventory: no drill")
+            self.log.warning("server %s has no nonprod target in the inventory: drill skipped", srv.name)
+            return {"server": srv.name, "status": SKIPPED, "skipped": "no nonprod target", "finished_at": utcnow()}
         if inst.host in {srv.primary.host, *(s.host for s in srv.standbys)} and \
                 inst.data_directory in {srv.primary.data_directory, *(s.data_directory for s in srv.standbys)}:
             raise PreflightError(f"nonprod instance {inst.name} points at a production data directory: refused")
@@ -391,9 +492,18 @@ class RestoreDrillOperator(FleetServerOperator):
         if not done:
             raise PreflightError(f"{srv.name} has no DONE backup to drill with")
         backup = self.barman.show_backup(srv.name, done[-1].backup_id)
-        target = RecoveryTarget("immediate", None)
+        target, target_info = self.choose_target(backup)
+        target_tli = None
+        if target.kind != "immediate":
+            try:
+                tli = int(self.db(srv.primary.host).psql(
+                    srv.primary, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+                target_tli = tli if tli != backup.timeline else None
+            except (BarmanDrError, ValueError) as exc:
+                self.log.warning("primary timeline unknown (%s): restoring along the backup's timeline", exc)
         argv = self.barman.restore_argv(srv.name, backup.backup_id, inst.data_directory, target,
-                                        remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command)
+                                        remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command,
+                                        target_tli=target_tli)
         phases["prepare_s"] = round(time.monotonic() - t0, 3)
         t1 = time.monotonic()
         self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
@@ -412,23 +522,51 @@ class RestoreDrillOperator(FleetServerOperator):
         if archive_mode != "off":
             raise VerificationError(f"the restored copy on {inst.name} has archive_mode={archive_mode}: stopping it")
         t3 = time.monotonic()
-        counts = {name: int(db.psql(inst, sql, database=srv.database)) for name, sql in srv.validation_queries.items()}
+        counts: dict[str, int] = {}
+        for name, sql in srv.validation_queries.items():
+            try:
+                counts[name] = int(db.psql(inst, sql, database=srv.database))
+            except (BarmanDrError, ValueError) as exc:
+                # a broken query or a wrong answer does not get better on retry: fail now (teardown still runs)
+                raise AirflowFailException(f"drill of {srv.name}: validation query {name!r} failed on "
+                                           f"{inst.name}: {str(exc).strip()[-800:]}") from exc
         phases["validate_s"] = round(time.monotonic() - t3, 3)
         rto = round(time.monotonic() - t1, 3)
-        expected = self._counts_at_backup(context, backup.backup_id)
+        t4 = time.monotonic()
+        try:
+            amcheck = self.amcheck(db, inst)
+        except BarmanDrError as exc:
+            amcheck = {"ok": False, "checked": [], "failed": {"amcheck": str(exc).strip()[-500:]}}
+        phases["amcheck_s"] = round(time.monotonic() - t4, 3)
+        if target.kind == "immediate":
+            expected = self._counts_at_backup(context, backup.backup_id)
+            counts_source = ("primary's counts recorded by dr_weekly_full_backup right after this backup"
+                             if expected else "unknown: no counts recorded for this backup")
+        else:
+            # the primary's counts at a random past instant are not recorded anywhere
+            expected, counts_source = None, "unknown: no record of the primary's counts at a random time"
         mismatches = {k: {"expected": v, "actual": counts.get(k)} for k, v in (expected or {}).items()
                       if counts.get(k) != v}
-        result = {"server": srv.name, "status": "OK", "instance": inst.name, "host": inst.host, "backup_id": backup.backup_id,
-                  "target": target.to_dict(), "moved_aside": moved, "job_id": job_id, "counts": counts,
-                  "expected_counts": expected, "mismatches": mismatches, "recovery_settings_cleared": cleared,
+        result = {"server": srv.name, "status": "OK", "instance": inst.name, "host": inst.host,
+                  "backup_id": backup.backup_id, "backup_end": backup.end_time.isoformat() if backup.end_time else None,
+                  "target": target.to_dict(), "target_choice": target_info, "target_tli": target_tli,
+                  "moved_aside": moved, "job_id": job_id, "counts": counts,
+                  "expected_counts": expected, "expected_counts_source": counts_source,
+                  "counts_comparison": ("match" if expected and not mismatches else
+                                        "MISMATCH" if mismatches else "unknown"),
+                  "mismatches": mismatches, "amcheck": amcheck, "recovery_settings_cleared": cleared,
                   "archive_mode": archive_mode, "rto_s": rto, "rto_objective_s": srv.rto_objective_seconds,
                   "rto_met": rto <= srv.rto_objective_seconds, "phases_s": phases, "finished_at": utcnow()}
+        self.audit(context).record("drill_result", "ok" if result["rto_met"] and not mismatches and amcheck["ok"]
+                                   else "failed", server=srv.name, details=result)
         if mismatches:
-            raise VerificationError(f"drill of {srv.name}: counts differ from the primary's at backup "
-                                    f"{backup.backup_id}: {mismatches}")
+            raise AirflowFailException(f"drill of {srv.name}: counts differ from the primary's at backup "
+                                       f"{backup.backup_id}: {mismatches}")
+        if not amcheck["ok"]:
+            raise AirflowFailException(f"drill of {srv.name}: amcheck failed: {amcheck['failed'] or 'no index checked'}")
         if not result["rto_met"]:
-            raise VerificationError(f"drill of {srv.name}: RTO {rto}s exceeds the objective "
-                                    f"{srv.rto_objective_seconds}s")
+            raise AirflowFailException(f"drill of {srv.name}: RTO {rto}s exceeds the objective "
+                                       f"{srv.rto_objective_seconds}s")
         return result
 
     def _counts_at_backup(self, context: Any, backup_id: str) -> dict[str, int] | None:

@@ -1,0 +1,43 @@
+"""Helpers of the scheduled-DAG integration tests: per-server XComs of mapped tasks, temp inventories."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def xcom_for(dag_id: str, run_id: str, task_id: str, server: str) -> Any:
+    """The return value of the mapped task instance of `task_id` that ran for `server`."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        rows = session.query(XComModel).filter_by(dag_id=dag_id, run_id=run_id, task_id=task_id,
+                                                  key="return_value").all()
+        values = [r.value for r in rows]
+    for raw in values:
+        v = json.loads(raw) if isinstance(raw, str) else raw
+        if isinstance(v, dict) and v.get("server") == server:
+            return v
+    return None
+
+
+def temp_inventory(tmp_path: Path, monkeypatch: Any, edit: Any) -> Path:
+    """A copy of the lab inventory changed by `edit(doc)`, made current through BARMAN_DR_INVENTORY.
+
+    The operators read BARMAN_DR_INVENTORY when they run, the DAG files when they are parsed
+    (run_dag parses them again for every run).
+    """
+    from barman_dr.inventory import inventory_path
+
+    doc = yaml.safe_load(inventory_path().read_text())
+    edit(doc)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    monkeypatch.setenv("BARMAN_DR_INVENTORY", str(path))
+    assert os.environ["BARMAN_DR_INVENTORY"] == str(path)
+    return path
