@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags, standby_names_for_dags
+from barman_dr.notifications import DrNotifier
 from barman_dr.operators.pitr import (
     BarmanRestoreOperator,
     FreezeAppOperator,
@@ -90,7 +91,8 @@ with DAG(
     tags=["dr", "pitr", "barman"],
     params=params,
     doc_md=__doc__,
-    default_args={"owner": "dba-oncall", "retries": 2, "retry_delay": timedelta(seconds=10)},
+    default_args={"owner": "dba-oncall", "retries": 2, "retry_delay": timedelta(seconds=10),
+                  "on_failure_callback": DrNotifier()},
 ) as dag:
     validate = ValidatePitrRequestOperator(task_id="validate_params", retries=0)
     preflight = PitrPreflightOperator(task_id="preflight", retries=1)

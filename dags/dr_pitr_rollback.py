@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
+from barman_dr.notifications import DrNotifier
 from barman_dr.operators.rollback import PitrRollbackOperator
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
@@ -33,6 +34,7 @@ with DAG(
                          description="Type exactly: ROLLBACK <server> (e.g. 'ROLLBACK pg-primary')."),
     },
     doc_md=__doc__,
-    default_args={"owner": "dba-oncall", "retries": 0, "retry_delay": timedelta(seconds=10)},
+    default_args={"owner": "dba-oncall", "retries": 0, "retry_delay": timedelta(seconds=10),
+                  "on_failure_callback": DrNotifier()},
 ) as dag:
     PitrRollbackOperator(task_id="rollback")

@@ -41,6 +41,7 @@ BARMAN_VENV = Path(os.environ.get("BARMAN_DR_OPT", "/opt/barman-dr")) / "barman-
 SSH_PORT = 2222
 PG_PORT = 5432
 PGBOUNCER_PORT = 6432
+SMTP_PORT = 2525
 AIRFLOW_API_PORT = 8080
 
 # A second lab (a CI check from a fresh clone next to a developer's lab) takes another
@@ -625,6 +626,9 @@ class Lab:
             "dr_audit": pg(OPS, "dr_audit_writer", s["dr_audit_writer"], "dr_audit"),
             # the application's own path (through PgBouncer): "app connectivity" after a PITR
             "app_shop": pg(HOSTS["pg-primary"][0], "app", s["app"], "shop", PGBOUNCER_PORT),
+            # notifications (DrNotifier) go to the lab's SMTP sink
+            "smtp_default": {"conn_type": "smtp", "host": OPS, "port": SMTP_PORT,
+                             "extra": {"from": "barman-dr@lab.invalid", "to": ["oncall@lab.invalid"]}},
             # the Airflow REST API, for run notes written by DR tasks
             "airflow_api": {"conn_type": "http", "host": OPS, "port": AIRFLOW_API_PORT, "schema": "http",
                             "login": "admin", "password": s["airflow_admin_ui"]},
@@ -668,6 +672,7 @@ class Lab:
                                  f"password={s['dr_admin']}"),
             "LAB_BARMAN": shlex.join(["ssh", "-F", str(self.p("ssh", "ssh_config")), "barman-lab", str(self.p("bin", "barman"))]),
             "LAB_SSH_CONFIG": str(self.p("ssh", "ssh_config")),
+            "LAB_MAIL_DIR": str(self.p("mail")),
         }
         for conn_id, conn in self.connections().items():
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn, separators=(",", ":"))
@@ -711,6 +716,9 @@ class Lab:
         bver = run([str(BARMAN_VENV / "bin" / "barman"), "--version"], check=False).stdout.split()[:1]
         rows.append(("barman cron loop", HOSTS["barman-lab"][0], "up" if pid and pid_alive(pid) else "down",
                      f"Barman {bver[0] if bver else '?'}"))
+        pid = read_pid(self.p("run", "smtp-sink.pid"))
+        rows.append(("smtp sink (notifications)", f"{OPS}:{SMTP_PORT}", "up" if pid and pid_alive(pid) else "down",
+                     "$LAB_DIR/mail"))
         for server in BARMAN_SERVERS:
             rows.append((f"barman receive-wal {server}", HOSTS["barman-lab"][0],
                          "up" if self.p("bin", "barman").exists() and self.receive_wal_running(server) else "down", ""))
@@ -734,6 +742,19 @@ class Lab:
         print(f"\nLAB_DIR={self.dir}\nsource {self.p('env.sh')}")
 
     # --------------------------------------------------------------- up/down
+    def setup_smtp_sink(self) -> None:
+        """The on-call mailbox stand-in: every notification lands in $LAB_DIR/mail/*.eml."""
+        pidf = self.p("run", "smtp-sink.pid")
+        pid = read_pid(pidf)
+        if pid and pid_alive(pid):
+            return
+        with open(self.p("log", "smtp-sink.log"), "ab") as out:
+            proc = subprocess.Popen([str(self.venv / "bin" / "python"), str(REPO / "include" / "lab" / "smtp_sink.py"),
+                                     OPS, str(SMTP_PORT), str(self.p("mail"))], stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        pidf.write_text(str(proc.pid))
+        wait_for(lambda: port_open(OPS, SMTP_PORT), "the SMTP sink", 15)
+
     def up(self, airflow: bool) -> None:
         if not (self.venv / "bin" / "python").exists():
             raise SystemExit("[lab] the venvs are missing: run `make install` (include/lab/install.sh) first")
@@ -747,6 +768,7 @@ class Lab:
         self.setup_primary2()
         self.setup_pgbouncer()
         self.setup_barman()
+        self.setup_smtp_sink()
         self.write_env()
         for server in BARMAN_SERVERS:
             self.ensure_backups(server)
@@ -783,6 +805,7 @@ class Lab:
         for comp in reversed(AIRFLOW_COMPONENTS):
             self.stop_pid(self.p("run", f"airflow-{comp}.pid"), f"airflow {comp}", group=True)
         self.stop_pid(self.p("run", "barman-cron.pid"), "barman cron loop", group=True)
+        self.stop_pid(self.p("run", "smtp-sink.pid"), "smtp sink", group=True)
         if self.p("bin", "barman").exists():
             for server in BARMAN_SERVERS:
                 self.barman(["receive-wal", "--stop", server], check=False)

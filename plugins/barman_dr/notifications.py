@@ -17,6 +17,22 @@ from airflow.sdk.bases.notifier import BaseNotifier
 log = logging.getLogger(__name__)
 
 
+def _server_of(context: Any) -> str | None:
+    """The server a failed task was about: a fleet task's `server`, else the run's params/conf."""
+    task = context.get("task")
+    server = getattr(task, "server", None)
+    if isinstance(server, str) and server and "{{" not in server:
+        return server
+    for source in (getattr(context.get("dag_run"), "conf", None), context.get("params")):
+        try:
+            value = (source or {}).get("server")
+        except AttributeError:
+            value = None
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 class DrNotifier(BaseNotifier):
     template_fields = ("message",)
 
@@ -32,9 +48,14 @@ class DrNotifier(BaseNotifier):
         ti = context.get("ti")
         if ti is not None:
             details["map_index"] = getattr(ti, "map_index", None)
+        details["server"] = _server_of(context)
         exc = context.get("exception")
         if exc is not None:
-            details["error"] = f"{type(exc).__name__}: {exc}"[:4000]
+            text = f"{type(exc).__name__}: {exc}"
+            details["error"] = text[:4000]
+            # our operators end their messages with "NEXT: <what the on-call DBA does now>"
+            details["next_action"] = text.split("NEXT:", 1)[1].strip()[:1000] if "NEXT:" in text else (
+                "see the task log and the audit trail (DR page), then clear the task or trigger again")
         try:
             from barman_dr.audit import AuditContext, AuditTrail
 
@@ -60,7 +81,8 @@ class DrNotifier(BaseNotifier):
             if not to:
                 return
             msg = EmailMessage()
-            msg["Subject"] = f"[barman-dr] {self.message}"[:200]
+            server = details.get("server") or "?"
+            msg["Subject"] = f"[barman-dr] {server}: {self.message}"[:200]
             msg["From"] = extra.get("from") or (conn.login or "barman-dr@localhost")
             msg["To"] = ", ".join(to)
             msg.set_content("\n".join(f"{k}: {v}" for k, v in details.items()))

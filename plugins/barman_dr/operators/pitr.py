@@ -83,6 +83,9 @@ class ValidatePitrRequestOperator(DrBaseOperator):
                                   f"{oldest.end_time.isoformat()}): no backup can recover to it")
         return req.to_dict()
 
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        return "Nothing was touched. Correct the field named above and trigger again."
+
 
 def choose_backup(backups: Sequence[BackupSummary], infos: dict[str, BackupInfo], target_kind: str,
                   target_time: datetime | None, target_lsn: Lsn | None) -> str:
