@@ -340,6 +340,16 @@ class JobStatus:
     def finished(self) -> bool:
         return self.state == "finished"
 
+    @property
+    def failed(self) -> bool:
+        """An earlier attempt that cannot be attached to: lost, or finished with a non-zero exit code."""
+        return self.state == "lost" or (self.finished and self.exit_code != 0)
+
+
+def utc_stamp() -> str:
+    """A filesystem-safe UTC timestamp (`20261125T120000Z`) for moved-aside names and kept attempts."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
 
 @dataclass(frozen=True)
 class ControlData:

@@ -121,6 +121,11 @@ def compute_coverage(catalog: Sequence[str], first: str, last: str,
                        timelines=tuple(sorted({t for ts in have.values() for t in ts})))
 
 
+def receive_wal_running(processes: Sequence[dict[str, Any]]) -> bool:
+    """Whether `barman -f json list-processes` lists a receive-wal (entries are `{"name", "pid"}`)."""
+    return any(p.get("name") == "receive-wal" for p in processes)
+
+
 class BarmanHook(BaseHook):
     """Runs `barman -f json ...` on a barman host reached through an SSH connection."""
 
@@ -194,6 +199,9 @@ class BarmanHook(BaseHook):
 
     def list_processes(self, server: str) -> list[dict[str, Any]]:
         return list(server_section(self.run_json("list-processes", server), server, "list-processes"))
+
+    def receive_wal_running(self, server: str) -> bool:
+        return receive_wal_running(self.list_processes(server))
 
     def replication_status(self, server: str) -> dict[str, Any]:
         return dict(server_section(self.run_json("replication-status", server), server, "replication-status"))

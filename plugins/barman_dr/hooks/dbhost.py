@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import shlex
 import time
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -25,7 +24,7 @@ from airflow.sdk import BaseHook
 from barman_dr.exceptions import BarmanDrError, RemoteCommandError
 from barman_dr.hooks.remote import RemoteHost, sh_argv
 from barman_dr.inventory import DbHost, Instance
-from barman_dr.models import ControlData
+from barman_dr.models import ControlData, utc_stamp
 
 MOVE_TAG_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}\Z")
 
@@ -203,7 +202,7 @@ class DbHostHook(BaseHook):
         """
         if not MOVE_TAG_RE.match(tag):
             raise ValueError(f"invalid move-aside tag {tag!r}")
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = utc_stamp()
         out = self.host.run(sh_argv(_MOVE_ASIDE, data_directory, tag, stamp, self._bin("pg_ctl"))).stdout.strip()
         word, _, path = out.partition(" ")
         if word in ("moved", "already"):
@@ -212,7 +211,7 @@ class DbHostHook(BaseHook):
 
     def move_back(self, data_directory: str, aside: str, tag: str) -> str:
         """Rollback: put a moved-aside directory back; whatever is there now is moved aside too."""
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = utc_stamp()
         return self.host.run(sh_argv(_MOVE_BACK, data_directory, aside, tag, stamp, self._bin("pg_ctl"))).stdout
 
     def prepare_directory(self, path: str, mode: str = "0700") -> None:

@@ -29,7 +29,7 @@ import paramiko
 from airflow.providers.ssh.hooks.ssh import SSHHook
 
 from barman_dr.exceptions import HostKeyError, RemoteCommandError, RemoteJobError, SshConnectError
-from barman_dr.models import CommandResult, JobStatus
+from barman_dr.models import CommandResult, JobStatus, utc_stamp
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 
@@ -218,6 +218,19 @@ class RemoteHost:
     def reset_job(self, job_root: str, job_id: str, tag: str) -> None:
         """Keep a finished or lost attempt's directory under another name so a new attempt can run."""
         self.run(sh_argv(_RESET_SCRIPT, self._job_dir(job_root, job_id), tag), timeout=30)
+
+    def reset_if_failed(self, job_root: str, job_id: str) -> tuple[JobStatus, str | None]:
+        """Set an earlier failed or lost attempt aside (kept as `<job>.failed-<stamp>`) so a retry starts clean.
+
+        Returns the job's status before the reset and the stamp used, or None when there was
+        nothing to reset (no job yet, or one running or succeeded that a retry attaches to).
+        """
+        status = self.job_status(job_root, job_id)
+        if not status.failed:
+            return status, None
+        stamp = utc_stamp()
+        self.reset_job(job_root, job_id, f"failed-{stamp}")
+        return status, stamp
 
     def wait_job(self, job_root: str, job_id: str, *, timeout: float, poll: Callable[[float], float] | None = None,
                  on_poll: Callable[[JobStatus], None] | None = None) -> JobStatus:

@@ -26,7 +26,7 @@ from barman_dr.hooks.barman import compute_coverage
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
-from barman_dr.models import BackupInfo, BackupSummary, Lsn, WalSegment, is_wal_segment_name
+from barman_dr.models import BackupInfo, BackupSummary, Lsn, WalSegment, is_wal_segment_name, utc_stamp
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.pitr_request import validate_pitr_conf
 from barman_dr.recovery_proof import parse_history_file, prove_target
@@ -439,11 +439,9 @@ class BarmanRestoreOperator(DrBaseOperator):
         tag = self.run_tag(context)
         job_id = f"restore-{srv.name}-{tag}"
         host = self.barman.host
-        status = host.job_status(self.barman.job_dir, job_id)
-        if status.state in ("lost",) or (status.finished and status.exit_code != 0):
-            # an earlier attempt failed: keep its job record and its partial output, start clean
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            host.reset_job(self.barman.job_dir, job_id, f"failed-{stamp}")
+        # an earlier attempt that failed: keep its job record and its partial output, start clean
+        status, stamp = host.reset_if_failed(self.barman.job_dir, job_id)
+        if stamp:
             if db.path_exists(inst.data_directory):
                 moved = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
                 self.log.warning("partial restore of the failed attempt kept at %s", moved)
@@ -641,7 +639,7 @@ class UnfreezeAppOperator(DrBaseOperator):
             raise FreezeError("restore_to a standby needs app_freeze.config_file and config_host in the inventory")
         addr = self.inventory.db_host(inst.host).address
         line = f"{fr.database} = host={addr} port={inst.port} dbname={self.srv.database}"
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        stamp = utc_stamp()
         return self.db(fr.config_host).host.run(sh_argv(REPOINT_SCRIPT, fr.config_file, str(fr.database), line,
                                                         stamp)).stdout.strip()
 
@@ -676,14 +674,12 @@ class RebuildStandbyOperator(DrBaseOperator):
         tag = self.run_tag(context)
         job_id = f"rebuild-{sb.name}-{tag}"
         host_jobs = self.inventory.db_host(sb.host).job_dir
-        status = db.host.job_status(host_jobs, job_id)
+        status, stamp = db.host.reset_if_failed(host_jobs, job_id)
         moved = None
         if status.state == "absent":
             db.stop(sb)
             moved = db.move_aside(sb.data_directory, tag)
-        elif (status.finished and status.exit_code != 0) or status.state == "lost":
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            db.host.reset_job(host_jobs, job_id, f"failed-{stamp}")
+        elif stamp:
             db.move_aside(sb.data_directory, f"partial-{tag}-{stamp}")
         slot = sb.replication_slot
         if slot:
@@ -752,9 +748,6 @@ class RebaseBarmanOperator(DrBaseOperator):
         self.take_backup = take_backup
         self.stream_timeout = stream_timeout
 
-    def _receive_wal_running(self) -> bool:
-        return any(p.get("name") == "receive-wal" for p in self.barman.list_processes(self.srv.name))
-
     def restart_streaming_at_fork(self, context: Any) -> dict[str, Any]:
         """Point Barman's receive-wal at the start of the new timeline.
 
@@ -793,7 +786,7 @@ class RebaseBarmanOperator(DrBaseOperator):
         deadline = time.monotonic() + timeout
         while True:
             self.barman.cron()
-            if self._receive_wal_running():
+            if self.barman.receive_wal_running(self.srv.name):
                 try:
                     return self.barman.switch_wal(self.srv.name, archive_timeout=30) or "(nothing to switch)"
                 except BarmanCommandError as exc:

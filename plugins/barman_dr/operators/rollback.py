@@ -14,7 +14,6 @@ from typing import Any
 
 from barman_dr.appfreeze import PgBouncerAdmin
 from barman_dr.exceptions import PreflightError, ValidationError
-from barman_dr.inventory import Server
 from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import app_connectivity, freeze_app
@@ -52,7 +51,7 @@ class PitrRollbackOperator(DrBaseOperator):
         conf = {**dict(context["params"]), **dict(getattr(context.get("dag_run"), "conf", None) or {})}
         req = validate_rollback_conf(conf, self.inventory.server_names)
         self.request = req
-        srv = self.inventory.server(req["server"])
+        srv = self.srv
         events = self.audit(context).events(run_id=req["pitr_run_id"], action="move_aside", dag_id="dr_pitr")
         moved = [e for e in events if e["outcome"] == "ok" and (e["details"] or {}).get("moved_to")]
         if not moved:
@@ -68,8 +67,6 @@ class PitrRollbackOperator(DrBaseOperator):
             db = self.db(instance.host)
             if not db.path_exists(d["moved_to"]):
                 raise PreflightError(f"{d['moved_to']} no longer exists on {instance.host}")
-            # a PITR operator helper expects self.srv; give it this server
-            self.__dict__["srv"] = srv
             freeze = freeze_app(self)
             db.stop(instance)
             out = db.move_back(instance.data_directory, d["moved_to"], f"rollback-{self.run_tag(context)}")
@@ -91,8 +88,9 @@ class PitrRollbackOperator(DrBaseOperator):
                 "warning": "Barman's archive now also holds the PITR's timeline; take a new full backup."}
 
     @property
-    def srv(self) -> Server:  # set in run(), from the validated params
-        return self.__dict__["srv"]
+    def server_name(self) -> str:
+        """The validated `server` param (set in run()); the base's `srv` and `barman` follow from it."""
+        return self.request["server"]
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         return ("Nothing is deleted: the original and the PITR result are both kept as directories next to the data "

@@ -22,6 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from barman_dr.audit import AuditContext, AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
+from barman_dr.hooks.barman import receive_wal_running
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.locks import ServerLock
 from barman_dr.models import RecoveryTarget, is_wal_segment_name
@@ -104,15 +105,12 @@ class WeeklyBackupOperator(FleetServerOperator):
 
     def _run_backup(self, job_id: str) -> dict[str, Any]:
         host, job_dir = self.barman.host, self.barman.job_dir
-        status = host.job_status(job_dir, job_id)
-        if status.state == "lost" or (status.finished and status.exit_code != 0):
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            host.reset_job(job_dir, job_id, f"failed-{stamp}")
+        status, stamp = host.reset_if_failed(job_dir, job_id)
+        if stamp:
             self.log.warning("earlier backup attempt %s failed (%s): kept as failed-%s, starting again",
                              job_id, status, stamp)
-            status = host.job_status(job_dir, job_id)
         # "running"/"finished": an earlier attempt of this run started it; start_job only attaches
-        attached = status.state in ("running", "finished")
+        attached = stamp is None and status.state in ("running", "finished")
         argv = self.barman.argv("backup", "--wait", "--wait-timeout", str(self.wait_timeout), self.srv.name)
         t0 = time.monotonic()
         status = host.start_job(job_dir, job_id, argv)
@@ -288,7 +286,7 @@ class DailyVerificationOperator(FleetServerOperator):
                 state = self._probe(findings, "slot_state", lambda: pdb.psql(
                     prim, "SELECT active FROM pg_replication_slots WHERE slot_name = " + self._sql_literal(str(slot))))
                 active = None if not state else state == "t"
-            findings += streaming_findings(any(p.get("name") == "receive-wal" for p in procs), slot, active)
+            findings += streaming_findings(receive_wal_running(procs), slot, active)
 
         if srv.standbys:
             rep = self._probe(findings, "replication_status", lambda: self.barman.replication_status(srv.name))
@@ -476,15 +474,13 @@ class RestoreDrillOperator(FleetServerOperator):
         phases: dict[str, float] = {}
         t0 = time.monotonic()
         db.stop(inst)
-        status = host.job_status(job_dir, job_id)
+        status, stamp = host.reset_if_failed(job_dir, job_id)
         moved = []
         if status.state == "absent":
             m = db.move_aside(inst.data_directory, tag)
             if m:
                 moved.append(m)
-        elif status.state == "lost" or (status.finished and status.exit_code != 0):
-            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-            host.reset_job(job_dir, job_id, f"failed-{stamp}")
+        elif stamp:
             m = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
             if m:
                 moved.append(m)
