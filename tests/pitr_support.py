@@ -80,9 +80,17 @@ def pause(dag_id: str) -> None:
         session.query(DagModel).filter(DagModel.dag_id == dag_id).update({"is_paused": True})
 
 
-def run_dag(dag_id: str, conf: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
-    """Run a DAG in-process with `dag.test` (retries honoured). Returns (state, run_id, task states)."""
+def run_dag(dag_id: str, conf: dict[str, Any],
+            before: dict[str, Any] | None = None) -> tuple[str, str, dict[str, str]]:
+    """Run a DAG in-process with `dag.test` (retries honoured). Returns (state, run_id, task states).
+
+    `before` maps task ids to callables run just before that task's every try (Airflow's
+    `pre_execute` hook, called with the context): the fault suites inject real faults there,
+    at an exact point of the run.
+    """
     dag = dagbag().dags[dag_id]
+    for task_id, hook in (before or {}).items():
+        dag.get_task(task_id)._pre_execute_hook = hook
     pause(dag_id)
     dr = dag.test(run_conf=conf)
     states = {}

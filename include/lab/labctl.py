@@ -42,6 +42,7 @@ SSH_PORT = 2222
 PG_PORT = 5432
 PGBOUNCER_PORT = 6432
 SMTP_PORT = 2525
+WEBHOOK_PORT = 2580  # the chat-webhook sink (Slack-style), same process as the SMTP sink
 AIRFLOW_API_PORT = 8080
 
 # A second lab (a CI check from a fresh clone next to a developer's lab) takes another
@@ -172,11 +173,12 @@ class Lab:
 
     # --------------------------------------------------------------- secrets
     def secrets(self) -> dict[str, str]:
-        if self.secrets_file.exists():
-            return json.loads(self.secrets_file.read_text())
         names = ("dr_admin", "barman", "streaming_barman", "replicator", "app", "pgbouncer_admin",
-                 "airflow", "dr_audit_owner", "dr_audit_writer", "airflow_admin_ui", "jwt")
-        data = {n: secrets.token_hex(16) for n in names}
+                 "airflow", "dr_audit_owner", "dr_audit_writer", "airflow_admin_ui", "jwt", "webhook_token")
+        data = json.loads(self.secrets_file.read_text()) if self.secrets_file.exists() else {}
+        if all(n in data for n in names):
+            return data
+        data.update({n: secrets.token_hex(16) for n in names if n not in data})  # a newer lab may need more
         self.secrets_file.write_text(json.dumps(data, indent=2))
         os.chmod(self.secrets_file, 0o600)
         return data
@@ -629,6 +631,9 @@ class Lab:
             # notifications (DrNotifier) go to the lab's SMTP sink
             "smtp_default": {"conn_type": "smtp", "host": OPS, "port": SMTP_PORT,
                              "extra": {"from": "barman-dr@lab.invalid", "to": ["oncall@lab.invalid"]}},
+            # ... and to a Slack-style incoming webhook (the URL is a secret: it is the password)
+            "dr_webhook": {"conn_type": "http", "password": f"http://{OPS}:{WEBHOOK_PORT}/services/{s['webhook_token']}",
+                           "extra": {"format": "slack", "channel": "#dr-oncall"}},
             # the Airflow REST API, for run notes written by DR tasks
             "airflow_api": {"conn_type": "http", "host": OPS, "port": AIRFLOW_API_PORT, "schema": "http",
                             "login": "admin", "password": s["airflow_admin_ui"]},
@@ -717,8 +722,8 @@ class Lab:
         rows.append(("barman cron loop", HOSTS["barman-lab"][0], "up" if pid and pid_alive(pid) else "down",
                      f"Barman {bver[0] if bver else '?'}"))
         pid = read_pid(self.p("run", "smtp-sink.pid"))
-        rows.append(("smtp sink (notifications)", f"{OPS}:{SMTP_PORT}", "up" if pid and pid_alive(pid) else "down",
-                     "$LAB_DIR/mail"))
+        rows.append(("smtp + webhook sink (notifications)", f"{OPS}:{SMTP_PORT},{WEBHOOK_PORT}",
+                     "up" if pid and pid_alive(pid) else "down", "$LAB_DIR/mail"))
         for server in BARMAN_SERVERS:
             rows.append((f"barman receive-wal {server}", HOSTS["barman-lab"][0],
                          "up" if self.p("bin", "barman").exists() and self.receive_wal_running(server) else "down", ""))
@@ -747,13 +752,15 @@ class Lab:
         pidf = self.p("run", "smtp-sink.pid")
         pid = read_pid(pidf)
         if pid and pid_alive(pid):
-            return
+            if port_open(OPS, WEBHOOK_PORT):
+                return
+            self.stop_pid(pidf, "smtp sink (no webhook port: an older lab)", group=True)
         with open(self.p("log", "smtp-sink.log"), "ab") as out:
             proc = subprocess.Popen([str(self.venv / "bin" / "python"), str(REPO / "include" / "lab" / "smtp_sink.py"),
-                                     OPS, str(SMTP_PORT), str(self.p("mail"))], stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+                                     OPS, str(SMTP_PORT), str(self.p("mail")), str(WEBHOOK_PORT)],
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         pidf.write_text(str(proc.pid))
-        wait_for(lambda: port_open(OPS, SMTP_PORT), "the SMTP sink", 15)
+        wait_for(lambda: port_open(OPS, SMTP_PORT) and port_open(OPS, WEBHOOK_PORT), "the SMTP/webhook sink", 15)
 
     def up(self, airflow: bool) -> None:
         if not (self.venv / "bin" / "python").exists():

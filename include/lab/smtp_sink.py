@@ -1,15 +1,20 @@
-"""The lab's SMTP sink: accepts every message and stores it as a .eml file (no delivery).
+"""The lab's notification sinks: an SMTP sink (.eml files) and a chat-webhook sink (.json files).
 
-Stand-in for the on-call mailbox, so tests can prove that a DR failure or a CRITICAL
-verification really sent a notification through Airflow's notifier mechanism.
-Usage: smtp_sink.py HOST PORT DIRECTORY
+Stand-ins for the on-call mailbox and a Slack-style incoming webhook, so tests can prove
+that a DR failure or a CRITICAL verification really sent a notification through
+Airflow's notifier mechanism. Nothing is delivered anywhere.
+Usage: smtp_sink.py HOST SMTP_PORT DIRECTORY [WEBHOOK_PORT]
+(webhook posts land in DIRECTORY/webhooks/<time>.json as {"path": ..., "body": ...}).
 """
 
 from __future__ import annotations
 
+import json
 import socketserver
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
@@ -59,9 +64,39 @@ class Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
 
 
+class WebhookHandler(BaseHTTPRequestHandler):
+    """Accepts a POST like Slack's incoming webhooks do (answers "ok") and keeps the body."""
+
+    def do_POST(self) -> None:
+        length = min(int(self.headers.get("Content-Length") or 0), 1 << 20)
+        body = self.rfile.read(length).decode("utf-8", "replace")
+        try:
+            parsed: object = json.loads(body)
+        except ValueError:
+            parsed = body
+        out = Path(self.server.hook_dir) / f"{time.time():.6f}.json"  # type: ignore[attr-defined]
+        out.write_text(json.dumps({"path": self.path, "body": parsed}))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def serve_webhooks(host: str, port: int, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    srv = ThreadingHTTPServer((host, port), WebhookHandler)
+    srv.hook_dir = str(directory)  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+
+
 def main() -> None:
     host, port, directory = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     Path(directory).mkdir(parents=True, exist_ok=True)
+    if len(sys.argv) > 4:
+        serve_webhooks(host, int(sys.argv[4]), Path(directory) / "webhooks")
     with Server((host, port), Handler) as srv:
         srv.mail_dir = directory  # type: ignore[attr-defined]
         srv.serve_forever()

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from barman_dr.api_client import from_env
+from include.lab import seed_scenario
+from tests.pitr_support import counts, pgbouncer_paused
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CLI = str(Path(__file__).resolve().parents[2] / "bin" / "barman-dr")
@@ -25,6 +27,17 @@ def api():
     client.unpause("dr_pitr")
     yield client
     client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
+
+
+@pytest.fixture
+def drill_dag(api):
+    deadline = time.monotonic() + 120
+    while not api.dag_exists("dr_monthly_restore_drill"):
+        assert time.monotonic() < deadline
+        time.sleep(2)
+    api.unpause("dr_monthly_restore_drill")
+    yield api
+    api._call("PATCH", "/api/v2/dags/dr_monthly_restore_drill", {"is_paused": True})
 
 
 def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -55,3 +68,34 @@ def test_usage_errors_exit_2():
     assert cli("pitr", "--server", "pg-primary", "--incident", "X").returncode == 2  # no target
     r = cli("pitr", "--server", "pg-primary", "--incident", "X", "--target-xid", "7", "--expect", "orders_total")
     assert r.returncode != 0 and "NAME=INTEGER" in r.stderr
+
+
+def test_pitr_confirm_wait_recovers_the_seed_and_reports(api):
+    """The whole incident from a terminal: seed disaster, `pitr --confirm --wait`, exit 0, report."""
+    scenario = seed_scenario.play()
+    incident = f"INC-CLI-PITR-{int(time.time())}"
+    args = ("pitr", "--server", "pg-primary", "--target-time", scenario.good_state, "--incident", incident,
+            "--expect", "orders_total=10500", "--expect", "orders_completed=7465", "--reason", "CLI e2e",
+            "--confirm", "--wait", "--timeout", "900")
+    r = cli(*args, timeout=960)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "triggered:" in out and "[EXECUTE]" in out
+    # the progress display: one line per task state change, in order
+    done = {line.split()[1] for line in out.splitlines() if line.startswith("  ") and line.rstrip().endswith(" success")
+            and len(line.split()) == 3}
+    assert {"wal_coverage", "freeze_app", "barman_restore", "verify_target", "unfreeze_app"} <= done, out
+    assert out.index("wal_coverage") < out.index("barman_restore") < out.index("unfreeze_app")
+    assert "SUCCESS" in out and '"orders_total": 10500' in out and '"orders_completed": 7465' in out
+    assert counts() == {"orders_total": 10500, "orders_completed": 7465}
+    assert not pgbouncer_paused()
+    # the incident tool retries the same call: no second PITR, it follows the finished run
+    again = cli(*args, timeout=120)
+    assert again.returncode == 0 and "already exists" in again.stdout and "SUCCESS" in again.stdout
+
+
+def test_drill_wait_runs_the_restore_drill(drill_dag):
+    r = cli("drill", "--wait", "--timeout", "900", timeout=960)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "triggered: dr_monthly_restore_drill" in r.stdout
+    assert "drill__" in r.stdout and "summary" in r.stdout and "dr_monthly_restore_drill: SUCCESS" in r.stdout

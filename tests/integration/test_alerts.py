@@ -41,3 +41,35 @@ def test_a_failed_pitr_mails_the_on_call():
     assert "target_time" in body and "is in the future" in body  # what failed
     assert "next_action:" in body                                # what to do next
     assert all("oncall@lab.invalid" in m["To"] for m in about_run)
+
+
+def hooks() -> dict[str, dict]:
+    import json
+
+    d = Path(os.environ["LAB_MAIL_DIR"]) / "webhooks"
+    return {p.name: json.loads(p.read_text()) for p in d.glob("*.json")} if d.exists() else {}
+
+
+def test_a_failed_pitr_posts_to_the_chat_webhook():
+    """The `dr_webhook` connection (Slack-style incoming webhook) gets the same three facts."""
+    before = set(hooks())
+    future = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    state, run_id, _ = run_dag("dr_pitr", {"server": "pg-primary", "target_time": future,
+                                           "incident_id": "INC-ALERT-2"})
+    assert state == "failed"
+    posts = [v for k, v in hooks().items() if k not in before and run_id in json_text(v)]
+    assert posts, "no notification reached the webhook sink"
+    first = [p for p in posts if "task validate_params failed" in p["body"]["text"]]
+    assert first, [p["body"]["text"][:120] for p in posts]
+    text = first[0]["body"]["text"]
+    assert "`pg-primary`" in text                                    # which server
+    assert "target_time" in text and "is in the future" in text      # what failed
+    assert "*Next:*" in text                                         # what to do next
+    assert first[0]["body"]["channel"] == "#dr-oncall"
+    assert first[0]["path"].startswith("/services/")
+
+
+def json_text(v: dict) -> str:
+    import json
+
+    return json.dumps(v)

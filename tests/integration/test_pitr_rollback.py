@@ -1,16 +1,14 @@
 """A PITR that fails after the freeze leaves the app frozen and the old data kept; dr_pitr_rollback undoes it.
 
-The failure is real: a transaction id that was never assigned is a target recovery can
-never reach, so PostgreSQL stops with "recovery ended before configured recovery target
-was reached" after the data directory was already moved aside.
+Fault 3 of issue 7, for real: a broken setting lands in the restored configuration (as a
+bad `postgresql.auto.conf` or a config-management push would), so PostgreSQL refuses to
+start after the data directory was already moved aside and the restore succeeded.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,14 +24,17 @@ def failed_pitr():
                            "VALUES (9000001, 1, 1.00, 'pending') ON CONFLICT DO NOTHING")
     before = counts()
     tli = primary_timeline()
-    future_xid = int(one("LAB_PRIMARY_DSN", "SELECT pg_current_xact_id()::text")) + 1_000_000
-    # an xid target defaults to the oldest backup; the newest keeps the replay short
-    out = subprocess.run([*shlex.split(os.environ["LAB_BARMAN"]), "-f", "json", "list-backups", "pg-primary"],
-                         check=True, capture_output=True, text=True).stdout
-    newest = max(b["backup_id"] for b in json.loads(out)["pg-primary"] if b["status"] == "DONE")
-    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_xid": str(future_xid),
-                                               "backup_id": newest,
-                                               "incident_id": "INC-RB-1", "confirm": "PITR pg-primary"})
+    target = one("LAB_PRIMARY_DSN", "SELECT now()").isoformat()
+    sql("LAB_PRIMARY_DSN", "SELECT pg_current_xact_id()")  # a commit after the target
+
+    def break_config(context) -> None:
+        data = Path(os.environ["LAB_DIR"], "pg", "pg-primary", "data", "postgresql.auto.conf")
+        with data.open("a") as f:
+            f.write("shared_buffers = 'lots'  # fault 3: a broken setting in the restored config\n")
+
+    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": target,
+                                               "incident_id": "INC-RB-1", "confirm": "PITR pg-primary"},
+                                   before={"start_recovery": break_config})
     return {"state": state, "run_id": run_id, "tasks": tasks, "before": before, "tli": tli}
 
 
@@ -49,7 +50,7 @@ def test_pitr_fails_at_start_and_keeps_the_app_frozen(failed_pitr):
 def test_failure_is_audited_with_the_log_tail_and_the_old_directory(failed_pitr):
     events = audit(failed_pitr["run_id"])
     failed = [e for e in events if e["action"] == "start_recovery" and e["outcome"] == "failed"]
-    assert failed and "recovery ended before configured recovery target was reached" in failed[0]["details"]
+    assert failed and "invalid value for parameter" in failed[0]["details"] and "shared_buffers" in failed[0]["details"]
     moved = [json.loads(e["details"])["moved_to"] for e in events if e["action"] == "move_aside" and e["outcome"] == "ok"]
     assert moved and Path(moved[0], "PG_VERSION").exists()
     summary = [e for e in events if e["action"] == "failure_summary" and e["outcome"] == "ok"]

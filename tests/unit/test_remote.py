@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from barman_dr.exceptions import BarmanCommandError, RemoteCommandError, ValidationError
-from barman_dr.hooks.remote import _START_SCRIPT, _STATUS_SCRIPT, JOB_ID_RE, RemoteHost, sh_argv
+from barman_dr.hooks.remote import _KILL_SCRIPT, _START_SCRIPT, _STATUS_SCRIPT, JOB_ID_RE, RemoteHost, sh_argv
 
 
 def test_sh_argv_shape():
@@ -85,6 +85,34 @@ def test_job_scripts_run_locally(tmp_path):
     # starting again under the same id never runs a second copy: it reports the first one's result
     assert sh(_START_SCRIPT, d, "sh", "-c", "echo second > second").strip() == "finished 3"
     assert not (tmp_path / "second").exists()
+
+
+def test_kill_stops_the_whole_process_group_even_when_the_leader_dies_first(tmp_path):
+    """A killed job's leader shell dies at once; barman/rsync below it must not live on as orphans."""
+    import time
+
+    d = str(tmp_path / "job2")
+    marker = tmp_path / "still-writing"
+
+    def sh(script, *args):
+        return subprocess.run(sh_argv(script, *args), capture_output=True, text=True, check=True, timeout=60).stdout
+
+    # a child that ignores TERM (like a process busy in I/O) and keeps writing
+    child = f"trap '' TERM; while true; do date +%s%N >> {marker}; sleep 0.1; done"
+    sh(_START_SCRIPT, d, "sh", "-c", f"sh -c \"{child}\" & wait")
+    for _ in range(100):
+        if marker.exists():
+            break
+        time.sleep(0.05)
+    assert sh(_STATUS_SCRIPT, d).startswith("running")
+    assert sh(_KILL_SCRIPT, d, "2").strip() == "killed-hard"
+    size = marker.stat().st_size
+    time.sleep(0.5)
+    assert marker.stat().st_size == size, "an orphan of the job is still writing"
+    pgid = (tmp_path / "job2" / "pid").read_text().strip()
+    ps = subprocess.run(["ps", "-eo", "pgid=,stat="], capture_output=True, text=True, check=True).stdout
+    assert [line for line in ps.splitlines() if line.split()[0] == pgid and not line.split()[1].startswith("Z")] == []
+    assert sh(_STATUS_SCRIPT, d).startswith("lost")
 
 
 def test_errors_carry_facts():

@@ -37,12 +37,19 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")
 # reports it, if it finished it reports the exit code; it never starts a second copy.
 # The job's shell records its own pid ($$ == its process group, thanks to setsid) first,
 # then runs the command, then writes the exit code atomically (rc.tmp -> rc).
-_START_SCRIPT = r"""
+# A job is alive while any non-zombie process of its process group (pgid == the leader's pid,
+# thanks to setsid) exists: the leader shell may die first and leave barman or rsync running,
+# and on hosts whose init does not reap at once a zombie must not count as running.
+_ALIVE_FN = r"""
+alive() { ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^Z/ { f = 1 } END { exit !f }'; }
+"""
+
+_START_SCRIPT = _ALIVE_FN + r"""
 set -eu
 d="$1"; shift
 mkdir -p "$d"
 if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
-if [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "running $(cat "$d/pid")"; exit 0; fi
+if [ -f "$d/pid" ] && alive "$(cat "$d/pid")"; then echo "running $(cat "$d/pid")"; exit 0; fi
 if [ -f "$d/pid" ]; then echo "lost $(cat "$d/pid")"; exit 0; fi
 printf '%s\n' "$@" > "$d/argv"
 setsid sh -c 'd="$1"; shift; echo $$ > "$d/pid.tmp"; mv "$d/pid.tmp" "$d/pid"; date +%s > "$d/started";
@@ -53,31 +60,32 @@ while [ ! -f "$d/pid" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 echo "started $(cat "$d/pid")"
 """
 
-_STATUS_SCRIPT = r"""
+_STATUS_SCRIPT = _ALIVE_FN + r"""
 d="$1"
 if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
 if [ ! -f "$d/pid" ]; then echo "absent"; exit 0; fi
-if kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "running $(cat "$d/pid")"; else echo "lost $(cat "$d/pid")"; fi
+if alive "$(cat "$d/pid")"; then echo "running $(cat "$d/pid")"; else echo "lost $(cat "$d/pid")"; fi
 """
 
-# Terminate the job's process group, wait for it, escalate to SIGKILL. Records that it was killed.
-_KILL_SCRIPT = r"""
+# Terminate the job's process group, wait for all of it, escalate to SIGKILL. Records that it was killed.
+# (dash's kill takes `-PGID`, not `-- -PGID`: with `--` it silently signalled the leader only.)
+_KILL_SCRIPT = _ALIVE_FN + r"""
 d="$1"; grace="$2"
 [ -f "$d/pid" ] || { echo "absent"; exit 0; }
 pid="$(cat "$d/pid")"
-kill -0 "$pid" 2>/dev/null || { echo "not-running"; exit 0; }
-kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+alive "$pid" || { echo "not-running"; exit 0; }
+kill -TERM -"$pid" 2>/dev/null || true
 i=0
-while kill -0 "$pid" 2>/dev/null && [ $i -lt "$grace" ]; do sleep 1; i=$((i+1)); done
-if kill -0 "$pid" 2>/dev/null; then kill -KILL -- "-$pid" 2>/dev/null || true; echo "killed-hard"; else echo "killed"; fi
+while alive "$pid" && [ $i -lt "$grace" ]; do sleep 1; i=$((i+1)); done
+if alive "$pid"; then kill -KILL -"$pid" 2>/dev/null || true; echo "killed-hard"; else echo "killed"; fi
 date +%s > "$d/killed"
 """
 
 # Move a finished/lost job directory aside so a new attempt can start (kept for forensics).
-_RESET_SCRIPT = r"""
+_RESET_SCRIPT = _ALIVE_FN + r"""
 d="$1"; tag="$2"
 [ -d "$d" ] || exit 0
-if [ -f "$d/pid" ] && [ ! -f "$d/rc" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then echo "refusing: job running" >&2; exit 3; fi
+if [ -f "$d/pid" ] && [ ! -f "$d/rc" ] && alive "$(cat "$d/pid")"; then echo "refusing: job running" >&2; exit 3; fi
 mv "$d" "$d.$tag"
 """
 

@@ -57,6 +57,8 @@ class DrBaseOperator(BaseOperator):
         self.request = request
         self.audit_conn_id = audit_conn_id
         self.inventory_path = inventory_path
+        self._remote_jobs: list[tuple[str, str, str, str]] = []
+        self._audit_trail: AuditTrail | None = None
 
     # ------------------------------------------------------------------ context
     @cached_property
@@ -134,7 +136,7 @@ class DrBaseOperator(BaseOperator):
     def execute(self, context: Any) -> Any:
         if self.request is None and self.request_task_id:
             self.request = context["ti"].xcom_pull(task_ids=self.request_task_id)
-        audit = self.audit(context)
+        audit = self._audit_trail = self.audit(context)
         started = time.monotonic()
         started_at = utcnow()
         try:
@@ -172,6 +174,40 @@ class DrBaseOperator(BaseOperator):
 
     def run(self, context: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ------------------------------------------------------------- remote jobs
+    def track_job(self, host: Any, job_root: str, job_id: str) -> None:
+        """Remember a detached remote job this try started or attached to, so `on_kill` can stop it."""
+        self._remote_jobs.append((host.ssh_conn_id, host.name, job_root, job_id))
+
+    def on_kill(self) -> None:
+        """The task is being killed (marked failed/cleared in the UI, timeout, worker shutdown).
+
+        Detached jobs survive an SSH drop by design, so they would survive a killed worker
+        too: stop each job's whole process group on its host (TERM, then KILL after 3 s:
+        Airflow's supervisor escalates to SIGKILL of this process after 5 s), over a fresh
+        connection (the task's own may be in the middle of a read), and audit it. The
+        partial output stays where it is; the next attempt or run sets it aside.
+        """
+        from barman_dr.hooks.remote import RemoteHost
+
+        for conn_id, name, job_root, job_id in self._remote_jobs:
+            host = RemoteHost(conn_id, name=name, cmd_timeout=10)
+            try:
+                outcome = host.kill_job(job_root, job_id, grace_seconds=3)
+                self.log.warning("task killed: remote job %s on %s stopped (%s)", job_id, name, outcome)
+            except Exception as exc:
+                outcome = f"NOT stopped: {type(exc).__name__}: {exc}"
+                self.log.exception("task killed: could not stop remote job %s on %s", job_id, name)
+            finally:
+                host.close()
+            if self._audit_trail is not None:
+                try:
+                    self._audit_trail.record(self.action, "failed", server=self.audit_server(),
+                                             details={"error": "task killed", "job_id": job_id, "host": name,
+                                                      "job_stopped": outcome})
+                except Exception:
+                    self.log.exception("could not audit the kill of %s", job_id)
 
     def audit_details(self, result: Any) -> dict[str, Any]:
         return result if isinstance(result, dict) else {"result": result}

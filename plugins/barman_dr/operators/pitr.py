@@ -12,8 +12,11 @@ converges instead of doing the step twice.
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,6 +36,7 @@ from barman_dr.recovery_proof import parse_history_file, prove_target
 from barman_dr.run_note import set_run_note
 
 SEGMENT_BYTES = 16 * 1024 * 1024
+log = logging.getLogger(__name__)
 
 
 class VerificationError(BarmanDrError):
@@ -173,6 +177,34 @@ class PitrPreflightOperator(DrBaseOperator):
         return "Nothing was stopped or changed. Fix the reported problem (or choose another backup/target) and trigger again."
 
 
+@contextmanager
+def nudging(write_wal: Any, every_s: float = 1.0) -> Iterator[None]:
+    """Write a little WAL every second while `barman switch-wal --archive` waits.
+
+    Barman's streaming archiver always leaves the newest complete segment in its streaming
+    directory until pg_receivewal opens the next one, i.e. until the server writes WAL
+    again. An idle (or frozen) server may write nothing for up to 15 s (the next
+    running-xacts record): the closed segment would sit there and the switch would time
+    out. One tiny commit per second makes the next segment start at once.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(every_s):
+            try:
+                write_wal()
+            except Exception:  # noqa: BLE001 - best effort; the switch reports its own failure
+                log.debug("WAL nudge failed", exc_info=True)
+
+    t = threading.Thread(target=loop, name="wal-nudge", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=30)
+
+
 class WalCoverageOperator(DrBaseOperator):
     """Step 3: force the WAL out and prove every segment from the backup to the target is archived.
 
@@ -207,7 +239,8 @@ class WalCoverageOperator(DrBaseOperator):
             db.psql(primary, "SELECT pg_current_xact_id()", database=srv.database)
             current = db.psql(primary, "SELECT pg_walfile_name(pg_current_wal_lsn())")
             try:
-                closed = self.barman.switch_wal(srv.name, archive_timeout=timeout)
+                with nudging(lambda: db.psql(primary, "SELECT pg_current_xact_id()", database=srv.database)):
+                    closed = self.barman.switch_wal(srv.name, archive_timeout=timeout)
             except BarmanCommandError as exc:
                 switch_error = str(exc).splitlines()[-1] if str(exc) else "switch-wal failed"
         # segments only: the catalogue also lists timeline history files (00000002.history)
@@ -427,7 +460,6 @@ class BarmanRestoreOperator(DrBaseOperator):
     def __init__(self, *, restore_timeout: float = 6 * 3600, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.restore_timeout = restore_timeout
-        self._job: tuple[str, str] | None = None
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv, inst = self.req, self.srv, self.target_instance
@@ -441,10 +473,11 @@ class BarmanRestoreOperator(DrBaseOperator):
         host = self.barman.host
         # an earlier attempt that failed: keep its job record and its partial output, start clean
         status, stamp = host.reset_if_failed(self.barman.job_dir, job_id)
+        partial_kept_at = None
         if stamp:
             if db.path_exists(inst.data_directory):
-                moved = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
-                self.log.warning("partial restore of the failed attempt kept at %s", moved)
+                partial_kept_at = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
+                self.log.warning("partial restore of the failed attempt kept at %s", partial_kept_at)
         elif status.state == "absent" and db.path_exists(inst.data_directory):
             # the live directory was moved aside by the previous step; anything there now is not ours
             raise PreflightError(f"{inst.data_directory} exists but no restore job of this run wrote it: refusing "
@@ -454,23 +487,16 @@ class BarmanRestoreOperator(DrBaseOperator):
             srv.name, pre["backup_id"], inst.data_directory, req.target,
             remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command, jobs=req.jobs,
             target_tli=target_timeline(pre["backup"], wal))
-        self._job = (self.barman.job_dir, job_id)
+        self.track_job(host, self.barman.job_dir, job_id)
         started = time.monotonic()
         result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
         seconds = max(time.monotonic() - started, 0.001)
         size = int(pre["backup"].get("size_bytes") or 0)
         return {"job_id": job_id, "argv": argv, "restore_s": round(seconds, 3), "destination": inst.data_directory,
                 "host": inst.host, "bytes": size, "restore_bytes_per_s": int(size / seconds) if size else None,
-                "stdout_tail": result.stdout[-2000:]}
-
-    def on_kill(self) -> None:
-        """Killed task: stop the restore's whole process group on the barman host; nothing keeps writing."""
-        if self._job:
-            try:
-                outcome = self.barman.host.kill_job(*self._job)
-                self.log.warning("restore job %s killed: %s", self._job[1], outcome)
-            except Exception:
-                self.log.exception("could not kill restore job %s", self._job[1])
+                "stdout_tail": result.stdout[-2000:],
+                "retried_after": f"{status.state} (exit {status.exit_code})" if stamp else None,
+                "partial_kept_at": partial_kept_at}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         aside = self.upstream(context, "move_aside") or {}
@@ -551,7 +577,13 @@ class VerifyTargetOperator(DrBaseOperator):
         r = db.host.run(["cat", hist_path], check=False)
         if r.exit_code == 0:
             history = r.stdout
-        proof = prove_target(self.req.target, log_text, history, stop.get("old_timeline"), new_tli)
+        old_tli = stop.get("old_timeline")
+        if old_tli is None and history:
+            # the damaged directory had no readable control file (e.g. a half-restored copy left by a
+            # killed run): the timeline recovery forked from is the history file's last parent
+            entries_ = parse_history_file(history)
+            old_tli = entries_[-1].parent_timeline if entries_ else None
+        proof = prove_target(self.req.target, log_text, history, old_tli, new_tli)
         if not proof.reached:
             raise VerificationError("recovery target NOT reached: " + "; ".join(proof.reasons)
                                     + "\nlog: " + "\n".join(proof.stop.get("lines", [])[-6:]))
@@ -692,6 +724,7 @@ class RebuildStandbyOperator(DrBaseOperator):
         argv = [f"{self.inventory.db_host(sb.host).pg_bin}/pg_basebackup", "-d", conninfo, "-D", sb.data_directory,
                 "-X", "stream", "-R", "-c", "fast", *(["-S", slot] if slot else [])]
         t0 = time.monotonic()
+        self.track_job(db.host, host_jobs, job_id)
         db.host.run_job(host_jobs, job_id, argv, timeout=6 * 3600)
         copy_s = round(time.monotonic() - t0, 3)
         db.start(sb, wait=False)
@@ -810,6 +843,7 @@ class RebaseBarmanOperator(DrBaseOperator):
         backup = None
         if self.take_backup:
             job_id = f"backup-{srv.name}-{self.run_tag(context)}"
+            self.track_job(self.barman.host, self.barman.job_dir, job_id)
             self.barman.backup_job(srv.name, job_id, wait_timeout=300)
             latest = max((b for b in self.barman.list_backups(srv.name) if b.is_done), key=lambda b: b.backup_id)
             backup = self.barman.show_backup(srv.name, latest.backup_id).to_dict()

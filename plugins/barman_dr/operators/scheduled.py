@@ -113,6 +113,7 @@ class WeeklyBackupOperator(FleetServerOperator):
         attached = stamp is None and status.state in ("running", "finished")
         argv = self.barman.argv("backup", "--wait", "--wait-timeout", str(self.wait_timeout), self.srv.name)
         t0 = time.monotonic()
+        self.track_job(host, job_dir, job_id)
         status = host.start_job(job_dir, job_id, argv)
         last_nudge = 0.0
         while not status.finished:
@@ -502,6 +503,7 @@ class RestoreDrillOperator(FleetServerOperator):
                                         target_tli=target_tli)
         phases["prepare_s"] = round(time.monotonic() - t0, 3)
         t1 = time.monotonic()
+        self.track_job(self.barman.host, self.barman.job_dir, job_id)
         self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
         phases["restore_s"] = round(time.monotonic() - t1, 3)
         # never archive from the copy: archive_mode needs a restart, so it goes in before the first start

@@ -1,0 +1,89 @@
+"""Faults injected into real PITRs (issue 7): each asserts the outcome, not only that an error was raised.
+
+1. The SSH servers die in the middle of `barman restore` and come back: the retry converges.
+4. WAL is taken out of Barman's archive after the preflight proved it: recovery ends before
+   the target, the run fails and the app stays frozen; the rollback DAG restores service.
+
+(2, 3, 6 and 7 live in tests/integration: test_scheduled_verification, test_pitr_rollback,
+test_pitr_refusals; 5, the worker killed, is tests/faults/test_worker_killed.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from include.lab import seed_scenario
+from tests.fault_support import SshOutageDuringRestore, barman_bandwidth_limit, wal_taken_out_of_the_archive
+from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, run_dag, xcom
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DATA = Path(os.environ.get("LAB_DIR", "."), "pg", "pg-primary", "data")
+EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
+
+
+def details(events: list[dict], action: str, outcome: str) -> list[dict]:
+    return [json.loads(e["details"] or "{}") for e in events if e["action"] == action and e["outcome"] == outcome]
+
+
+def test_ssh_killed_mid_restore_the_retry_converges():
+    scenario = seed_scenario.play()
+    outage = SshOutageDuringRestore(str(DATA))
+    with barman_bandwidth_limit(3000):  # ~48 MB at 3 MB/s: the copy is still running when SSH dies
+        state, run_id, tasks = run_dag(
+            "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-FAULT-1",
+                        "expected": EXPECTED, "confirm": "PITR pg-primary"},
+            before={"barman_restore": outage})
+    assert outage.error is None, outage.error
+    assert outage.killed.get("barman-lab") and outage.killed.get("pg-primary"), outage.killed
+    assert state == "success", tasks
+    assert counts() == EXPECTED
+    assert not pgbouncer_paused()
+    events = audit(run_id)
+    failed = details(events, "barman_restore", "failed")
+    assert failed, "the first restore attempt did not fail: the outage missed it"
+    assert "NEXT:" in failed[0].get("error", "") or failed[0].get("next_action")
+    done = xcom("dr_pitr", run_id, "barman_restore")
+    # the partial copy of the failed attempt was set aside (kept), never the live or moved-aside directory
+    assert done["retried_after"] and done["retried_after"] != "finished (exit 0)", done
+    assert done["partial_kept_at"] and Path(done["partial_kept_at"]).is_dir()
+    moved = details(events, "move_aside", "ok")[0]["moved_to"]
+    assert moved != done["partial_kept_at"] and Path(moved, "PG_VERSION").exists()
+    assert (DATA / "PG_VERSION").exists()
+
+
+def test_wal_removed_after_preflight_recovery_ends_before_target_and_rollback_restores():
+    scenario = seed_scenario.play()
+    before = counts()  # the damaged state: 3,035 rows
+    tli = primary_timeline()
+    with wal_taken_out_of_the_archive() as wal:
+        def sabotage(context) -> None:
+            backup = context["ti"].xcom_pull(task_ids="preflight")["backup"]
+            wal["take"](backup["end_wal"])
+
+        state, run_id, tasks = run_dag(
+            "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-FAULT-4",
+                        "expected": EXPECTED, "confirm": "PITR pg-primary"},
+            before={"move_aside": sabotage})
+        assert wal["moved"], "no WAL after the backup to take out"
+    assert state == "failed", tasks
+    assert tasks["wal_coverage"] == "success" and tasks["barman_restore"] == "success"
+    assert tasks["start_recovery"] == "failed" and tasks["unfreeze_app"] == "upstream_failed"
+    assert pgbouncer_paused()  # the app never saw a server short of its target
+    events = audit(run_id)
+    failed = details(events, "start_recovery", "failed")
+    assert failed and "recovery ended before configured recovery target was reached" in json.dumps(failed)
+    summary = details(events, "failure_summary", "ok")
+    assert summary and "dr_pitr_rollback" in json.dumps(summary)
+    moved = details(events, "move_aside", "ok")[0]["moved_to"]
+    assert Path(moved, "PG_VERSION").exists()
+
+    state, _, rb_tasks = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": run_id,
+                                                           "confirm": "ROLLBACK pg-primary"})
+    assert state == "success", rb_tasks
+    assert counts() == before and primary_timeline() == tli
+    assert not pgbouncer_paused()
