@@ -20,6 +20,7 @@ under the diff would make the apply wrong). A plan-only dr_pitr still runs.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from functools import cached_property
@@ -153,12 +154,37 @@ class RestoreNonprodOperator(SurgicalMixin, DrBaseOperator):
                 "log above) and trigger again.")
 
 
+def _rollback(conn: Any) -> None:
+    """Roll back, even on a broken connection (the original error is the one worth reporting)."""
+    with contextlib.suppress(Exception):
+        conn.rollback()
+
+
 class _DiffStep(SurgicalMixin, DrBaseOperator):
     """Connections to live (the primary) and to the restored copy (nonprod), and the tables' specs."""
 
-    def __init__(self, *, sample: int = SAMPLE, **kwargs: Any) -> None:
+    def __init__(self, *, sample: int = SAMPLE, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 600_000,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sample = sample
+        self.lock_timeout_ms = lock_timeout_ms
+        self.statement_timeout_ms = statement_timeout_ms
+
+    def begin(self, live: Any) -> None:
+        """One REPEATABLE READ snapshot for the whole diff; bounded lock waits, statements and idle time.
+
+        `lock_timeout`: our statements never queue for long behind DDL (and so never make
+        the app queue behind us); `idle_in_transaction_session_timeout`: a hung worker
+        cannot hold the transaction (and its row locks) open.
+        """
+        import psycopg
+
+        live.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with live.cursor() as cur:
+            for name, value in (("lock_timeout", f"{int(self.lock_timeout_ms)}ms"),
+                                ("statement_timeout", f"{int(self.statement_timeout_ms)}ms"),
+                                ("idle_in_transaction_session_timeout", "60s")):
+                cur.execute("SELECT set_config(%s, %s, true)", (name, value))
 
     def connect_live(self) -> Any:
         return pg_connect(self.srv.primary.postgres_conn_id, self.srv.database)
@@ -193,13 +219,14 @@ class SurgicalPlanOperator(_DiffStep):
         tables = []
         with self.connect_live() as live, self.connect_restored() as restored:
             try:
+                self.begin(live)
                 specs = self.specs(live, restored)
                 for n, spec in enumerate(specs):
                     stage_table(restored, live, spec, stage_name(n))
                     tables.append(diff_table(live, spec, stage_name(n), self.sample))
             finally:
-                live.rollback()
-                restored.rollback()
+                _rollback(live)
+                _rollback(restored)
         totals = {k: sum(t[k] for t in tables) for k in ("missing", "changed", "live_only")}
         plan = {"server": srv.name, "target": req.target.to_dict(), "backup_id": restore.get("backup_id"),
                 "restored_on": restore.get("instance"), "recovery_stop": restore.get("recovery_stop"),
@@ -248,22 +275,12 @@ class SurgicalApplyOperator(_DiffStep):
 
     action = "surgical_apply"
 
-    def __init__(self, *, lock_timeout_ms: int = 5000, statement_timeout_ms: int = 600_000, attempts: int = 5,
-                 **kwargs: Any) -> None:
+    def __init__(self, *, attempts: int = 5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.lock_timeout_ms = lock_timeout_ms
-        self.statement_timeout_ms = statement_timeout_ms
         self.attempts = attempts
 
-    def _transaction(self, live: Any, restored: Any, context: Any) -> list[dict[str, Any]]:
-        import psycopg
-
-        live.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-        with live.cursor() as cur:
-            for name, value in (("lock_timeout", f"{int(self.lock_timeout_ms)}ms"),
-                                ("statement_timeout", f"{int(self.statement_timeout_ms)}ms"),
-                                ("idle_in_transaction_session_timeout", "60s")):
-                cur.execute("SELECT set_config(%s, %s, true)", (name, value))
+    def _transaction(self, live: Any, restored: Any) -> list[dict[str, Any]]:
+        self.begin(live)
         specs = self.specs(live, restored)
         results = []
         for n, spec in enumerate(specs):
@@ -289,14 +306,14 @@ class SurgicalApplyOperator(_DiffStep):
             with self.connect_live() as live, self.connect_restored() as restored:
                 try:
                     t_tx = time.monotonic()
-                    results = self._transaction(live, restored, context)
+                    results = self._transaction(live, restored)
                     audit.record("surgical_apply", "info", server=srv.name, target=req.target.describe(),
                                  details={"committing": True, "attempt": attempt, "tables": results})
                     live.commit()
                     transaction_s = round(time.monotonic() - t_tx, 3)
                     break
                 except retryable as exc:
-                    live.rollback()
+                    _rollback(live)
                     tries.append(f"attempt {attempt}: {type(exc).__name__}: {str(exc).strip().splitlines()[0]}")
                     self.log.warning("apply rolled back, will retry: %s", tries[-1])
                     if attempt == self.attempts:
@@ -305,7 +322,7 @@ class SurgicalApplyOperator(_DiffStep):
                     # a random pause: do not meet the same concurrent writer again at once
                     time.sleep(min(30.0, 2.0 ** attempt) * (0.5 + random.random()))  # noqa: S311
                 except BaseException:
-                    live.rollback()
+                    _rollback(live)
                     raise
         counts = {}
         with self.connect_live() as live:
