@@ -22,6 +22,8 @@ from barman_dr.exceptions import InventoryError
 
 DEFAULT_INVENTORY = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
+#: `schema.table`, each part a plain SQL identifier (taken literally: quoted, case-sensitive, never parsed further)
+QUALIFIED_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FREEZE_METHODS = ("pgbouncer", "command", "none")
 
@@ -143,6 +145,8 @@ class Server:
     replication: Replication | None = None
     #: how long `switch-wal --archive` may wait for Barman to receive the closed WAL
     switch_wal_timeout_seconds: int = 60
+    #: tables (`schema.table`) dr_surgical_recovery compares when its run names none
+    surgical_tables: tuple[str, ...] = ()
 
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
@@ -196,6 +200,15 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> 
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
     )
+
+
+def _tables(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and QUALIFIED_TABLE_RE.match(v) for v in value):
+        raise InventoryError(f"{where}: {value!r} must be a list of `schema.table` names (letters, digits, '_', '$'), "
+                             "e.g. [public.critical_orders]")
+    return tuple(dict.fromkeys(value))
 
 
 def _db_host_ref(value: Any, where: str, db_hosts: dict[str, DbHost]) -> str | None:
@@ -280,6 +293,7 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             rto_objective_seconds=int(d.get("rto_objective_seconds", 900)),
             validation_queries=dict(queries),
             switch_wal_timeout_seconds=int(d.get("switch_wal_timeout_seconds", 60)),
+            surgical_tables=_tables(d.get("surgical_tables"), f"{w}.surgical_tables"),
         )
     if not servers:
         raise InventoryError(f"{path}: no servers defined")

@@ -31,7 +31,7 @@ from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
 from barman_dr.models import BackupInfo, BackupSummary, Lsn, WalSegment, is_wal_segment_name, utc_stamp
 from barman_dr.operators.base import DrBaseOperator, utcnow
-from barman_dr.pitr_request import validate_pitr_conf
+from barman_dr.pitr_request import PitrRequest, validate_pitr_conf
 from barman_dr.recovery_proof import parse_history_file, prove_target
 from barman_dr.run_note import set_run_note
 
@@ -58,13 +58,12 @@ class ValidatePitrRequestOperator(DrBaseOperator):
     action = "validate"
     request_task_id = None
 
-    def run(self, context: Any) -> dict[str, Any]:
-        conf = {k: v for k, v in dict(context["params"]).items()}
-        dag_run = context.get("dag_run")
-        conf.update(dict(getattr(dag_run, "conf", None) or {}))
-        req = validate_pitr_conf(conf, self.inventory)
-        self.request = req.to_dict()
-        self.__dict__.pop("req", None)
+    def validate(self, conf: dict[str, Any]) -> PitrRequest:
+        """The pure validation (no I/O); other DR DAGs override it with their own request type."""
+        return validate_pitr_conf(conf, self.inventory)
+
+    def take_lock(self, req: PitrRequest, context: Any) -> None:
+        """A confirmed PITR takes the server lock; a plan-only run touches nothing and only warns."""
         if req.confirmed:
             ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
                 req.server, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose="pitr")
@@ -73,6 +72,15 @@ class ValidatePitrRequestOperator(DrBaseOperator):
             if holder:
                 self.log.warning("server %s is locked by %s %s: this plan-only run will not touch it",
                                  req.server, holder.dag_id, holder.run_id)
+
+    def run(self, context: Any) -> dict[str, Any]:
+        conf = {k: v for k, v in dict(context["params"]).items()}
+        dag_run = context.get("dag_run")
+        conf.update(dict(getattr(dag_run, "conf", None) or {}))
+        req = self.validate(conf)
+        self.request = req.to_dict()
+        self.__dict__.pop("req", None)
+        self.take_lock(req, context)
         backups = [b for b in self.barman.list_backups(req.server) if b.is_done]
         if not backups:
             raise PreflightError(f"Barman has no DONE backup of {req.server}: nothing to recover from")

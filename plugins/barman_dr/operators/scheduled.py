@@ -359,6 +359,71 @@ class FleetSummaryOperator(BaseOperator):
 # ------------------------------------------------------------------------------------ monthly drill
 
 
+def check_nonprod(srv: Any) -> Any:
+    """The server's nonprod instance, refused when it points at a production data directory."""
+    inst = srv.nonprod
+    if inst is None:
+        raise PreflightError(f"server {srv.name} has no nonprod instance in the inventory")
+    if inst.host in {srv.primary.host, *(s.host for s in srv.standbys)} and \
+            inst.data_directory in {srv.primary.data_directory, *(s.data_directory for s in srv.standbys)}:
+        raise PreflightError(f"nonprod instance {inst.name} points at a production data directory: refused")
+    return inst
+
+
+def restore_to_nonprod(op: DrBaseOperator, inst: Any, *, backup_id: str, target: RecoveryTarget, job_id: str, tag: str,
+                       target_tli: int | None, restore_timeout: float, recovery_timeout: float,
+                       jobs: int = 1) -> dict[str, Any]:
+    """Restore a backup onto a nonprod instance and start it there, promoted, never archiving.
+
+    Shared by the monthly drill and dr_surgical_recovery. Stops the instance, moves its data
+    directory aside (kept: `<dir>.pre-<stamp>-<tag>`), `barman restore` as a detached job on
+    the barman host (a retry attaches to it; a failed attempt's partial output is moved
+    aside too), appends `archive_mode = off` before the first start, starts it on its own
+    address and port, waits for promotion, clears Barman's recovery settings and refuses a
+    copy that would archive. Returns the phases, the moved-aside paths and the server log
+    offset of this start (where the recovery proof reads from).
+    """
+    db = op.db(inst.host)
+    host, job_dir = op.barman.host, op.barman.job_dir
+    phases: dict[str, float] = {}
+    t0 = time.monotonic()
+    db.stop(inst)
+    status, stamp = host.reset_if_failed(job_dir, job_id)
+    moved = []
+    if status.state == "absent":
+        m = db.move_aside(inst.data_directory, tag)
+        if m:
+            moved.append(m)
+    elif stamp:
+        m = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
+        if m:
+            moved.append(m)
+    argv = op.barman.restore_argv(op.srv.name, backup_id, inst.data_directory, target,
+                                  remote_ssh_command=op.inventory.db_host(inst.host).restore_ssh_command,
+                                  target_tli=target_tli, jobs=jobs)
+    phases["prepare_s"] = round(time.monotonic() - t0, 3)
+    t1 = time.monotonic()
+    op.track_job(op.barman.host, op.barman.job_dir, job_id)
+    op.barman.restore_job(job_id, argv, timeout=restore_timeout)
+    phases["restore_s"] = round(time.monotonic() - t1, 3)
+    # never archive from the copy: archive_mode needs a restart, so it goes in before the first start
+    db.host.run(sh_argv('printf "%s\\n" "$2" >> "$1"', f"{inst.data_directory}/postgresql.auto.conf",
+                        "archive_mode = 'off'  # barman-dr: never archive from a restored copy"))
+    db.host.run(["mkdir", "-p", inst.socket_directory])
+    log_offset = db.log_size(inst.log_file)
+    t2 = time.monotonic()
+    db.start(inst, wait=False)
+    phases["ready_s"] = db.wait_ready(inst, timeout=min(600, recovery_timeout))
+    phases["recovery_s"] = db.wait_recovery_end(inst, timeout=recovery_timeout)
+    phases["start_to_promoted_s"] = round(time.monotonic() - t2, 3)
+    cleared = clear_recovery_settings(db, inst)
+    archive_mode = db.psql(inst, "SHOW archive_mode")
+    if archive_mode != "off":
+        raise VerificationError(f"the restored copy on {inst.name} has archive_mode={archive_mode}: stopping it")
+    return {"job_id": job_id, "argv": argv, "moved_aside": moved, "phases_s": phases, "log_offset": log_offset,
+            "recovery_settings_cleared": cleared, "archive_mode": archive_mode, "restore_started": t1}
+
+
 class RestoreDrillOperator(FleetServerOperator):
     """Restore the newest backup onto the server's non-prod instance, start it, validate, measure RTO.
 
@@ -463,28 +528,12 @@ class RestoreDrillOperator(FleetServerOperator):
         if inst is None:
             self.log.warning("server %s has no nonprod target in the inventory: drill skipped", srv.name)
             return {"server": srv.name, "status": SKIPPED, "skipped": "no nonprod target", "finished_at": utcnow()}
-        if inst.host in {srv.primary.host, *(s.host for s in srv.standbys)} and \
-                inst.data_directory in {srv.primary.data_directory, *(s.data_directory for s in srv.standbys)}:
-            raise PreflightError(f"nonprod instance {inst.name} points at a production data directory: refused")
+        check_nonprod(srv)
         ServerLock(postgres_conn_id=self.audit_conn_id).acquire(srv.name, dag_id=context["dag"].dag_id,
                                                                 run_id=context["run_id"], purpose="drill")
         db = self.db(inst.host)
         tag = self.run_tag(context)
         job_id = f"drill-{srv.name}-{tag}"
-        host, job_dir = self.barman.host, self.barman.job_dir
-        phases: dict[str, float] = {}
-        t0 = time.monotonic()
-        db.stop(inst)
-        status, stamp = host.reset_if_failed(job_dir, job_id)
-        moved = []
-        if status.state == "absent":
-            m = db.move_aside(inst.data_directory, tag)
-            if m:
-                moved.append(m)
-        elif stamp:
-            m = db.move_aside(inst.data_directory, f"partial-{tag}-{stamp}")
-            if m:
-                moved.append(m)
         done = sorted((b for b in self.barman.list_backups(srv.name) if b.is_done), key=lambda b: b.backup_id)
         if not done:
             raise PreflightError(f"{srv.name} has no DONE backup to drill with")
@@ -498,27 +547,13 @@ class RestoreDrillOperator(FleetServerOperator):
                 target_tli = tli if tli != backup.timeline else None
             except (BarmanDrError, ValueError) as exc:
                 self.log.warning("primary timeline unknown (%s): restoring along the backup's timeline", exc)
-        argv = self.barman.restore_argv(srv.name, backup.backup_id, inst.data_directory, target,
-                                        remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command,
-                                        target_tli=target_tli)
-        phases["prepare_s"] = round(time.monotonic() - t0, 3)
-        t1 = time.monotonic()
-        self.track_job(self.barman.host, self.barman.job_dir, job_id)
-        self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
-        phases["restore_s"] = round(time.monotonic() - t1, 3)
-        # never archive from the copy: archive_mode needs a restart, so it goes in before the first start
-        db.host.run(sh_argv('printf "%s\\n" "$2" >> "$1"', f"{inst.data_directory}/postgresql.auto.conf",
-                            "archive_mode = 'off'  # barman-dr drill: never archive from a restored copy"))
-        db.host.run(["mkdir", "-p", inst.socket_directory])
-        t2 = time.monotonic()
-        db.start(inst, wait=False)
-        phases["ready_s"] = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))
-        phases["recovery_s"] = db.wait_recovery_end(inst, timeout=self.recovery_timeout)
-        phases["start_to_promoted_s"] = round(time.monotonic() - t2, 3)
-        cleared = clear_recovery_settings(db, inst)
-        archive_mode = db.psql(inst, "SHOW archive_mode")
-        if archive_mode != "off":
-            raise VerificationError(f"the restored copy on {inst.name} has archive_mode={archive_mode}: stopping it")
+        restored = restore_to_nonprod(self, inst, backup_id=backup.backup_id, target=target, job_id=job_id, tag=tag,
+                                      target_tli=target_tli, restore_timeout=self.restore_timeout,
+                                      recovery_timeout=self.recovery_timeout)
+        phases: dict[str, float] = restored["phases_s"]
+        moved, cleared, archive_mode = restored["moved_aside"], restored["recovery_settings_cleared"], \
+            restored["archive_mode"]
+        t1 = restored["restore_started"]
         t3 = time.monotonic()
         counts: dict[str, int] = {}
         for name, sql in srv.validation_queries.items():

@@ -1,0 +1,90 @@
+"""dr_surgical_recovery: put back only the rows an incident destroyed, without rewinding or stopping live.
+
+A plain PITR (dr_pitr) rewinds the whole cluster and loses every good write made after
+the incident. This DAG restores the backup to the target on the server's **nonprod**
+instance, side by side with the live primary (which keeps serving: no freeze, no stop),
+compares the named tables by primary key, and writes the diff (rows missing in live,
+rows changed since, rows new in live) with a sample to the audit trail and the run note.
+Without `confirm` = "SURGICAL <server>" it stops there. Confirmed, it re-inserts the
+missing rows into live in ONE transaction (and, with `restore_changed`, puts back the
+restored version of changed rows; otherwise those conflicts are only reported), verifies
+the counts, and audits the applied diff. The teardown always stops the nonprod instance
+(its directory is kept, like the drill's) and releases the server lock.
+Logic: plugins/barman_dr/operators/surgical.py and plugins/barman_dr/rowdiff.py.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from barman_dr.inventory import server_names_for_dags
+from barman_dr.notifications import DrNotifier
+from barman_dr.operators.surgical import (
+    RestoreNonprodOperator,
+    SurgicalApplyOperator,
+    SurgicalFailureSummaryOperator,
+    SurgicalPlanOperator,
+    SurgicalPreflightOperator,
+    SurgicalTeardownOperator,
+    SurgicalWalCoverageOperator,
+    ValidateSurgicalRequestOperator,
+)
+
+SERVERS = server_names_for_dags() or ["(inventory not found)"]
+OPT_STR = ["null", "string"]
+
+params = {
+    "server": Param(SERVERS[0], type="string", enum=SERVERS, title="Server",
+                    description="The Barman server whose rows to repair; it needs a nonprod instance in the inventory."),
+    "target_time": Param(None, type=OPT_STR, format="date-time", title="Target time (restore the copy to)",
+                         description="The last good moment, with its timezone (the picker sends UTC). Give exactly one "
+                                     "target."),
+    "target_xid": Param(None, type=OPT_STR, title="Target transaction id",
+                        description="Instead of a time: the xid of the bad transaction, with 'Target inclusive' off."),
+    "target_lsn": Param(None, type=OPT_STR, title="Target LSN", description="Instead of a time: a WAL location."),
+    "target_inclusive": Param(True, type="boolean", title="Target inclusive",
+                              description="Off: stop just before the target transaction/LSN (Barman --exclusive)."),
+    "backup_id": Param("auto", type="string", title="Backup",
+                       description="'auto' picks the newest DONE backup that ended before the target."),
+    "tables": Param([], type=["null", "array"], items={"type": "string"}, title="Tables",
+                    description='schema.table names to compare by primary key, parents before children, e.g. '
+                                '["public.critical_orders"]. Empty: the inventory\'s surgical_tables for the server.'),
+    "restore_changed": Param(False, type="boolean", title="Restore changed rows",
+                             description="Also overwrite live rows that differ from the restored copy with the restored "
+                                         "version. Off (default): they are reported as conflicts and left alone."),
+    "incident_id": Param(None, type=OPT_STR, title="Incident id", description="Your incident ticket, e.g. INC-123."),
+    "reason": Param(None, type=OPT_STR, title="Reason", description="Why this runs (shown in the audit trail)."),
+    "confirm": Param(None, type=OPT_STR, title="Confirm",
+                     description="Type exactly: SURGICAL <server> (e.g. 'SURGICAL pg-primary') to APPLY the diff to "
+                                 "live. Empty: plan only (the diff is computed and shown, live is not changed)."),
+}
+
+with DAG(
+    dag_id="dr_surgical_recovery",
+    description="Re-insert the rows an incident destroyed from a restored copy on nonprod, live keeps serving",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    max_active_runs=2,
+    tags=["dr", "surgical", "barman"],
+    params=params,
+    doc_md=__doc__,
+    default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=10),
+                  "on_failure_callback": DrNotifier()},
+) as dag:
+    validate = ValidateSurgicalRequestOperator(task_id="validate_params", retries=0)
+    preflight = SurgicalPreflightOperator(task_id="preflight")
+    wal = SurgicalWalCoverageOperator(task_id="wal_coverage")
+    restore = RestoreNonprodOperator(task_id="restore_nonprod", retries=2, retry_delay=timedelta(seconds=15))
+    plan = SurgicalPlanOperator(task_id="plan", retries=0)
+    apply = SurgicalApplyOperator(task_id="apply")
+    main = [validate, preflight, wal, restore, plan, apply]
+    teardown = SurgicalTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)
+    # a leaf that fails when anything failed: the run's state is the recovery's state
+    failure = SurgicalFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
+
+    validate >> preflight >> wal >> restore >> plan >> apply
+    main >> teardown
+    main >> failure
