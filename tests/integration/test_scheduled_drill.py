@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,11 @@ def test_drill_restores_validates_and_stops_nonprod(inventory):
 
     srv = inventory.server("pg-primary")
     nonprod = srv.nonprod
-    primary_counts = counts()  # the lab is idle: the newest backup has these counts too
+    # a fresh backup: the drill's random target lies after it, and the lab is idle from here on,
+    # so the restored copy must hold exactly the primary's counts (whatever earlier suites wrote)
+    subprocess.run([*shlex.split(os.environ["LAB_BARMAN"]), "backup", "--wait", "pg-primary"], check=True,
+                   capture_output=True, timeout=600)
+    primary_counts = counts()
     state, run_id, states = run_dag(DAG_ID, {})
     pool = sorted(servers_by_pool())[0]
     res = xcom_for(DAG_ID, run_id, f"drill__{pool}", "pg-primary")
