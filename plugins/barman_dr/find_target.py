@@ -169,7 +169,8 @@ def select_wal(catalog: Iterable[WalCatalogEntry], streaming: Iterable[str], *, 
     lo_t, hi_t = start.timestamp() - margin_s, end.timestamp() + margin_s
     before = [i for i, t in enumerate(times) if t < lo_t]
     lo = before[-1] if before else 0
-    after = [i for i, t in enumerate(times) if t >= hi_t and i >= lo]
+    # a streamed segment's completion time is unknown: never stop before one
+    after = [i for i, t in enumerate(times) if hi_t <= t < inf and i >= lo]
     hi = after[0] if after else len(order) - 1
     chosen = order[lo:hi + 1]
     sel = WalSelection(segments=len(chosen), newest_archived_at=newest_archived)
@@ -324,7 +325,9 @@ class Replacement:
 
     def label(self, f: RelFileNode) -> str:
         names = ", ".join(n.qualified for n in self.names)
-        return f"{names or f'relfilenode {f}'} (old file {f}, replaced by {self.kind} xid {self.xid})"
+        if not names:
+            return f"relfilenode {f} (replaced by {self.kind} xid {self.xid})"
+        return f"{names} (old file {f}, replaced by {self.kind} xid {self.xid})"
 
 
 def replacements(txns: Iterable[CommittedTxn], catalog: Catalog) -> dict[RelFileNode, Replacement]:
@@ -485,20 +488,24 @@ def build_candidates(txns: Iterable[CommittedTxn], catalog: Catalog, *, server: 
     return ranked, len(out)
 
 
-def note_text(server: str, result: dict[str, Any], limit: int = 5) -> str:
-    """The run note: the top candidates in a few lines (the audit trail holds the whole list)."""
+def note_text(server: str, result: dict[str, Any], limit: int = 5, budget: int = 980) -> str:
+    """The run note: the top candidates in a few lines, within Airflow's note size (the audit trail has them all)."""
     cands = result.get("candidates") or []
     head = (f"dr_find_target {server}: {result.get('matched', len(cands))} candidate(s), commits "
             f"{result['window']['start'][:19]} .. {result['window']['end'][:19]} UTC "
             f"({result.get('wal', {}).get('segments', 0)} WAL segments decoded)")
     lines = [head]
-    for c in cands[:limit]:
-        t = c["target"]
-        lines.append(f"{c['rank']}. {c['summary']} | xid {c['xid']} committed {c['commit_time'][11:23]} at "
-                     f"{c['commit_lsn']} | target_xid {t['target_xid']} (or target_lsn {t['target_lsn']}), "
-                     "target_inclusive=false")
     if not cands:
         lines.append("no destructive transaction found: widen the window, lower min_rows or drop the table filter")
-    for w in (result.get("warnings") or [])[:3]:
-        lines.append(f"warning: {w}")
-    return "\n".join(lines)
+    tail = [f"warning: {w[:150]}" for w in (result.get("warnings") or [])[:2]]
+    used = sum(len(x) + 1 for x in (*lines, *tail))
+    for c in cands[:limit]:
+        t = c["target"]
+        line = (f"{c['rank']}. {c['summary'][:120]} | xid {c['xid']} committed {c['commit_time'][11:23]} | "
+                f"target_xid {t['target_xid']} or target_lsn {t['target_lsn']}, target_inclusive=false")
+        if used + len(line) + 1 > budget:
+            lines.append("... (all candidates: audit trail, DR page)")
+            break
+        lines.append(line)
+        used += len(line) + 1
+    return "\n".join([*lines, *tail])

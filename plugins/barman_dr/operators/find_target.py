@@ -56,17 +56,18 @@ waldump="$1"; tli="$2"; root="$3"; endlsn="$4"; shift 4
 mkdir -p "$root"
 tmp="$(mktemp -d "$root/waldump.XXXXXXXX")"
 trap 'rm -rf "$tmp"' EXIT HUP INT TERM
+mkdir "$tmp/wal"
 first=""; last=""
 while [ "$#" -ge 3 ]; do
   name="$1"; path="$2"; how="$3"; shift 3
   case "$how" in
-    link) ln -s "$path" "$tmp/$name" ;;
-    gzip|bzip2|xz|zstd|lz4) "$how" -dc "$path" > "$tmp/$name" ;;
+    link) ln -s "$path" "$tmp/wal/$name" ;;
+    gzip|bzip2|xz|zstd|lz4) "$how" -dc "$path" > "$tmp/wal/$name" ;;
     *) echo "unsupported WAL file handling: $how" >&2; exit 2 ;;
   esac
   [ -n "$first" ] || first="$name"; last="$name"
 done
-set -- --path "$tmp" --timeline "$tli" --rmgr Heap --rmgr Transaction --rmgr Storage --rmgr Standby
+set -- --path "$tmp/wal" --timeline "$tli" --rmgr Heap --rmgr Transaction --rmgr Storage --rmgr Standby
 [ -z "$endlsn" ] || set -- "$@" --end "$endlsn"
 { rc=0; TZ=UTC "$waldump" "$@" "$first" "$last" 2> "$tmp/err" || rc=$?; echo "$rc" > "$tmp/rc"; } \
   | grep -v -F -e ' desc: INSERT' -e ' desc: LOCK off' -e ' desc: INPLACE' -e ' desc: RUNNING_XACTS' \
