@@ -19,7 +19,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import psycopg2
 
@@ -57,8 +59,14 @@ class Scenario:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def play(dsn: str | None = None, settle: float = 1.0) -> Scenario:
-    """Play the seed's timeline. Deterministic counts; the GOOD STATE comes from the database clock."""
+def play(dsn: str | None = None, settle: float = 1.0,
+         before_delete: Callable[[Any], None] | None = None) -> Scenario:
+    """Play the seed's timeline. Deterministic counts; the GOOD STATE comes from the database clock.
+
+    `before_delete(cursor)` runs (autocommit, on the scenario's connection) right before the
+    DELETE's transaction begins: tests commit a good transaction there, in the same second
+    as the DELETE, to prove a recovery keeps it.
+    """
     t0 = time.monotonic()
     conn = connect(dsn)
     cur = conn.cursor()
@@ -80,6 +88,8 @@ def play(dsn: str | None = None, settle: float = 1.0) -> Scenario:
     cur.execute("SELECT now()")
     good_state = cur.fetchone()[0].isoformat()
     time.sleep(settle)
+    if before_delete is not None:
+        before_delete(cur)
     # the incident
     cur.execute("BEGIN")
     cur.execute("DELETE FROM critical_orders WHERE status = 'completed'")

@@ -93,28 +93,33 @@ def _str_field(conf: dict[str, Any], name: str) -> str | None:
     return value.strip()
 
 
-def parse_target_time(value: str, now: datetime) -> datetime:
+def parse_aware_time(value: str, now: datetime, name: str = "target_time") -> datetime:
+    """An ISO 8601 time with its timezone, in UTC, not in the future. `name` is the field reported in errors."""
     if len(value) > 40:
-        raise ValidationError("target_time", value, "too long: use ISO 8601 like 2026-11-25T11:45:00+00:00")
+        raise ValidationError(name, value, "too long: use ISO 8601 like 2026-11-25T11:45:00+00:00")
     text = value.replace("Z", "+00:00").replace("z", "+00:00")
     if " " in text and "T" not in text:
         text = text.replace(" ", "T", 1)
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise ValidationError("target_time", value,
+        raise ValidationError(name, value,
                               "not an ISO 8601 date-time: use e.g. 2026-11-25T11:45:00+00:00 (timezone required)") from None
     if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValidationError("target_time", value,
+        raise ValidationError(name, value,
                               "has no timezone: add one, e.g. +00:00 or Z (barman-dr never guesses the timezone)")
     try:
         parsed = parsed.astimezone(UTC)
     except OverflowError:
-        raise ValidationError("target_time", value, "is outside the range of dates PostgreSQL can recover to") from None
+        raise ValidationError(name, value, "is outside the range of dates PostgreSQL can recover to") from None
     if parsed > now:
-        raise ValidationError("target_time", value,
+        raise ValidationError(name, value,
                               f"is in the future (now is {now.isoformat(timespec='seconds')}): pick a time before the incident")
     return parsed
+
+
+def parse_target_time(value: str, now: datetime) -> datetime:
+    return parse_aware_time(value, now, "target_time")
 
 
 def parse_target(conf: dict[str, Any], now: datetime) -> RecoveryTarget:

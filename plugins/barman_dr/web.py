@@ -2,7 +2,8 @@
 
 Everything it shows comes from the audit trail (the record of truth, on the ops cluster):
 per server the last backup and its age, the verification status, the recovery window, the
-latest PITR runs (target, outcome, RTO per phase, link to the Airflow run), the drill
+latest PITR runs (target, outcome, RTO per phase, link to the Airflow run), the candidate
+targets dr_find_target found (ranked, with the xid/LSN target and a dr_pitr conf), the drill
 history with an RTO trend against the objective, and the audit trail filtered by server,
 run or incident. Authentication is Airflow's own (`get_user`: the UI's session cookie or a
 bearer token); the page never writes anything. Rendered server-side with escaped values:
@@ -12,6 +13,7 @@ no JavaScript, nothing from the audit trail is ever interpreted as HTML.
 from __future__ import annotations
 
 import html
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,7 +85,24 @@ def summary(limit: int = 500) -> dict[str, Any]:
             if srv is not None and srv["last_drill"] is None:
                 srv["last_drill"] = row
     return {"generated_at": now.isoformat(), "servers": list(servers.values()), "pitr_runs": pitrs[:20],
-            "drills": list(reversed(drills[:50]))}
+            "drills": list(reversed(drills[:50])), "find_target_runs": find_target_runs(_events(action="find_target",
+                                                                                                 limit=20))}
+
+
+def find_target_runs(events: list[dict[str, Any]], runs: int = 5, per_run: int = 10) -> list[dict[str, Any]]:
+    """The latest dr_find_target results (audit events `find_target`/`ok`), newest first, bounded."""
+    out = []
+    for e in events:
+        d = e.get("details") if isinstance(e.get("details"), dict) else {}
+        if e.get("action") != "find_target" or e.get("outcome") != "ok" or "candidates" not in d:
+            continue
+        out.append({"at": e["event_time"], "server": e.get("server"), "run_id": e.get("run_id"),
+                    "incident_id": e.get("incident_id"), "window": d.get("window") or {}, "table": d.get("table"),
+                    "min_rows": d.get("min_rows"), "matched": d.get("matched"),
+                    "candidates": (d.get("candidates") or [])[:per_run], "warnings": (d.get("warnings") or [])[:5]})
+        if len(out) >= runs:
+            break
+    return out
 
 
 # ------------------------------------------------------------------------ rendering
@@ -148,6 +167,7 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]], filters: dict
                   f"<td class='{'ok' if d['rto_met'] else 'failed'}'>{esc(d['rto_met'])}</td></tr>"
                   for d in reversed(data["drills"])]
     objective = next((s["rto_objective_s"] for s in data["servers"]), None)
+    candidates_html = render_candidates(data.get("find_target_runs") or [])
     audit_html = [f"<tr><td>{esc(e['event_time'][:19])}</td><td>{esc(e['dag_id'])}</td><td>{esc(e['run_id'])}</td>"
                   f"<td>{esc(e['task_id'])}</td><td>{esc(e['server'])}</td><td>{esc(e['incident_id'])}</td>"
                   f"<td>{esc(e['action'])}</td><td class='{esc(e['outcome'])}'>{esc(e['outcome'])}</td>"
@@ -160,6 +180,7 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]], filters: dict
 <th>Recovery window</th><th>Last PITR (RTO s)</th><th>Last drill RTO / objective</th></tr>{''.join(rows)}</table>
 <h2>PITR runs</h2><table id="pitr-runs"><tr><th>Finished</th><th>Server</th><th>Incident</th><th>Target</th>
 <th>Outcome</th><th>RTO s</th><th>Phases (s)</th><th>Airflow run</th></tr>{''.join(pitr_rows)}</table>
+<h2>Candidate targets</h2>{candidates_html}
 <h2>Restore drills</h2>{rto_svg(data['drills'], objective)}
 <table id="drills"><tr><th>Finished</th><th>Server</th><th>Backup</th><th>RTO s</th><th>Objective s</th>
 <th>Met</th></tr>{''.join(drill_rows)}</table>
@@ -168,6 +189,36 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]], filters: dict
 value="{f['incident_id']}"><button type="submit">Filter</button></form>
 <table id="audit"><tr><th>Time</th><th>DAG</th><th>Run</th><th>Task</th><th>Server</th><th>Incident</th>
 <th>Action</th><th>Outcome</th><th>s</th></tr>{''.join(audit_html)}</table></body></html>"""
+
+
+def render_candidates(runs: list[dict[str, Any]]) -> str:
+    """dr_find_target's ranked candidates, per run: what each transaction did and the exact target that undoes it."""
+    if not runs:
+        return '<p class="muted">No dr_find_target run yet.</p>'
+    parts = []
+    for r in runs:
+        w = r["window"]
+        parts.append(
+            f"<p><b>{esc(r['server'])}</b> {esc((r['at'] or '')[:19])} UTC, commits {esc(str(w.get('start', ''))[:19])}"
+            f" .. {esc(str(w.get('end', ''))[:19])}" + (f", table {esc(r['table'])}" if r["table"] else "")
+            + f", {esc(r['matched'])} matched"
+            + (f", incident {esc(r['incident_id'])}" if r["incident_id"] else "")
+            + f" <a href='/dags/dr_find_target/runs/{esc(r['run_id'])}'>{esc(r['run_id'])}</a></p>")
+        rows = []
+        for c in r["candidates"]:
+            t = c.get("target") or {}
+            conf = json.dumps(c.get("pitr_conf") or {}, sort_keys=True)
+            rows.append(
+                f"<tr><td>{esc(c.get('rank'))}</td><td class='failed'>{esc(c.get('kind'))}</td>"
+                f"<td>{esc(c.get('summary'))}</td><td>{esc('all' if c.get('whole_relation') else c.get('rows_affected'))}"
+                f"</td><td>{esc(c.get('xid'))}</td><td>{esc(str(c.get('commit_time', ''))[:26])}</td>"
+                f"<td>{esc(c.get('commit_lsn'))}</td><td>target_xid {esc(t.get('target_xid'))} / target_lsn "
+                f"{esc(t.get('target_lsn'))}, inclusive false</td><td><code>{esc(conf)}</code></td></tr>")
+        parts.append("<table class='candidates'><tr><th>#</th><th>Kind</th><th>What</th><th>Rows</th><th>xid</th>"
+                     "<th>Committed (UTC)</th><th>Commit LSN</th><th>Recommended target</th><th>dr_pitr conf</th></tr>"
+                     + "".join(rows) + "</table>")
+        parts.extend(f"<p class='warning'>{esc(x)}</p>" for x in r["warnings"])
+    return f'<div id="candidate-targets">{"".join(parts)}</div>'
 
 
 def create_app() -> FastAPI:

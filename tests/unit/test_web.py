@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from barman_dr.web import render, rto_svg
+from barman_dr.web import find_target_runs, render, render_candidates, rto_svg
 
 EVIL = "<script>alert(1)</script>"
 
@@ -32,3 +32,25 @@ def test_rto_trend_has_the_objective_line():
     svg = rto_svg(data()["drills"], 900)
     assert "<polyline" in svg and "objective 900" in svg
     assert "No drill yet" in rto_svg([], 900)
+
+
+def find_event(summary: str = EVIL) -> dict:
+    cand = {"rank": 1, "kind": "DELETE", "summary": summary, "rows_affected": 7465, "whole_relation": False,
+            "xid": 759, "commit_time": "2026-11-25T19:04:36.775668+00:00", "commit_lsn": "0/9332F48",
+            "target": {"target_xid": "759", "target_inclusive": False, "target_lsn": "0/9332F48"},
+            "pitr_conf": {"server": "pg-primary", "target_xid": "759", "target_inclusive": False, "reason": EVIL}}
+    return {"event_time": "2026-11-25T19:05:00+00:00", "action": "find_target", "outcome": "ok",
+            "server": "pg-primary", "run_id": EVIL, "incident_id": "INC-1",
+            "details": {"window": {"start": "2026-11-25T18:05:00+00:00", "end": "2026-11-25T19:05:00+00:00"},
+                        "table": EVIL, "min_rows": 1, "matched": 1, "candidates": [cand], "warnings": [EVIL]}}
+
+
+def test_candidate_targets_are_escaped():
+    runs = find_target_runs([find_event(), {**find_event(), "outcome": "started", "details": {}}])
+    assert len(runs) == 1
+    html = render_candidates(runs)
+    assert EVIL not in html and "&lt;script&gt;" in html
+    assert "target_xid 759 / target_lsn 0/9332F48, inclusive false" in html and "7465" in html
+    page = render({**data(), "find_target_runs": runs}, [], {"server": None, "run_id": None, "incident_id": None})
+    assert "Candidate targets" in page and 'id="candidate-targets"' in page and EVIL not in page
+    assert "No dr_find_target run yet" in render_candidates([])

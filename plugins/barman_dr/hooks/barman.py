@@ -41,6 +41,8 @@ class WalCatalogEntry:
     name: str
     size: int
     time: float
+    #: Barman's compression of the archived file (`gzip`, `bzip2`...), None when stored as is
+    compression: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,20 @@ class WalCoverage:
                 "missing": self.missing_ranges(), "timelines": list(self.timelines)}
 
 
+def timeline_for_segment(segno: int, switches: Sequence[tuple[int, str]] | None, last_timeline: int) -> int:
+    """The timeline recovery reads segment `segno` from, following a timeline history.
+
+    `switches` are the history file's `(parent timeline, switch LSN)` lines: the parent
+    timeline before its switch segment, the child from the switch segment on (PostgreSQL
+    requests the switch segment under the new timeline's name).
+    """
+    for switch_segno, parent in sorted((WalSegment.from_lsn(tli, Lsn.parse(lsn)).segno, tli)
+                                       for tli, lsn in (switches or ())):
+        if segno < switch_segno:
+            return parent
+    return last_timeline
+
+
 def compute_coverage(catalog: Sequence[str], first: str, last: str,
                      switches: Sequence[tuple[int, str]] | None = None) -> WalCoverage:
     """Which segments between `first` and `last` (inclusive) are absent from the catalogue.
@@ -97,15 +113,9 @@ def compute_coverage(catalog: Sequence[str], first: str, last: str,
             seg = WalSegment.parse(name)
             if seg.timeline in tlis:
                 have.setdefault(seg.segno, set()).add(seg.timeline)
-    bounds = sorted((WalSegment.from_lsn(tli, Lsn.parse(lsn)).segno, tli) for tli, lsn in (switches or ()))
 
     def wanted(segno: int) -> int | None:
-        if not switches:
-            return None
-        for switch_segno, parent in bounds:
-            if segno < switch_segno:
-                return parent
-        return b.timeline
+        return timeline_for_segment(segno, switches, b.timeline) if switches else None
 
     missing = []
     present = 0
@@ -221,7 +231,8 @@ class BarmanHook(BaseHook):
         for line in out.splitlines():
             parts = line.split("\t")
             if len(parts) >= 3:
-                entries.append(WalCatalogEntry(parts[0], int(parts[1]), float(parts[2])))
+                compression = parts[3].strip() if len(parts) >= 4 and parts[3].strip() not in ("", "None") else None
+                entries.append(WalCatalogEntry(parts[0], int(parts[1]), float(parts[2]), compression))
         return entries
 
     def wal_coverage(self, server: str, first: str, last: str) -> WalCoverage:

@@ -186,6 +186,45 @@ class RemoteHost:
             raise error_cls(self.name, list(argv), code, result.stderr, result.stdout)
         return result
 
+    def stream_lines(self, argv: Sequence[str], on_line: Callable[[str], None], *, timeout: float | None = None,
+                     stderr_limit: int = 65536) -> CommandResult:
+        """Run argv and hand each stdout line to `on_line` as it arrives; nothing is kept but stderr's tail.
+
+        For output too large to hold (a pg_waldump of hours of WAL): the caller aggregates
+        as lines stream by. The returned result has an empty stdout; the caller checks the
+        exit code (nothing is raised for a non-zero exit: some tools end with one by design).
+        """
+        command = shlex.join(argv)
+        start = time.monotonic()
+        client = self._client()
+        inactivity = self.cmd_timeout if timeout is None else timeout
+        pending = bytearray()
+
+        def feed(chunk: bytes) -> None:
+            pending.extend(chunk)
+            end = pending.rfind(b"\n")
+            if end < 0:
+                return
+            for raw in bytes(pending[:end]).split(b"\n"):
+                on_line(raw.decode("utf-8", "replace"))
+            del pending[:end + 1]
+
+        try:
+            code, _, err = _exec(client, command, inactivity, on_stdout=feed)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self.close()
+            raise SshConnectError(f"SSH session to {self.name} broke while running {argv[0]}: {exc}") from exc
+        except TimeoutError as exc:
+            self.close()
+            raise RemoteCommandError(self.name, list(argv), None, f"no output for {inactivity}s (inactivity "
+                                     "timeout)") from exc
+        if pending:
+            on_line(bytes(pending).decode("utf-8", "replace"))
+        if self._log:
+            self._log(f"{self.name}: {command[:300]} -> exit {code} (streamed)")
+        return CommandResult(self.name, list(argv), code, "", err[-stderr_limit:].decode("utf-8", "replace"),
+                             round(time.monotonic() - start, 3))
+
     # ------------------------------------------------------------------ remote jobs
     def _job_dir(self, job_root: str, job_id: str) -> str:
         if not JOB_ID_RE.match(job_id):
@@ -288,12 +327,14 @@ class RemoteHost:
         return result
 
 
-def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None) -> tuple[int, bytes, bytes]:
+def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None,
+          on_stdout: Callable[[bytes], None] | None = None) -> tuple[int, bytes, bytes]:
     """Run one command on an open SSH client; like SSHHook.exec_ssh_client_command, but quiet.
 
     The provider's method logs every output line at INFO (a pg_controldata dump, a JSON
     document); we log the command and its exit code instead. `inactivity` is the longest
-    silence tolerated, as in the provider.
+    silence tolerated, as in the provider. With `on_stdout`, stdout is handed over chunk by
+    chunk as it arrives instead of being collected (output larger than memory: pg_waldump).
     """
     transport = client.get_transport()
     if transport is None or not transport.is_active():
@@ -307,7 +348,11 @@ def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None) ->
         sel.register(chan, selectors.EVENT_READ)
         while True:
             if chan.recv_ready():
-                out += chan.recv(65536)
+                chunk = chan.recv(65536)
+                if on_stdout is None:
+                    out += chunk
+                else:
+                    on_stdout(chunk)
                 continue
             if chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
@@ -320,7 +365,11 @@ def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None) ->
                 chan.close()
                 raise TimeoutError(f"no output for {inactivity}s")
     while chan.recv_ready():
-        out += chan.recv(65536)
+        chunk = chan.recv(65536)
+        if on_stdout is None:
+            out += chunk
+        else:
+            on_stdout(chunk)
     while chan.recv_stderr_ready():
         err += chan.recv_stderr(65536)
     code = chan.recv_exit_status()

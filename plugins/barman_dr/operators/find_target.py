@@ -1,0 +1,301 @@
+"""dr_find_target's steps: validate the request, then decode the WAL Barman holds and rank the candidates.
+
+Read-only for the data: the only writes are the ones dr_pitr's WAL coverage step also
+makes (one empty transaction on the primary and `barman switch-wal --force --archive`, so
+the segment holding a DELETE committed seconds ago is archived). No server lock is taken:
+nothing here conflicts with a running PITR.
+
+pg_waldump runs on the barman host, over SSH, on the WAL Barman holds (the matching
+PostgreSQL version: Barman's own `path_prefix`); its output streams back line by line
+and is aggregated on the worker as it arrives (`waldump.TxnAggregator`). Only the ranked,
+bounded candidate list reaches XCom, the audit trail and the run note.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from functools import cached_property
+from typing import Any
+
+from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, RemoteCommandError
+from barman_dr.find_target import (
+    DATABASES_SQL,
+    Catalog,
+    DecodeRun,
+    WalSelectionError,
+    build_candidates,
+    catalog_inputs,
+    catalog_sql,
+    note_text,
+    parse_catalog_result,
+    select_wal,
+)
+from barman_dr.find_target_request import FindTargetRequest, validate_find_target_conf
+from barman_dr.hooks.remote import sh_argv
+from barman_dr.models import WalSegment, is_wal_segment_name
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.recovery_proof import parse_history_file
+from barman_dr.run_note import set_run_note
+from barman_dr.waldump import CommittedTxn, TxnAggregator
+
+#: resource managers whose records matter: row changes, commits, file creation/truncation, AccessExclusive locks
+RMGRS = ("Heap", "Transaction", "Storage", "Standby")
+
+# Decode one run of segments on the barman host. Segments are linked (or decompressed) into
+# a private directory first: Barman spreads them over `wals/<hex16>/` directories and
+# keeps the newest in `streaming/` (the `.partial` under its segment name), while
+# pg_waldump reads consecutive segments from one directory. The lines that are never
+# needed (row inserts, row locks, in-place updates, snapshots) are dropped before the
+# network. pg_waldump's exit code is kept (a pipeline would lose it) and returned.
+#   $1 pg_waldump  $2 timeline  $3 work root  $4 end LSN or ''  then: name path how ...
+_DECODE_SCRIPT = r"""
+set -eu
+waldump="$1"; tli="$2"; root="$3"; endlsn="$4"; shift 4
+mkdir -p "$root"
+tmp="$(mktemp -d "$root/waldump.XXXXXXXX")"
+trap 'rm -rf "$tmp"' EXIT HUP INT TERM
+mkdir "$tmp/wal"
+first=""; last=""
+while [ "$#" -ge 3 ]; do
+  name="$1"; path="$2"; how="$3"; shift 3
+  case "$how" in
+    link) ln -s "$path" "$tmp/wal/$name" ;;
+    gzip|bzip2|xz|zstd|lz4) "$how" -dc "$path" > "$tmp/wal/$name" ;;
+    *) echo "unsupported WAL file handling: $how" >&2; exit 2 ;;
+  esac
+  [ -n "$first" ] || first="$name"; last="$name"
+done
+set -- --path "$tmp/wal" --timeline "$tli" --rmgr Heap --rmgr Transaction --rmgr Storage --rmgr Standby
+[ -z "$endlsn" ] || set -- "$@" --end "$endlsn"
+{ rc=0; TZ=UTC "$waldump" "$@" "$first" "$last" 2> "$tmp/err" || rc=$?; echo "$rc" > "$tmp/rc"; } \
+  | grep -v -F -e ' desc: INSERT' -e ' desc: LOCK off' -e ' desc: INPLACE' -e ' desc: RUNNING_XACTS' \
+               -e ' desc: INVALIDATIONS' -e ' desc: CONFIRM' || true
+cat "$tmp/err" >&2
+exit "$(cat "$tmp/rc")"
+"""
+
+#: how pg_waldump says it reached the end of the WAL written so far (the zeroed tail of a `.partial`)
+END_OF_WAL_RE = re.compile(r"invalid record length at [0-9A-F/]+: wanted \d+, got 0|invalid magic number 0000|"
+                           r"record with incorrect prev-link|could not find a valid record after")
+VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)")
+
+
+class WaldumpError(BarmanDrError):
+    """pg_waldump failed on WAL that should be readable."""
+
+
+class FindTargetBaseOperator(DrBaseOperator):
+    """A dr_find_target step: its request is a `FindTargetRequest`, not a PITR request."""
+
+    @cached_property
+    def find_req(self) -> FindTargetRequest:
+        if not isinstance(self.request, dict):
+            from barman_dr.exceptions import ValidationError
+
+            raise ValidationError("request", self.request, "the validated request (XCom of validate_params) is missing")
+        return FindTargetRequest.from_dict(self.request)
+
+    @property
+    def server_name(self) -> str:
+        return self.find_req.server
+
+    def audit_target(self) -> str | None:
+        try:
+            return self.find_req.describe()
+        except Exception:  # noqa: BLE001 - the request may be what failed
+            return None
+
+
+class ValidateFindTargetOperator(FindTargetBaseOperator):
+    """Step 1: the params, validated and typed, before anything runs anywhere; the audit trail must be writable."""
+
+    action = "find_target_validate"
+    request_task_id = None
+
+    def run(self, context: Any) -> dict[str, Any]:
+        conf = dict(context["params"])
+        conf.update(dict(getattr(context.get("dag_run"), "conf", None) or {}))
+        req = validate_find_target_conf(conf, self.inventory)
+        self.request = req.to_dict()
+        self.__dict__.pop("find_req", None)
+        return req.to_dict()
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        return "Nothing was read. Correct the field named above and trigger again."
+
+
+class FindCandidatesOperator(FindTargetBaseOperator):
+    """Step 2: decode the window's WAL on the barman host and rank the destructive transactions.
+
+    Retry-safe: it only reads (plus the WAL switch), and a retry decodes again from scratch.
+    """
+
+    action = "find_target"
+    template_fields: Sequence[str] = ("request", "limit")
+
+    def __init__(self, *, limit: int = 20, clock_margin_s: float = 300, chunk_segments: int = 256,
+                 decode_inactivity_s: float = 600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limit = limit
+        self.clock_margin_s = clock_margin_s
+        self.chunk_segments = chunk_segments
+        self.decode_inactivity_s = decode_inactivity_s
+
+    # ------------------------------------------------------------------ steps
+    def _waldump(self, info: dict[str, Any], warnings: list[str]) -> str:
+        """Barman's own PostgreSQL binaries (`path_prefix`), checked against the server's major version."""
+        prefix = str(info.get("path_prefix") or "").split(":")[0].rstrip("/")
+        path = f"{prefix}/pg_waldump" if prefix else "pg_waldump"
+        r = self.barman.host.run([path, "--version"], check=False, timeout=30)
+        m = VERSION_RE.search(r.stdout)
+        if r.exit_code != 0 or not m:
+            raise PreflightError(f"pg_waldump not runnable on the barman host as {path!r} ({r.stderr.strip()[:200]}): "
+                                 "install the server's PostgreSQL binaries there and set Barman's path_prefix")
+        server_major = str(info.get("server_txt_version") or "").split(".")[0]
+        if server_major.isdigit() and int(server_major) != int(m.group(1)):
+            raise PreflightError(f"{path} is PostgreSQL {m.group(1)} but {self.find_req.server} runs {server_major}: "
+                                 "pg_waldump reads only its own major version's WAL. Point Barman's path_prefix at "
+                                 f"PostgreSQL {server_major}'s binaries.")
+        if not server_major.isdigit():
+            warnings.append(f"server version unknown (server down?): assuming {path} (PostgreSQL {m.group(1)}) matches")
+        return path
+
+    def _switch(self, warnings: list[str]) -> tuple[bool, str | None, str | None]:
+        """Close and archive the current segment (as dr_pitr's WAL coverage does). (primary up, closed WAL, current WAL)."""
+        srv = self.srv
+        db = self.db(srv.primary.host)
+        up = db.status(srv.primary.data_directory) == "running" and db.is_ready(srv.primary)
+        if not up:
+            warnings.append(f"{srv.primary.name} is down: decoding what Barman has, the streamed .partial included")
+            return False, None, None
+        db.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
+        current = db.psql(srv.primary, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+        try:
+            closed = self.barman.switch_wal(srv.name, archive_timeout=srv.switch_wal_timeout_seconds)
+        except BarmanCommandError as exc:
+            warnings.append(f"switch-wal --archive failed ({str(exc).splitlines()[-1][:200]}): the newest WAL is "
+                            "read from the streaming directory")
+            closed = None
+        return True, closed, current
+
+    def _decode(self, runs: Sequence[DecodeRun], waldump: str, agg: TxnAggregator) -> list[dict[str, Any]]:
+        done = []
+        root = f"{self.barman.job_dir.rstrip('/')}/waldump"
+        for run in runs:
+            argv = sh_argv(_DECODE_SCRIPT, waldump, str(run.timeline), root, run.end_lsn or "", *run.args())
+            before = agg.records
+            r = self.barman.host.stream_lines(argv, agg.feed_line, timeout=self.decode_inactivity_s)
+            info = {**run.to_dict(), "records": agg.records - before, "seconds": r.duration_s}
+            if r.exit_code != 0:
+                if run.partial and END_OF_WAL_RE.search(r.stderr):
+                    info["end"] = r.stderr.strip().splitlines()[-1][:200]
+                else:
+                    raise WaldumpError(f"pg_waldump failed on {run.files[0].name}..{run.files[-1].name} (timeline "
+                                       f"{run.timeline}), exit {r.exit_code}: {r.stderr.strip()[-800:]}")
+            done.append(info)
+        return done
+
+    def _catalog(self, txns: Sequence[CommittedTxn], up: bool) -> Catalog:
+        """Name the WAL's relfilenodes and OIDs through the primary's live catalogue (one query per database)."""
+        srv = self.srv
+        cat = Catalog()
+        if not up:
+            cat.error = "the primary is down"
+            return cat
+        db = self.db(srv.primary.host)
+        import json
+
+        try:
+            cat.databases = {int(k): v for k, v in json.loads(db.psql(srv.primary, DATABASES_SQL,
+                                                                      database=srv.database)).items()}
+            for dboid, (filenodes, oids) in sorted(catalog_inputs(txns).items()):
+                name = cat.databases.get(dboid)
+                if name is None:
+                    continue  # the database is gone (or does not accept connections)
+                out = db.psql(srv.primary, catalog_sql(filenodes, oids, self.find_req.table), database=name,
+                              timeout=120)
+                parse_catalog_result(cat, dboid, out)
+            if self.find_req.table and srv.database not in {cat.databases.get(d) for d in catalog_inputs(txns)}:
+                # no candidate in the server's own database: still learn whether the named table exists there
+                parse_catalog_result(cat, 0, db.psql(srv.primary, catalog_sql((), (), self.find_req.table),
+                                                     database=srv.database))
+            cat.available = True
+        except (RemoteCommandError, ValueError) as exc:
+            cat.error = f"catalogue query failed: {str(exc).splitlines()[0][:200]}"
+        return cat
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req, srv = self.find_req, self.srv
+        warnings: list[str] = []
+        info = self.barman.show_server(srv.name)
+        wals_dir, stream_dir = info.get("wals_directory"), info.get("streaming_wals_directory")
+        if not wals_dir:
+            raise PreflightError("barman show-server gives no wals_directory")
+        waldump = self._waldump(info, warnings)
+        up, closed, current = self._switch(warnings)
+        catalog = self.barman.wal_catalog(srv.name)
+        streaming = self.barman.host.run(["ls", "-1", stream_dir], check=False).stdout.split() if stream_dir else []
+        names = [e.name for e in catalog if is_wal_segment_name(e.name)] + [s[:24] for s in streaming
+                                                                             if is_wal_segment_name(s[:24])]
+        if not names:
+            raise PreflightError(f"Barman holds no WAL for {srv.name}")
+        timeline = WalSegment.parse(closed or current or max(names, key=lambda n: WalSegment.parse(n).segno)).timeline
+        history = self.barman.timeline_history(srv.name, timeline) if timeline > 1 else None
+        if timeline > 1 and history is None:
+            warnings.append(f"no history file for timeline {timeline}: only its own segments are decoded")
+        switches = [(e.parent_timeline, e.switch_lsn) for e in parse_history_file(history or "")]
+        try:
+            sel = select_wal(catalog, streaming, wals_directory=wals_dir, streaming_directory=stream_dir,
+                             timeline=timeline, switches=switches, start=req.start, end=req.end,
+                             margin_s=self.clock_margin_s, chunk=self.chunk_segments)
+        except WalSelectionError as exc:
+            raise PreflightError(str(exc)) from exc
+        if sel.gaps:
+            warnings.append(f"{len(sel.gaps)} WAL segment(s) missing from Barman's archive in the window (e.g. "
+                            f"{', '.join(sel.gaps[:3])}): transactions there cannot be seen")
+
+        def keep(t: CommittedTxn) -> bool:
+            whole = bool(t.dropped or t.truncated_oids or t.smgr_truncated)
+            return req.start <= t.commit_time <= req.end and (whole or t.rows_deleted + t.rows_updated >= req.min_rows)
+
+        agg = TxnAggregator(keep)
+        runs = self._decode(sel.runs, waldump, agg)
+        if agg.pruned:
+            warnings.append(f"{agg.pruned} smaller transactions were not kept (too many in the window): narrow the "
+                            "window or name a table")
+        cat = self._catalog([*agg.committed, *agg.rewrites], up)
+        if not cat.available:
+            warnings.append(f"relations are not named ({cat.error}): the table filter is not applied")
+        elif req.table and not cat.table_found:
+            warnings.append(f"table {req.table} does not exist in the live catalogue: DROPs are listed (it may be one)")
+        backups = []
+        try:
+            for b in sorted((b for b in self.barman.list_backups(srv.name) if b.is_done),
+                            key=lambda b: b.backup_id, reverse=True)[:10]:
+                backups.append(self.barman.show_backup(srv.name, b.backup_id))
+        except BarmanDrError as exc:
+            warnings.append(f"backups not listed ({exc}): the PITR confs use backup_id auto")
+        candidates, matched = build_candidates(
+            agg.committed, cat, server=srv.name, start=req.start, end=req.end, table=req.table,
+            min_rows=req.min_rows, limit=int(self.limit), backups=backups, timeline=timeline,
+            incident_id=req.incident_id, rewrites=agg.rewrites)
+        result = {
+            "server": srv.name, "window": {"start": req.window_start, "end": req.window_end}, "table": req.table,
+            "min_rows": req.min_rows, "timeline": timeline, "closed_wal": closed, "primary_running": up,
+            "wal": {**sel.to_dict(), "decoded": runs}, "decode": agg.stats(), "catalogue": cat.available,
+            "matched": matched, "candidates": candidates, "warnings": warnings,
+            "decoded_at": datetime.now(UTC).isoformat(),
+        }
+        set_run_note(context["dag"].dag_id, context["run_id"], note_text(srv.name, result))
+        return result
+
+    def on_kill(self) -> None:
+        # closing the session ends the remote pipeline (pg_waldump gets SIGPIPE); its temp dir is removed by its trap
+        if "barman" in self.__dict__:
+            self.barman.close()
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        return ("Nothing was changed. Check that Barman holds the window's WAL (`barman show-server`, `barman check`) "
+                "and that pg_waldump runs on the barman host, then clear this task.")

@@ -1,0 +1,88 @@
+"""The barman-host decode script of dr_find_target, run locally through `sh` exactly as SSH would run it.
+
+A stand-in `pg_waldump` (a shell script) checks what it is given (the private directory
+holds every segment under its own name, decompressed) and prints the recorded pg_waldump
+output; the real one runs in tests/integration/test_find_target.py.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from barman_dr.hooks.remote import sh_argv
+from barman_dr.operators.find_target import _DECODE_SCRIPT
+
+SEG1, SEG2 = "000000010000000000000007", "000000010000000000000008"
+
+FAKE_WALDUMP = r"""#!/bin/sh
+# record the arguments, check the segment files, replay the recording
+printf '%s\n' "$@" > "$LOG/args"
+dir=""; while [ "$#" -gt 0 ]; do [ "$1" = "--path" ] && dir="$2"; shift; done
+ls "$dir" > "$LOG/listing"
+for f in "$dir"/0*; do head -c 5 "$f" >> "$LOG/heads"; echo >> "$LOG/heads"; done
+echo "TZ=$TZ" > "$LOG/tz"
+cat "$RECORDING"
+echo "pg_waldump: error: error in WAL record at 0/A07E790: invalid record length at 0/A07E7C8: wanted 24, got 0" >&2
+exit "${FAKE_RC:-0}"
+"""
+
+
+@pytest.fixture
+def setup(tmp_path: Path, fixtures_dir: Path):
+    log = tmp_path / "log"
+    log.mkdir()
+    fake = tmp_path / "pg_waldump"
+    fake.write_text(FAKE_WALDUMP)
+    fake.chmod(0o755)
+    wals = tmp_path / "wals dir"  # a space in a path: never word-split
+    wals.mkdir()
+    (wals / SEG1).write_bytes(b"SEG-1" + b"\0" * 100)
+    with gzip.open(wals / SEG2, "wb") as f:
+        f.write(b"SEG-2" + b"\0" * 100)
+    return {"tmp": tmp_path, "log": log, "fake": fake, "wals": wals,
+            "recording": fixtures_dir / "waldump" / "workload.waldump.txt"}
+
+
+def run(setup, *files: str, rc: int = 0, end_lsn: str = "") -> subprocess.CompletedProcess:
+    argv = sh_argv(_DECODE_SCRIPT, str(setup["fake"]), "1", str(setup["tmp"] / "work"), end_lsn, *files)
+    env = {"PATH": "/usr/bin:/bin", "LOG": str(setup["log"]), "RECORDING": str(setup["recording"]), "FAKE_RC": str(rc)}
+    return subprocess.run(["sh", "-c", shlex.join(argv)], capture_output=True, text=True, env=env, check=False)
+
+
+def test_segments_are_linked_or_decompressed_and_lines_filtered(setup):
+    w = setup["wals"]
+    r = run(setup, SEG1, str(w / SEG1), "link", SEG2, str(w / SEG2), "gzip")
+    assert r.returncode == 0, r.stderr
+    args = (setup["log"] / "args").read_text().split("\n")
+    assert args[-3:-1] == [SEG1, SEG2] and "--timeline" in args and "--end" not in args
+    assert args.count("--rmgr") == 4
+    assert (setup["log"] / "listing").read_text().split() == [SEG1, SEG2]
+    assert (setup["log"] / "heads").read_text().split() == ["SEG-1", "SEG-2"]  # the gzip'd one decompressed
+    assert (setup["log"] / "tz").read_text().strip() == "TZ=UTC"
+    recorded = setup["recording"].read_text().splitlines()
+    out = r.stdout.splitlines()
+    assert out and len(out) < len(recorded)
+    assert not any(" desc: INSERT" in x or " desc: LOCK off" in x for x in out)
+    assert [x for x in recorded if " desc: DELETE" in x or " desc: COMMIT" in x] == \
+        [x for x in out if " desc: DELETE" in x or " desc: COMMIT" in x]
+    assert "invalid record length" in r.stderr
+    assert list((setup["tmp"] / "work").iterdir()) == []  # the private directory is gone
+
+
+def test_exit_code_and_end_lsn_pass_through(setup):
+    w = setup["wals"]
+    r = run(setup, SEG1, str(w / SEG1), "link", rc=1, end_lsn="0/7000100")
+    assert r.returncode == 1 and "invalid record length" in r.stderr
+    args = (setup["log"] / "args").read_text().split("\n")
+    assert args[args.index("--end") + 1] == "0/7000100"
+    assert list((setup["tmp"] / "work").iterdir()) == []
+
+
+def test_unknown_handling_is_refused(setup):
+    r = run(setup, SEG1, str(setup["wals"] / SEG1), "$(touch /tmp/x)")
+    assert r.returncode == 2 and "unsupported WAL file handling" in r.stderr
