@@ -5,8 +5,9 @@ are reused): strict allow-lists, every rejection a `ValidationError` naming the 
 value and the fix, no I/O. On top:
 
 * `tables`: a list of `schema.table` (each part a plain identifier, taken literally and
-  always quoted); empty means the inventory's `surgical_tables` of the server. (Later:
-  the tables the transaction found by dr_find_target touched.)
+  always quoted); empty means the tables the dr_find_target candidate with this
+  `target_xid` deleted or updated rows in (looked up by the validate operator in the audit
+  trail), else the inventory's `surgical_tables` of the server.
 * `restore_changed` (default false): also put back the restored version of rows that
   differ in live. Off, they are only reported.
 * `confirm` must equal `SURGICAL <server>`; empty = plan only.
@@ -48,7 +49,7 @@ class SurgicalRequest(PitrRequest):
     """A validated surgical-recovery request; `restore_to` is the server's nonprod instance."""
 
     tables: tuple[str, ...] = ()
-    #: where `tables` came from: "param" or "inventory"
+    #: where `tables` came from: "param", "dr_find_target" (the found transaction's tables) or "inventory"
     tables_source: str = "param"
     restore_changed: bool = False
 

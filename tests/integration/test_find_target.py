@@ -74,6 +74,16 @@ def test_the_marker_committed_in_the_same_second_before_the_delete(incident):
     assert marker["xid"] not in {c["xid"] for c in incident["found"]["candidates"]}
 
 
+def test_surgical_recovery_defaults_to_the_tables_the_found_transaction_touched(incident):
+    """dr_surgical_recovery with the found xid and no `tables`: the candidate's tables, from the audit trail."""
+    from barman_dr.operators.surgical import ValidateSurgicalRequestOperator
+
+    op = ValidateSurgicalRequestOperator(task_id="validate_params")
+    req = op.validate({"server": "pg-primary", "target_xid": str(incident["scenario"].delete_xid),
+                       "target_inclusive": False})
+    assert req.tables == ("public.critical_orders",) and req.tables_source == "dr_find_target"
+
+
 def test_recommended_conf_is_a_valid_dr_pitr_request(incident):
     from barman_dr.inventory import load_inventory
     from barman_dr.pitr_request import validate_pitr_conf

@@ -36,6 +36,7 @@ from barman_dr.find_target_request import FindTargetRequest, validate_find_targe
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.models import WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr import nudging
 from barman_dr.recovery_proof import parse_history_file
 from barman_dr.run_note import set_run_note
 from barman_dr.waldump import CommittedTxn, TxnAggregator
@@ -173,7 +174,8 @@ class FindCandidatesOperator(FindTargetBaseOperator):
         db.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
         current = db.psql(srv.primary, "SELECT pg_walfile_name(pg_current_wal_lsn())")
         try:
-            closed = self.barman.switch_wal(srv.name, archive_timeout=srv.switch_wal_timeout_seconds)
+            with nudging(lambda: db.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)):
+                closed = self.barman.switch_wal(srv.name, archive_timeout=srv.switch_wal_timeout_seconds)
         except BarmanCommandError as exc:
             warnings.append(f"switch-wal --archive failed ({str(exc).splitlines()[-1][:200]}): the newest WAL is "
                             "read from the streaming directory")

@@ -21,6 +21,7 @@ under the diff would make the apply wrong). A plan-only dr_pitr still runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from functools import cached_property
@@ -74,11 +75,41 @@ class SurgicalMixin:
         return check_nonprod(self.srv)
 
 
+def tables_found_for_xid(audit: AuditTrail, server: Any, xid: Any) -> list[str]:
+    """The tables a dr_find_target candidate with this xid deleted or updated rows in (newest run first).
+
+    The default `tables` of a surgical recovery that targets a transaction found by
+    dr_find_target: exactly what that transaction touched, as the live catalogue named it.
+    Only resolved DELETE/UPDATE relations qualify (a DROP or TRUNCATE is dr_pitr's job);
+    the names still go through the same validator as a typed-in list.
+    """
+    if not isinstance(server, str) or not str(xid).strip().isdigit():
+        return []
+    for event in audit.events(server=server, action="find_target", limit=50):
+        if event.get("outcome") != "ok":
+            continue
+        for cand in (event.get("details") or {}).get("candidates") or []:
+            if str(cand.get("xid")) != str(xid).strip():
+                continue
+            return sorted({r["relation"] for r in cand.get("relations") or []
+                           if r.get("resolved") and r.get("operation") in ("DELETE", "UPDATE")
+                           and isinstance(r.get("relation"), str)})
+    return []
+
+
 class ValidateSurgicalRequestOperator(SurgicalMixin, ValidatePitrRequestOperator):
     """Step 1: params validated and typed (no I/O), audit writable, the server lock, the backup catalogue."""
 
     def validate(self, conf: dict[str, Any]) -> SurgicalRequest:
+        found = None
+        if not conf.get("tables") and conf.get("target_xid") not in (None, ""):
+            found = tables_found_for_xid(AuditTrail(postgres_conn_id=self.audit_conn_id), conf.get("server"),
+                                         conf.get("target_xid"))
+            if found:
+                conf = {**conf, "tables": found}
         req = validate_surgical_conf(conf, self.inventory)
+        if found:
+            req = dataclasses.replace(req, tables_source="dr_find_target")
         check_nonprod(self.inventory.server(req.server))
         return req
 
