@@ -61,6 +61,55 @@ mv -- "$aside" "$src"
 echo "restored $src"
 """
 
+# Staged restore, step 2 (inside the downtime window, after the live directory was moved
+# aside): rename the staging directory into the data directory's place. A rename (same
+# parent directory, so the same filesystem): instant, atomic. The staging directory must
+# still be the very directory the staging restore produced (device:inode recorded then);
+# a retry after a rename that succeeded finds it in place and reports "already".
+_SWAP_IN = r"""
+set -eu
+staged="$1"; dest="$2"; ident="$3"; pg_ctl="$4"
+if [ -e "$dest" ] || [ -L "$dest" ]; then
+  if [ ! -e "$staged" ] && [ "$(stat -c %d:%i -- "$dest")" = "$ident" ]; then echo "already $dest"; exit 0; fi
+  echo "$dest exists and is not this run's staged restore: refusing to rename over it" >&2; exit 3
+fi
+[ -d "$staged" ] && [ ! -L "$staged" ] || { echo "the staged restore $staged is missing" >&2; exit 4; }
+[ "$(stat -c %d:%i -- "$staged")" = "$ident" ] || {
+  echo "$staged is not the directory the staging restore produced (device:inode changed)" >&2; exit 5; }
+[ "$(dirname -- "$staged")" = "$(dirname -- "$dest")" ] || { echo "$staged is not next to $dest" >&2; exit 6; }
+if "$pg_ctl" status -D "$staged" >/dev/null 2>&1; then echo "PostgreSQL is running on $staged" >&2; exit 3; fi
+mv -T -- "$staged" "$dest"
+echo "renamed $dest"
+"""
+
+# Remove a run's own staging directories (a failed attempt's partial copy: not live data,
+# and as large as the database, so it is deleted rather than kept). Only paths of the
+# exact shape `<data_dir>.staged-<tag>` and `<that>-wal` are accepted.
+_REMOVE_STAGING = r"""
+set -eu
+data="$1"; staged="$2"; wal="$3"; pg_ctl="$4"
+case "$staged" in "$data".staged-?*) ;; *) echo "refusing: $staged is not a staging directory of $data" >&2; exit 3;; esac
+[ "$wal" = "$staged-wal" ] || { echo "refusing: $wal is not the WAL directory of $staged" >&2; exit 3; }
+if [ -d "$staged" ] && "$pg_ctl" status -D "$staged" >/dev/null 2>&1; then
+  echo "refusing: PostgreSQL is running on $staged" >&2; exit 3; fi
+removed=""
+for d in "$staged" "$wal"; do if [ -e "$d" ] || [ -L "$d" ]; then rm -rf -- "$d"; removed="$removed $d"; fi; done
+echo "removed$removed"
+"""
+
+
+def staging_paths(data_directory: str, tag: str) -> tuple[str, str]:
+    """A run's staging directory (a sibling of the data directory: same filesystem) and its WAL directory.
+
+    The WAL directory is outside the staging directory on purpose: `barman restore` writes
+    its absolute path into `restore_command` / `recovery_end_command`, and it must stay valid
+    after the staging directory is renamed to the data directory.
+    """
+    if not MOVE_TAG_RE.match(tag):
+        raise ValueError(f"invalid staging tag {tag!r}")
+    base = data_directory.rstrip("/")
+    return f"{base}.staged-{tag}", f"{base}.staged-{tag}-wal"
+
 
 class DbHostHook(BaseHook):
     """PostgreSQL control on one db host of the inventory."""
@@ -213,6 +262,31 @@ class DbHostHook(BaseHook):
         """Rollback: put a moved-aside directory back; whatever is there now is moved aside too."""
         stamp = utc_stamp()
         return self.host.run(sh_argv(_MOVE_BACK, data_directory, aside, tag, stamp, self._bin("pg_ctl"))).stdout
+
+    # ------------------------------------------------------------ staged restore
+    def free_space(self, path: str) -> dict[str, Any]:
+        """Free bytes on the filesystem holding `path` (`df -P -B1`), and its mount point."""
+        out = self.host.run(["df", "-P", "-B1", "--", path]).stdout.strip().splitlines()
+        fields = out[-1].split() if out else []
+        if len(fields) < 6 or not fields[3].isdigit():
+            raise BarmanDrError(f"unexpected `df -P -B1 {path}` output on {self.db_host.name}: {out!r}")
+        return {"path": path, "available_bytes": int(fields[3]), "size_bytes": int(fields[1]),
+                "mount_point": fields[5]}
+
+    def dir_identity(self, path: str) -> str:
+        """`device:inode` of a directory: a rename keeps it, a new directory has another."""
+        return self.host.run(["stat", "-c", "%d:%i", "--", path]).stdout.strip()
+
+    def swap_in_staged(self, staged: str, data_directory: str, identity: str) -> str:
+        """Rename the staged restore to the data directory (which must not exist). `renamed` or `already`."""
+        out = self.host.run(sh_argv(_SWAP_IN, staged, data_directory, identity, self._bin("pg_ctl"))).stdout.strip()
+        return out.partition(" ")[0]
+
+    def remove_staging(self, data_directory: str, staged: str, wal_directory: str) -> list[str]:
+        """Delete a run's own staging directories (never anything else); the paths removed."""
+        out = self.host.run(sh_argv(_REMOVE_STAGING, data_directory.rstrip("/"), staged, wal_directory,
+                                    self._bin("pg_ctl"))).stdout.strip()
+        return out.split()[1:]
 
     def prepare_directory(self, path: str, mode: str = "0700") -> None:
         """Create an empty directory for a restore (Barman refuses non-empty destinations)."""
