@@ -680,11 +680,9 @@ def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
     """
     present = db.psql(inst, "SELECT string_agg(name, ',') FROM pg_file_settings WHERE sourcefile LIKE "
                             "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(RECOVERY_SETTINGS) + "'])")
-    names = sorted({n for n in present.split(",") if n})
-    for name in names:
-        db.psql(inst, f"ALTER SYSTEM RESET {name}")
-    if names:
-        db.psql(inst, "SELECT pg_reload_conf()")
+    names = sorted({n for n in present.split(",") if n and n in RECOVERY_SETTINGS})
+    if names:  # one psql run: each ALTER SYSTEM is its own transaction (-c per statement)
+        db.psql_each(inst, [*(f"ALTER SYSTEM RESET {name}" for name in names), "SELECT pg_reload_conf()"])
     return names
 
 
