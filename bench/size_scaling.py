@@ -240,7 +240,7 @@ def make_wal(nbytes: int) -> float:
 
 def target_now() -> str:
     """A recovery target: the database's clock now, then a commit after it (recovery stops at a later commit)."""
-    t = psql("SELECT clock_timestamp()")
+    t = psql("SELECT to_json(clock_timestamp())").strip('"')  # ISO 8601 with its offset: Barman, pgBackRest, the form
     time.sleep(0.05)
     psql("SELECT pg_current_xact_id()", db="bench")
     return t
