@@ -287,8 +287,9 @@ def timed_barman(backup_id: str, target: str, jobs: int) -> dict:
 def timed_pgbackrest(target: str) -> dict:
     clean_dest()
     t0 = time.monotonic()
-    pgbr(f"--pg1-path={RESTORE}", "--type=time", f"--target={target}", "--target-action=promote", "--process-max=2",
-         "restore")
+    # pgBackRest wants "YYYY-MM-DD HH:MM:SS.ffffff+00:00" (a space, not the ISO "T")
+    pgbr(f"--pg1-path={RESTORE}", "--type=time", f"--target={target.replace('T', ' ')}", "--target-action=promote",
+         "--process-max=2", "restore")
     restore_s = round(time.monotonic() - t0, 3)
     replay_s = start_until_promoted()
     clean_dest()
