@@ -137,11 +137,16 @@ def start_bench() -> None:
 
 
 def current_scale() -> int | None:
+    """The scale of the existing bench cluster, or None when it must be rebuilt (absent, or grown by the
+    previous runs' updates by more than 25%: sizes must stay comparable)."""
     if not (DATA / "PG_VERSION").exists():
         return None
     start_bench()
     try:
-        return int(psql("SELECT scale FROM bench_meta", db="bench"))
+        scale, built = psql("SELECT scale || ' ' || built_bytes FROM bench_meta", db="bench").split()
+        if int(psql("SELECT pg_database_size('bench')")) > 1.25 * int(built):
+            return None
+        return int(scale)
     except (RuntimeError, ValueError):
         return None
 
@@ -175,7 +180,8 @@ def build(scale: int) -> float:
     log(f"[size] pgbench -i -s {scale} (about {scale * 15} MB)")
     sh(["pgbench", "-i", "-q", "-s", str(scale), "-h", str(SOCK), "-p", str(PORT), "bench"], user="postgres",
        timeout=7200)
-    psql(f"CREATE TABLE bench_meta AS SELECT {scale}::int AS scale", db="bench")
+    psql(f"CREATE TABLE bench_meta AS SELECT {scale}::int AS scale, pg_database_size('bench') AS built_bytes",
+         db="bench")
     psql("CHECKPOINT")
     BARMAN_HOME.mkdir(parents=True, exist_ok=True)
     sh(["chown", "-R", "barman", str(B / "barman")])
@@ -342,6 +348,28 @@ def restart_airflow(inventory: Path | None) -> None:
        env=env, timeout=600)
 
 
+def app_writer() -> subprocess.Popen:
+    """The benchmark's "application": one tiny commit per second (errors ignored while the server is down).
+
+    rebase_barman's `switch-wal --archive` returns only once a WAL record follows the switch;
+    on an idle cluster it waits for one that never comes (the lab's seed scenario has its app).
+    """
+    loop = (f"while :; do {PG_BIN}/psql -X -q -h {SOCK} -p {PORT} -d bench -c 'select pg_current_xact_id()' "
+            ">/dev/null 2>&1; sleep 1; done")
+    return subprocess.Popen(["runuser", "-u", "postgres", "--", "sh", "-c", loop], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def release_stale_lock() -> None:
+    """A benchmark run interrupted earlier may still hold pg-bench's server lock: release it (bench runs only)."""
+    from barman_dr.locks import ServerLock
+
+    holder = ServerLock().holder(SERVER)
+    if holder and holder.run_id.startswith("dr_pitr__incident__BENCH-SIZE-"):
+        ServerLock().release(SERVER, dag_id=holder.dag_id, run_id=holder.run_id)
+        log(f"[size] released the stale lock of {holder.run_id}")
+
+
 def dr_pitr(api: object, target: str, staged: bool, tag: str) -> dict:
     from barman_dr.api_client import incident_run_id
 
@@ -390,6 +418,11 @@ def fit(points: list[tuple[float, float, float]]) -> dict | None:
             "predict_500GB_0wal_s": round(a + 500 * b, 1), "predict_500GB_50GBwal_s": round(a + 500 * b + 50 * c, 1)}
 
 
+def save_partial(results: list[dict], pitr: list[dict]) -> None:
+    """Keep what was measured so far (an interrupted run loses nothing); main() writes the final section."""
+    save_section("size_scaling_partial", {"results": results, "dr_pitr": pitr})
+
+
 def main() -> int:
     sizes = [s for s in os.environ.get("BENCH_SIZES", "100M,1G,4G").split(",") if s]
     wal_steps = [w for w in os.environ.get("BENCH_WAL", "0,256M,1G").split(",") if w]
@@ -432,6 +465,7 @@ def main() -> int:
                     row[name] = {k: stats([r[k] for r in runs]) for k in runs[0]}
                 row["cp_a_floor"] = {"copy_s": stats([f["copy_s"] for f in floor])}
                 results.append(row)
+                save_partial(results, pitr)
                 log(f"[size] {size} wal {step}: barman j1 {row['barman_j1']['total_s']['median']} s, j2 "
                     f"{row['barman_j2']['total_s']['median']} s, pgbackrest {row['pgbackrest_p2']['total_s']['median']}"
                     f" s, cp -a {row['cp_a_floor']['copy_s']['median']} s (load {loadavg()[0]})")
@@ -444,6 +478,8 @@ def main() -> int:
                 while not api.dag_exists("dr_pitr") and time.monotonic() < deadline:
                     time.sleep(2)
                 api.unpause("dr_pitr")
+                release_stale_lock()
+                writer = app_writer()
                 try:
                     for staged in (False, True):
                         make_wal(pitr_wal)
@@ -453,7 +489,9 @@ def main() -> int:
                         pitr.append(r)
                         log(f"[size] {size} dr_pitr {'staged' if staged else 'unstaged'}: downtime {r['downtime_s']} s"
                             + (f" (+ staging {r['staging_s']} s before the freeze)" if staged else ""))
+                        save_partial(results, pitr)
                 finally:
+                    os.killpg(writer.pid, 15)
                     api._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
     finally:
         bbarman("receive-wal", "--stop", SERVER, check=False)
