@@ -1,11 +1,18 @@
 """`make bench`, part 1: what the orchestration costs against the raw runbook, same data, same run.
 
-Each repetition: a fresh full backup (untimed), the seed's scenario, then a PITR to the GOOD
-STATE either by `bench/raw_pitr.sh` (the seed's runbook as a shell script) or by `dr_pitr`
-triggered over REST with the real scheduler. RTO = app frozen -> app resumed. Between
-repetitions, dr_pitr-style housekeeping (recovery settings cleared, Barman streaming on the
-new timeline) is done untimed so every repetition starts from the same kind of state.
-Prints a table and writes bench/results/latest.json. Not part of `make test`.
+Each repetition (BENCH_REPS, default 3) plays, for each kind, a fresh full backup (untimed), the
+seed's scenario, then a PITR to the GOOD STATE:
+
+- raw:            bench/raw_pitr.sh, the seed's runbook as a shell script (restore inside the downtime)
+- airflow:        dr_pitr over REST with the real scheduler, staged_restore=false (same work as raw)
+- airflow_staged: dr_pitr with staged_restore=true (the default): restore before the freeze
+
+RTO = downtime = app frozen -> app resumed. For dr_pitr the downtime is split into the operators'
+own work, the task overhead (task process start, DAG parse, XCom, audit writes, SSH connects:
+task duration minus operator work) and the scheduling gaps between consecutive tasks. Between
+repetitions, dr_pitr-style housekeeping (recovery settings cleared, Barman streaming on the new
+timeline) is done untimed after raw runs. Prints a table and writes the "orchestration" section
+of bench/results/latest.json. Not part of `make test`. BENCH_KINDS=raw,airflow,airflow_staged.
 """
 
 from __future__ import annotations
@@ -13,26 +20,23 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "plugins"), str(REPO)]
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "plugins"), str(Path(__file__).resolve().parents[1])]
 
 from barman_dr.api_client import from_env, incident_run_id  # noqa: E402
+from bench.common import REPO, barman, loadavg, log, save_section, stats  # noqa: E402
 from include.lab import seed_scenario  # noqa: E402
 
-BARMAN = os.environ["LAB_BARMAN"].split()
 REPS = int(os.environ.get("BENCH_REPS", "3"))
-
-
-def barman(*args: str, check: bool = True) -> str:
-    return subprocess.run([*BARMAN, *args], check=check, capture_output=True, text=True).stdout
+KINDS = [k for k in os.environ.get("BENCH_KINDS", "raw,airflow,airflow_staged").split(",") if k]
+#: the tasks inside the downtime window, in order
+CHAIN = ["freeze_app", "stop_postgres", "move_aside", "barman_restore", "start_recovery", "verify_target",
+         "validate_data", "unfreeze_app"]
 
 
 def fresh_backup() -> None:
@@ -62,76 +66,97 @@ def raw_run(target: str) -> dict:
     phases = {"freeze": t["stop"] - t["freeze"], "stop": t["move"] - t["stop"], "move_aside": t["restore"] - t["move"],
               "restore": t["start"] - t["restore"], "start_to_promoted": t["count"] - t["start"],
               "count": t["resume"] - t["count"], "resume": t["end"] - t["resume"]}
-    return {"rto_s": t["end"] - t["freeze"], "phases_s": phases, "counts": t["counts"]}
+    return {"rto_s": t["end"] - t["freeze"], "phases_s": {k: round(v, 3) for k, v in phases.items()},
+            "counts": t["counts"]}
 
 
-def airflow_run(api: object, target: str, n: int) -> dict:
-    incident = f"BENCH-{int(time.time())}-{n}"
+def airflow_run(api: object, target: str, n: int, staged: bool) -> dict:
+    incident = f"BENCH-{int(time.time())}-{n}{'s' if staged else 'u'}"
     run_id = incident_run_id("dr_pitr", incident)
     t0 = time.monotonic()
     api.trigger("dr_pitr", {"server": "pg-primary", "target_time": target, "incident_id": incident,
                             "expected": {"orders_total": 10500, "orders_completed": 7465},
-                            "confirm": "PITR pg-primary"}, run_id=run_id)
+                            "staged_restore": staged, "confirm": "PITR pg-primary"}, run_id=run_id)
     final = api.wait("dr_pitr", run_id, timeout=1800, poll=0.5)
     total = time.monotonic() - t0
     if final["state"] != "success":
         raise SystemExit(f"dr_pitr run {run_id} {final['state']}")
     report = api.xcom("dr_pitr", run_id, "report")
-    tis = {t["task_id"]: t for t in api.task_instances("dr_pitr", run_id)}
-    # scheduling latency inside the frozen window: time between one task's end and the next one's start
-    chain = ["freeze_app", "stop_postgres", "move_aside", "barman_restore", "start_recovery", "verify_target",
-             "validate_data", "unfreeze_app"]
-    gaps = []
-    for a, b in itertools.pairwise(chain):
-        end, start = tis[a].get("end_date"), tis[b].get("start_date")
-        if end and start:
-            gaps.append((datetime.fromisoformat(start) - datetime.fromisoformat(end)).total_seconds())
-    work = sum(v for v in report["phases_s"].values() if v)
-    return {"rto_s": report["rto_s"], "phases_s": report["phases_s"], "trigger_to_success_s": total,
-            "task_gap_s": sum(gaps), "task_work_s": work, "counts": report["counts"]}
+    tis = {t["task_id"]: t for t in api.task_instances("dr_pitr", run_id) if t.get("map_index") in (None, -1)}
+
+    def span(task: str) -> tuple[datetime, datetime]:
+        return datetime.fromisoformat(tis[task]["start_date"]), datetime.fromisoformat(tis[task]["end_date"])
+
+    gaps = {f"{a}->{b}": round((span(b)[0] - span(a)[1]).total_seconds(), 3) for a, b in itertools.pairwise(CHAIN)}
+    work = {t: report["phases_s"].get(t) or 0.0 for t in CHAIN}
+    overhead = {t: round((span(t)[1] - span(t)[0]).total_seconds() - work[t], 3) for t in CHAIN}
+    stage = (report.get("outside_downtime_s") or {}).get("stage_restore")
+    return {"run_id": run_id, "rto_s": report["rto_s"], "phases_s": report["phases_s"], "stage_restore_s": stage,
+            "trigger_to_success_s": round(total, 3), "task_gap_s": round(sum(gaps.values()), 3),
+            "task_work_s": round(sum(work.values()), 3), "task_overhead_s": round(sum(overhead.values()), 3),
+            "gaps_s": gaps, "overhead_s": overhead, "counts": report["counts"]}
 
 
 def main() -> int:
     api = from_env()
     api.unpause("dr_pitr")
-    results: dict[str, list[dict]] = {"raw": [], "airflow": []}
+    results: dict[str, list[dict]] = {k: [] for k in KINDS}
+    load_before = loadavg()
     try:
         for n in range(REPS):
-            for kind in ("raw", "airflow"):
+            for kind in KINDS:
                 fresh_backup()
                 sc = seed_scenario.play()
-                r = raw_run(sc.good_state) if kind == "raw" else airflow_run(api, sc.good_state, n)
                 if kind == "raw":
+                    r = raw_run(sc.good_state)
                     housekeeping()
+                else:
+                    r = airflow_run(api, sc.good_state, n, staged=kind == "airflow_staged")
+                r["loadavg"] = loadavg()
                 results[kind].append(r)
-                print(f"rep {n + 1}/{REPS} {kind:<8} RTO {r['rto_s']:.2f} s  counts {r['counts']}", flush=True)
+                extra = f" (+ staging {r['stage_restore_s']} s before the freeze)" if r.get("stage_restore_s") else ""
+                log(f"rep {n + 1}/{REPS} {kind:<15} downtime {r['rto_s']:.2f} s{extra}  counts {r['counts']}  "
+                    f"load {r['loadavg'][0]}")
     finally:
         api._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
 
-    def stats(kind: str, key: str = "rto_s") -> dict:
-        xs = [r[key] for r in results[kind]]
-        return {"min": round(min(xs), 3), "median": round(statistics.median(xs), 3), "max": round(max(xs), 3)}
+    def st(kind: str, key: str = "rto_s") -> dict:
+        return stats([r.get(key) for r in results.get(kind, [])])
 
-    raw, air = stats("raw"), stats("airflow")
-    summary = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "when": datetime.now(UTC).isoformat(), "reps": REPS,
-        "raw_rto_s": raw, "airflow_rto_s": air,
-        "ratio_median": round(air["median"] / raw["median"], 2),
-        "airflow_task_gap_s": stats("airflow", "task_gap_s"), "airflow_task_work_s": stats("airflow", "task_work_s"),
-        "airflow_trigger_to_success_s": stats("airflow", "trigger_to_success_s"),
-        "runs": results,
-    }
-    out = REPO / "bench" / "results" / "latest.json"
-    out.write_text(json.dumps(summary, indent=2, default=str))
+    summary: dict = {"reps": REPS, "loadavg_before": load_before, "loadavg_after": loadavg(),
+                     "downtime_s": {k: st(k) for k in KINDS}}
+    for kind in ("airflow", "airflow_staged"):
+        if kind in KINDS:
+            summary[kind] = {key: st(kind, key) for key in ("task_work_s", "task_overhead_s", "task_gap_s",
+                                                            "stage_restore_s", "trigger_to_success_s")}
+    raw_med = summary["downtime_s"].get("raw", {}).get("median")
+    for kind in ("airflow", "airflow_staged"):
+        med = summary["downtime_s"].get(kind, {}).get("median")
+        if raw_med and med:
+            summary[f"{kind}_ratio_median"] = round(med / raw_med, 2)
+            summary[f"{kind}_added_s_median"] = round(med - raw_med, 2)
+    summary["runs"] = results
+    out = save_section("orchestration", summary)
+
     print()
-    print(f"{'PITR of the seed (RTO = freeze -> resume)':<44} {'min':>8} {'median':>8} {'max':>8}")
-    print(f"{'raw runbook (bench/raw_pitr.sh)':<44} {raw['min']:>8} {raw['median']:>8} {raw['max']:>8}")
-    print(f"{'dr_pitr via REST + scheduler':<44} {air['min']:>8} {air['median']:>8} {air['max']:>8}")
-    g, w = summary["airflow_task_gap_s"], summary["airflow_task_work_s"]
-    print(f"{'  of which task work (operators)':<44} {w['min']:>8} {w['median']:>8} {w['max']:>8}")
-    print(f"{'  of which scheduling gaps between tasks':<44} {g['min']:>8} {g['median']:>8} {g['max']:>8}")
-    print(f"ratio (median): {summary['ratio_median']}x   -> {out}")
+    print(f"{'PITR of the seed: downtime (freeze -> resume), s':<50} {'min':>8} {'median':>8} {'max':>8}")
+    labels = {"raw": "raw runbook (bench/raw_pitr.sh)", "airflow": "dr_pitr via REST, staged_restore=false",
+              "airflow_staged": "dr_pitr via REST, staged_restore=true"}
+    for kind in KINDS:
+        s = summary["downtime_s"][kind]
+        print(f"{labels[kind]:<50} {s['min']:>8} {s['median']:>8} {s['max']:>8}")
+        if kind in summary:
+            for key, label in (("task_work_s", "operator work"), ("task_overhead_s", "task overhead (start, parse, "
+                               "audit, SSH)"), ("task_gap_s", "scheduling gaps between tasks"),
+                               ("stage_restore_s", "staging before the freeze (not downtime)")):
+                v = summary[kind][key]
+                if v["n"]:
+                    print(f"{'  ' + label:<50} {v['min']:>8} {v['median']:>8} {v['max']:>8}")
+    for kind in ("airflow", "airflow_staged"):
+        if f"{kind}_ratio_median" in summary:
+            print(f"{kind}: ratio to raw (median) {summary[f'{kind}_ratio_median']}x, "
+                  f"added {summary[f'{kind}_added_s_median']} s")
+    print(f"load average before/after: {load_before} / {summary['loadavg_after']}   -> {out}")
     return 0
 
 

@@ -1,10 +1,12 @@
 """dr_pitr: on-demand point-in-time recovery of one server, from the UI form or the REST API.
 
-The seed's runbook as a DAG: assess (validate, preflight, WAL coverage, plan) -> execute
-(freeze app, stop, move aside, restore, start) -> verify (target reached, data) ->
-post-incident (unfreeze, standbys, Barman, report). Without `confirm` = "PITR <server>"
-the run stops after the plan and touches nothing. The logic lives in
-plugins/barman_dr/operators/pitr.py; this file only declares.
+The seed's runbook as a DAG: assess (validate, preflight, WAL coverage, plan) -> stage
+(staged_restore, default on: barman restore into a staging directory next to the data
+directory while the app still runs) -> execute (freeze app, stop, move aside, rename the
+staged restore into place -- or restore now when staged_restore is off -- start) ->
+verify (target reached, data) -> post-incident (unfreeze, standbys, Barman, report).
+Without `confirm` = "PITR <server>" the run stops after the plan and touches nothing.
+The logic lives in plugins/barman_dr/operators/pitr.py; this file only declares.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from barman_dr.operators.pitr import (
     RebaseBarmanOperator,
     RebuildStandbyOperator,
     ReleaseLockOperator,
+    StageRestoreOperator,
     StandbysToRebuildOperator,
     StartRecoveryOperator,
     StopPostgresOperator,
@@ -76,6 +79,13 @@ params = {
                     description="Why this recovery runs, in plain words (shown in the audit trail)."),
     "jobs": Param(1, type="integer", minimum=1, maximum=16, title="Parallel restore jobs",
                   description="barman restore --jobs: parallel copy processes (1-16)."),
+    "staged_restore": Param(True, type="boolean", title="Staged restore (shorter downtime)",
+                            description="On (default): restore the backup and the WAL up to the target into "
+                                        "<data directory>.staged-<run> on the same filesystem BEFORE freezing the "
+                                        "app, then freeze, stop, move the old directory aside (kept) and rename the "
+                                        "staged copy into place: the copy is outside the downtime. Needs free space "
+                                        "for a second copy (checked first: backup + WAL + 10%). Off: the restore "
+                                        "runs inside the downtime window, after the freeze."),
     "confirm": Param(None, type=OPT_STR, title="Confirm",
                      description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE. Leave empty for a "
                                  "plan-only run that changes nothing and writes the plan to the run note."),
@@ -98,6 +108,7 @@ with DAG(
     preflight = PitrPreflightOperator(task_id="preflight", retries=1)
     wal = WalCoverageOperator(task_id="wal_coverage", retries=1)
     plan = PlanGateOperator(task_id="plan", retries=0)
+    stage = StageRestoreOperator(task_id="stage_restore", retries=2, retry_delay=timedelta(seconds=15))
     freeze = FreezeAppOperator(task_id="freeze_app")
     stop = StopPostgresOperator(task_id="stop_postgres")
     aside = MoveAsideOperator(task_id="move_aside")
@@ -110,13 +121,13 @@ with DAG(
     standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby").expand(standby=to_rebuild.output)
     rebase = RebaseBarmanOperator(task_id="rebase_barman")
     report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
-    main = [validate, preflight, wal, plan, freeze, stop, aside, restore, start, verify, data, unfreeze, to_rebuild,
-            standbys, rebase, report]
+    main = [validate, preflight, wal, plan, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,
+            to_rebuild, standbys, rebase, report]
     # a leaf that fails when anything failed: the run's state is the PITR's state
     failure = PitrFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
     release = ReleaseLockOperator(task_id="release_lock", trigger_rule="all_done", retries=2)
 
-    validate >> preflight >> wal >> plan >> freeze >> stop >> aside >> restore >> start >> verify >> data
+    validate >> preflight >> wal >> plan >> stage >> freeze >> stop >> aside >> restore >> start >> verify >> data
     data >> unfreeze >> rebase >> report
     data >> to_rebuild >> standbys >> report
     main >> failure

@@ -8,6 +8,7 @@ own configuration throttles the copy, WAL files are really moved out of Barman's
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shlex
 import signal
@@ -82,7 +83,8 @@ class SshOutageDuringRestore:
 
     def __init__(self, destination: str, hosts: tuple[str, ...] = ("barman-lab", "pg-primary"),
                  outage_s: float = 4.0) -> None:
-        self.destination = Path(destination)
+        #: a path, or a glob pattern (the staging directory's name carries the run's tag)
+        self.destination = destination
         self.hosts = hosts
         self.outage_s = outage_s
         self.fired = threading.Event()
@@ -97,7 +99,10 @@ class SshOutageDuringRestore:
 
     def _outage(self) -> None:
         try:
-            wait_for(lambda: (self.destination / "base").is_dir(), "the restore to start copying", 300)
+            def copying() -> bool:
+                return any(Path(p, "base").is_dir() for p in glob.glob(self.destination))
+
+            wait_for(copying, "the restore to start copying", 300)
             time.sleep(1.0)
             for h in self.hosts:
                 self.killed[h] = kill_sshd(h)

@@ -94,6 +94,8 @@ def main() -> int:
           f"estimated {r['estimated_rto_s']} s)")
     for phase, secs in r["phases_s"].items():
         print(f"   {phase:<16} {secs} s")
+    for phase, secs in (r.get("outside_downtime_s") or {}).items():
+        print(f"   {phase:<16} {secs} s  (before the freeze, app running: not downtime)")
     print(f" Airflow UI     : {api.base_url}/dags/dr_pitr/runs/{run_id}")
     print("=" * 72)
     return 0 if now == {"orders_total": 10500, "orders_completed": 7465} else 1

@@ -59,6 +59,8 @@ def pitr_conf(args: argparse.Namespace, confirm: bool) -> dict[str, Any]:
         conf["target_immediate"] = True
     if args.reason:
         conf["reason"] = args.reason
+    if args.no_staged_restore:
+        conf["staged_restore"] = False
     if confirm:
         conf["confirm"] = f"PITR {args.server}"
     return conf
@@ -167,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--expect", action="append", default=[], metavar="NAME=N")
         s.add_argument("--reason")
         s.add_argument("--jobs", type=int, default=1)
+        s.add_argument("--no-staged-restore", dest="no_staged_restore", action="store_true",
+                       help="restore inside the downtime window (default: restore into a staging directory "
+                            "before the freeze, then rename it into place)")
         s.add_argument("--wait", action="store_true", help="follow the run and print the report")
         s.add_argument("--timeout", type=float, default=3600)
         if name == "pitr":

@@ -177,6 +177,8 @@ class BackupInfo:
     system_id: str | None
     postgres_version: str | None
     backup_method: str | None = None
+    #: `name:location` of each tablespace (restored to its original location unless relocated)
+    tablespaces: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -205,6 +207,8 @@ class BackupInfo:
             system_id=str(data.get("system_id")) if data.get("system_id") else None,
             postgres_version=str(data.get("postgresql_version")) if data.get("postgresql_version") else None,
             backup_method=base.get("backup_method") or data.get("backup_method"),
+            tablespaces=tuple(f"{t.get('name')}:{t.get('location')}" if isinstance(t, dict) else str(t)
+                              for t in data.get("tablespaces") or ()),
             raw=data,
         )
 
@@ -212,6 +216,7 @@ class BackupInfo:
         """JSON-serialisable view (for XCom and the audit trail)."""
         out = asdict(self)
         out.pop("raw", None)
+        out["tablespaces"] = list(self.tablespaces)
         for k, v in out.items():
             if isinstance(v, datetime):
                 out[k] = v.isoformat()

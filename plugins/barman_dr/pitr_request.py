@@ -35,7 +35,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_JOBS = 16
 TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
-                "reason", "jobs", "confirm", "staging"}
+                "reason", "jobs", "confirm", "staging", "staged_restore"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class PitrRequest:
     jobs: int
     confirmed: bool
     staging: bool = False
+    #: restore into a staging directory next to the data directory *before* the app is frozen
+    staged_restore: bool = True
     requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
 
     @property
@@ -234,6 +236,14 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
     if not isinstance(staging, bool):
         raise ValidationError("staging", staging, "must be true or false")
 
+    staged_restore = conf.get("staged_restore", True)
+    if staged_restore is None:
+        staged_restore = True
+    if not isinstance(staged_restore, bool):
+        raise ValidationError("staged_restore", staged_restore,
+                              "must be true (restore before the freeze, shorter downtime) or false (restore inside "
+                              "the downtime window)")
+
     return PitrRequest(server=server, target=target, backup_id=backup_id, restore_to=restore_to, expected=expected,
                        incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=staging,
-                       requested_at=now.isoformat())
+                       staged_restore=staged_restore, requested_at=now.isoformat())

@@ -73,6 +73,7 @@ def summary(limit: int = 500) -> dict[str, Any]:
                    "incident_id": e.get("incident_id"), "target": e.get("target"),
                    "outcome": "success" if e["action"] == "report" else "failed", "rto_s": d.get("rto_s"),
                    "phases_s": d.get("phases_s") or {}, "counts": d.get("counts"),
+                   "outside_downtime_s": d.get("outside_downtime_s") or {},
                    "failed_tasks": d.get("failed_tasks"), "next_action": d.get("next_action")}
             pitrs.append(row)
             if srv is not None and srv["last_pitr"] is None:
@@ -156,6 +157,9 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]], filters: dict
     pitr_rows = []
     for p in data["pitr_runs"]:
         phases = ", ".join(f"{esc(k)} {esc(v)}" for k, v in (p["phases_s"] or {}).items() if v is not None)
+        before = ", ".join(f"{esc(k)} {esc(v)}" for k, v in (p.get("outside_downtime_s") or {}).items() if v is not None)
+        if before:
+            phases += f"<br><span class='muted'>before the freeze (app running): {before}</span>"
         link = f"/dags/dr_pitr/runs/{esc(p['run_id'])}"
         pitr_rows.append(
             f"<tr><td>{esc(p['at'][:19])}</td><td>{esc(p['server'])}</td><td>{esc(p['incident_id'] or '')}</td>"

@@ -47,7 +47,8 @@ def test_seed_recovery_through_the_rest_api(api):
     run_id = incident_run_id("dr_pitr", incident)
     conf = {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": incident,
             "reason": "REST e2e: mass DELETE", "expected": {"orders_total": 10500, "orders_completed": 7465},
-            "confirm": "PITR pg-primary"}
+            # the unstaged path (restore inside the downtime); the seed integration test covers the staged one
+            "staged_restore": False, "confirm": "PITR pg-primary"}
     run, created = api.trigger("dr_pitr", conf, run_id=run_id)
     assert created and run["dag_run_id"] == run_id
     again, created_again = api.trigger("dr_pitr", conf, run_id=run_id)
@@ -66,6 +67,8 @@ def test_seed_recovery_through_the_rest_api(api):
     assert report["incident_id"] == incident
     assert report["counts"] == {"orders_total": 10500, "orders_completed": 7465}
     assert report["rto_s"] > 0
+    assert report["staged_restore"] is False and report["outside_downtime_s"] == {}
+    assert states["stage_restore"] == "success"  # a no-op when staged_restore is off
     note = api.get_run("dr_pitr", run_id).get("note") or ""
     assert "DONE" in note and "RTO" in note
 

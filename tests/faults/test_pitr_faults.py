@@ -30,29 +30,38 @@ def details(events: list[dict], action: str, outcome: str) -> list[dict]:
     return [json.loads(e["details"] or "{}") for e in events if e["action"] == action and e["outcome"] == outcome]
 
 
-def test_ssh_killed_mid_restore_the_retry_converges():
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "in-window"])
+def test_ssh_killed_mid_restore_the_retry_converges(staged):
+    """Staged (the default): the copy runs before the freeze; in-window: after the move aside."""
     scenario = seed_scenario.play()
-    outage = SshOutageDuringRestore(str(DATA))
+    task = "stage_restore" if staged else "barman_restore"
+    outage = SshOutageDuringRestore(f"{DATA}.staged-*" if staged else str(DATA))
     with barman_bandwidth_limit(3000):  # ~48 MB at 3 MB/s: the copy is still running when SSH dies
         state, run_id, tasks = run_dag(
             "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-FAULT-1",
-                        "expected": EXPECTED, "confirm": "PITR pg-primary"},
-            before={"barman_restore": outage})
+                        "expected": EXPECTED, "confirm": "PITR pg-primary", "staged_restore": staged},
+            before={task: outage})
     assert outage.error is None, outage.error
     assert outage.killed.get("barman-lab") and outage.killed.get("pg-primary"), outage.killed
     assert state == "success", tasks
     assert counts() == EXPECTED
     assert not pgbouncer_paused()
     events = audit(run_id)
-    failed = details(events, "barman_restore", "failed")
+    failed = details(events, task, "failed")
     assert failed, "the first restore attempt did not fail: the outage missed it"
     assert "NEXT:" in failed[0].get("error", "") or failed[0].get("next_action")
-    done = xcom("dr_pitr", run_id, "barman_restore")
-    # the partial copy of the failed attempt was set aside (kept), never the live or moved-aside directory
-    assert done["retried_after"] and done["retried_after"] != "finished (exit 0)", done
-    assert done["partial_kept_at"] and Path(done["partial_kept_at"]).is_dir()
+    done = xcom("dr_pitr", run_id, task)
     moved = details(events, "move_aside", "ok")[0]["moved_to"]
-    assert moved != done["partial_kept_at"] and Path(moved, "PG_VERSION").exists()
+    if staged:
+        # the failed attempt's partial copy was this run's own staging output: only that was cleaned
+        assert done["cleaned"] and all(".staged-" in p for p in done["cleaned"]), done
+        assert not Path(done["staging_directory"]).exists()  # renamed into place
+    else:
+        # the partial copy of the failed attempt was set aside (kept), never the live or moved-aside directory
+        assert done["retried_after"] and done["retried_after"] != "finished (exit 0)", done
+        assert done["partial_kept_at"] and Path(done["partial_kept_at"]).is_dir()
+        assert moved != done["partial_kept_at"]
+    assert Path(moved, "PG_VERSION").exists()
     assert (DATA / "PG_VERSION").exists()
 
 
@@ -68,10 +77,11 @@ def test_wal_removed_after_preflight_recovery_ends_before_target_and_rollback_re
         state, run_id, tasks = run_dag(
             "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-FAULT-4",
                         "expected": EXPECTED, "confirm": "PITR pg-primary"},
-            before={"move_aside": sabotage})
+            before={"stage_restore": sabotage})  # after the preflight proved coverage, before any copy
         assert wal["moved"], "no WAL after the backup to take out"
     assert state == "failed", tasks
-    assert tasks["wal_coverage"] == "success" and tasks["barman_restore"] == "success"
+    assert tasks["wal_coverage"] == "success" and tasks["stage_restore"] == "success"
+    assert tasks["barman_restore"] == "success"
     assert tasks["start_recovery"] == "failed" and tasks["unfreeze_app"] == "upstream_failed"
     assert pgbouncer_paused()  # the app never saw a server short of its target
     events = audit(run_id)

@@ -50,8 +50,10 @@ def du(path: Path) -> int:
 
 def test_killed_restore_task_leaves_no_orphan_and_a_new_run_recovers(api):
     scenario = seed_scenario.play()
+    # the restore inside the downtime window (the riskier place to be killed); a killed
+    # stage_restore is the same on_kill, before the freeze
     conf = {"server": "pg-primary", "target_time": scenario.good_state, "expected": EXPECTED,
-            "confirm": "PITR pg-primary"}
+            "confirm": "PITR pg-primary", "staged_restore": False}
     incident = f"INC-FAULT-5-{int(time.time())}"
     run_id = incident_run_id("dr_pitr", incident)
     with barman_bandwidth_limit(1500):  # ~48 MB at 1.5 MB/s: half a minute of copying to interrupt

@@ -107,3 +107,20 @@ def test_show_server_and_processes(barman, server_name):
     info = barman.show_server(server_name)
     assert info["backup_method"] == "postgres" and info["streaming_archiver"] is True
     assert any(p.get("name") == "receive-wal" for p in barman.list_processes(server_name))
+
+
+def test_remote_job_long_poll_sees_the_exit_code_across_windows(barman, unique):
+    """wait_job waits on the host in windows; a job outliving several windows still yields its exit code."""
+    from barman_dr.exceptions import RemoteCommandError
+
+    host = barman.host
+    host.LONG_POLL_WINDOW = 1  # several windows for a ~2.5 s job
+    try:
+        with pytest.raises(RemoteCommandError) as ei:
+            host.run_job(barman.job_dir, f"longpoll-{unique}", ["sh", "-c", "sleep 2.5; echo done; exit 3"], timeout=60)
+        assert ei.value.exit_code == 3 and "done" in ei.value.stdout
+        ok = host.run_job(barman.job_dir, f"longpoll-ok-{unique}", ["sh", "-c", "sleep 0.3; echo fine"], timeout=60)
+        assert ok.exit_code == 0 and ok.stdout.strip() == "fine"
+        assert host.wait_job(barman.job_dir, f"longpoll-ok-{unique}", timeout=5).exit_code == 0  # finished: at once
+    finally:
+        del host.LONG_POLL_WINDOW

@@ -126,3 +126,54 @@ def test_move_aside_refuses_running_directory(standby_host, standby, scratch):
 def test_move_aside_rejects_bad_tags(standby_host, scratch, tag):
     with pytest.raises(ValueError, match="tag"):
         standby_host.move_aside(scratch, tag)
+
+
+# ------------------------------------------------------------ staged restore
+
+
+def test_staged_restore_swap_in(standby_host, scratch, unique):
+    """The staged copy is renamed into place only while it is the directory the staging produced."""
+    from barman_dr.hooks.dbhost import staging_paths
+
+    staged, wal = staging_paths(scratch, f"t{unique[-8:]}")
+    assert staged == f"{scratch}.staged-t{unique[-8:]}" and wal == f"{staged}-wal"
+    standby_host.prepare_directory(staged)
+    standby_host.host.run(["sh", "-c", 'echo staged > "$1/marker"', "x", staged])
+    ident = standby_host.dir_identity(staged)
+    # the data directory still exists (not moved aside yet): refused, nothing moves
+    with pytest.raises(RemoteCommandError) as ei:
+        standby_host.swap_in_staged(staged, scratch, ident)
+    assert ei.value.exit_code == 3 and "refusing to rename over it" in ei.value.stderr
+    moved = standby_host.move_aside(scratch, "swap")
+    # a directory that is not the staged restore (another device:inode) is refused
+    with pytest.raises(RemoteCommandError) as ei:
+        standby_host.swap_in_staged(staged, scratch, "0:0")
+    assert ei.value.exit_code == 5
+    assert standby_host.swap_in_staged(staged, scratch, ident) == "renamed"
+    assert standby_host.path_exists(f"{scratch}/marker") and not standby_host.path_exists(staged)
+    assert standby_host.dir_identity(scratch) == ident
+    assert standby_host.path_exists(f"{moved}/PG_VERSION")  # the old directory is kept
+    # a retry after the rename finds it done
+    assert standby_host.swap_in_staged(staged, scratch, ident) == "already"
+
+
+def test_remove_staging_removes_only_its_own_directories(standby_host, scratch, unique):
+    from barman_dr.hooks.dbhost import staging_paths
+
+    staged, wal = staging_paths(scratch, f"t{unique[-8:]}")
+    for d in (staged, wal):
+        standby_host.prepare_directory(d)
+    for bad_staged, bad_wal in ((scratch, wal), (f"{scratch}.pre-x", wal), (staged, f"{scratch}-wal")):
+        with pytest.raises(RemoteCommandError) as ei:
+            standby_host.remove_staging(scratch, bad_staged, bad_wal)
+        assert ei.value.exit_code == 3 and "refusing" in ei.value.stderr
+    assert standby_host.path_exists(f"{scratch}/PG_VERSION")
+    assert standby_host.remove_staging(scratch, staged, wal) == [staged, wal]
+    assert not standby_host.path_exists(staged) and not standby_host.path_exists(wal)
+    assert standby_host.remove_staging(scratch, staged, wal) == []
+
+
+def test_free_space(standby_host, scratch):
+    free = standby_host.free_space(scratch)
+    assert free["available_bytes"] > 0 and free["size_bytes"] >= free["available_bytes"]
+    assert free["mount_point"].startswith("/")

@@ -41,7 +41,8 @@ def failed_pitr():
 def test_pitr_fails_at_start_and_keeps_the_app_frozen(failed_pitr):
     assert failed_pitr["state"] == "failed"
     tasks = failed_pitr["tasks"]
-    assert tasks["barman_restore"] == "success"
+    assert tasks["stage_restore"] == "success"  # staged (the default): the copy ran before the freeze
+    assert tasks["barman_restore"] == "success"  # the rename of the staged copy
     assert tasks["start_recovery"] == "failed"
     assert tasks["unfreeze_app"] == "upstream_failed"
     assert pgbouncer_paused()  # safe: the app never saw the half-recovered server
@@ -55,6 +56,9 @@ def test_failure_is_audited_with_the_log_tail_and_the_old_directory(failed_pitr)
     assert moved and Path(moved[0], "PG_VERSION").exists()
     summary = [e for e in events if e["action"] == "failure_summary" and e["outcome"] == "ok"]
     assert summary and "dr_pitr_rollback" in summary[0]["details"]
+    # recovery never ended, so Barman's WAL staging directory is still there: the summary says so
+    left = json.loads(summary[0]["details"])["staging_leftover"]
+    assert len(left) == 1 and left[0].endswith("-wal") and Path(left[0]).is_dir()
 
 
 def test_rollback_puts_the_old_data_back_and_resumes_the_app(failed_pitr):
@@ -67,6 +71,9 @@ def test_rollback_puts_the_old_data_back_and_resumes_the_app(failed_pitr):
     assert one("LAB_APP_DSN", "SELECT count(*) FROM critical_orders WHERE order_id = 9000001") == 1
     rb = [e for e in audit(run_id) if e["action"] == "rollback" and e["outcome"] == "ok"]
     assert rb and ".failed-" in rb[0]["details"]  # the failed restore was set aside too, not deleted
+    details = json.loads(rb[0]["details"])
+    assert [p for p in details["staging_leftover"] if p.endswith("-wal")]  # reported, not touched
+    assert "staging directories are left" in details["warning"]
 
 
 def test_rollback_refuses_without_confirmation():

@@ -2,6 +2,8 @@
 
 The app writes through PgBouncer the whole time; the PITR is triggered *immediately* after
 the DELETE (no waiting for archive_timeout: the seed's failure), with target_time = GOOD STATE.
+It runs with the default staged_restore=true (restore before the freeze, rename inside the
+downtime); tests/e2e/test_pitr_rest.py runs the same scenario with staged_restore=false.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from tests.pitr_support import audit, counts, one, pgbouncer_paused, primary_tim
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = ["validate", "preflight", "wal_coverage", "plan", "freeze_app", "stop_postgres", "move_aside",
+STEPS = ["validate", "preflight", "wal_coverage", "plan", "stage_restore", "freeze_app", "stop_postgres", "move_aside",
          "barman_restore", "start_recovery", "verify_target", "validate_data", "unfreeze_app", "rebuild_standby",
          "rebase_barman", "report"]
 
@@ -108,3 +110,22 @@ def test_rto_reported_per_phase(pitr):
     assert report["rto_s"] is not None and report["rto_s"] > 0
     for phase in ("freeze_app", "stop_postgres", "barman_restore", "start_recovery", "unfreeze_app"):
         assert report["phases_s"][phase] is not None
+
+
+def test_staged_restore_ran_before_the_freeze_and_was_renamed_into_place(pitr):
+    report = pitr["report"]
+    assert report["staged_restore"] is True
+    assert report["outside_downtime_s"]["stage_restore"] > 0
+    stage = xcom("dr_pitr", pitr["run_id"], "stage_restore")
+    swap = xcom("dr_pitr", pitr["run_id"], "barman_restore")
+    freeze = xcom("dr_pitr", pitr["run_id"], "freeze_app")
+    assert stage["staged"] is True and stage["ended_at"] <= freeze["frozen_at"]  # the copy was outside the downtime
+    data_dir = f"{os.environ['LAB_DIR']}/pg/pg-primary/data"
+    assert stage["staging_directory"].startswith(f"{data_dir}.staged-")
+    assert stage["staging_directory"] not in (data_dir, report["moved_aside"])
+    assert stage["space"]["available_bytes"] >= stage["space"]["needed_bytes"] > 0
+    assert swap["mode"] == "staged" and swap["renamed"] == "renamed" and swap["destination"] == data_dir
+    # the staging directory became the data directory; Barman's WAL staging directory was removed by recovery
+    assert not Path(stage["staging_directory"]).exists() and not Path(stage["wal_directory"]).exists()
+    assert report["staging_leftover"] == []
+    assert os.stat(data_dir).st_ino == int(stage["identity"].split(":")[1])

@@ -118,6 +118,13 @@ def test_none_means_default(inv):
     assert r.jobs == 1 and r.target.inclusive and r.backup_id == "auto" and r.restore_to == "in_place"
 
 
+def test_staged_restore_defaults_on(inv):
+    assert ok(inv, target_xid="745").staged_restore is True
+    assert ok(inv, target_xid="745", staged_restore=None).staged_restore is True
+    assert ok(inv, target_xid="745", staged_restore=False).staged_restore is False
+    assert PitrRequest.from_dict(ok(inv, target_xid="745", staged_restore=False).to_dict()).staged_restore is False
+
+
 # ----------------------------------------------------------------- rejected
 
 
@@ -265,6 +272,12 @@ def test_bad_staging(inv, staging):
     rejected(inv, {"server": SERVER, "target_xid": "745", "staging": staging}, "staging")
 
 
+@pytest.mark.parametrize("value", ["false", 0, "yes", [True]])
+def test_bad_staged_restore(inv, value):
+    err = rejected(inv, {"server": SERVER, "target_xid": "745", "staged_restore": value}, "staged_restore")
+    assert "downtime" in str(err)
+
+
 # --------------------------------------------- free-text fields: the allow-lists
 
 HOSTILE = [
@@ -383,6 +396,7 @@ conf_strategy = st.fixed_dictionaries(
         "expected": st.dictionaries(st.sampled_from(["orders_total", "orders_completed"]) | nasty_text,
                                     st.integers(-1, 10**6), max_size=2),
         "staging": st.booleans(),
+        "staged_restore": st.booleans() | st.none() | nasty_text,
     },
 )
 

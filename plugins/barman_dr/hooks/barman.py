@@ -280,7 +280,8 @@ class BarmanHook(BaseHook):
 
     def restore_argv(self, server: str, backup_id: str, destination: str, target: RecoveryTarget, *,
                      remote_ssh_command: Sequence[str] | None, jobs: int = 1,
-                     target_action: str = "promote", target_tli: int | None = None) -> list[str]:
+                     target_action: str = "promote", target_tli: int | None = None,
+                     staging_wal_directory: str | None = None) -> list[str]:
         args = ["restore"]
         if remote_ssh_command:
             # Barman runs this through a shell itself; we hand it a correctly quoted string.
@@ -296,6 +297,10 @@ class BarmanHook(BaseHook):
             args += ["--target-action", target_action]
         if jobs > 1:
             args += ["--jobs", str(jobs)]
+        if staging_wal_directory:
+            # the WAL for recovery goes here instead of `<destination>/barman_wal`; its absolute
+            # path is written into restore_command, so it must not move with the destination
+            args += ["--staging-wal-directory", staging_wal_directory]
         args += [server, backup_id, destination]
         return self.argv(*args)
 

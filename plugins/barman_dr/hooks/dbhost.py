@@ -21,7 +21,7 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
-from barman_dr.exceptions import BarmanDrError, RemoteCommandError
+from barman_dr.exceptions import BarmanDrError
 from barman_dr.hooks.remote import RemoteHost, sh_argv
 from barman_dr.inventory import DbHost, Instance
 from barman_dr.models import ControlData, utc_stamp
@@ -60,6 +60,78 @@ fi
 mv -- "$aside" "$src"
 echo "restored $src"
 """
+
+# Staged restore, step 2 (inside the downtime window, after the live directory was moved
+# aside): rename the staging directory into the data directory's place. A rename (same
+# parent directory, so the same filesystem): instant, atomic. The staging directory must
+# still be the very directory the staging restore produced (device:inode recorded then);
+# a retry after a rename that succeeded finds it in place and reports "already".
+_SWAP_IN = r"""
+set -eu
+staged="$1"; dest="$2"; ident="$3"; pg_ctl="$4"
+if [ -e "$dest" ] || [ -L "$dest" ]; then
+  if [ ! -e "$staged" ] && [ "$(stat -c %d:%i -- "$dest")" = "$ident" ]; then echo "already $dest"; exit 0; fi
+  echo "$dest exists and is not this run's staged restore: refusing to rename over it" >&2; exit 3
+fi
+[ -d "$staged" ] && [ ! -L "$staged" ] || { echo "the staged restore $staged is missing" >&2; exit 4; }
+[ "$(stat -c %d:%i -- "$staged")" = "$ident" ] || {
+  echo "$staged is not the directory the staging restore produced (device:inode changed)" >&2; exit 5; }
+[ "$(dirname -- "$staged")" = "$(dirname -- "$dest")" ] || { echo "$staged is not next to $dest" >&2; exit 6; }
+if "$pg_ctl" status -D "$staged" >/dev/null 2>&1; then echo "PostgreSQL is running on $staged" >&2; exit 3; fi
+mv -T -- "$staged" "$dest"
+echo "renamed $dest"
+"""
+
+# Remove a run's own staging directories (a failed attempt's partial copy: not live data,
+# and as large as the database, so it is deleted rather than kept). Only paths of the
+# exact shape `<data_dir>.staged-<tag>` and `<that>-wal` are accepted.
+_REMOVE_STAGING = r"""
+set -eu
+data="$1"; staged="$2"; wal="$3"; pg_ctl="$4"
+case "$staged" in "$data".staged-?*) ;; *) echo "refusing: $staged is not a staging directory of $data" >&2; exit 3;; esac
+[ "$wal" = "$staged-wal" ] || { echo "refusing: $wal is not the WAL directory of $staged" >&2; exit 3; }
+if [ -d "$staged" ] && "$pg_ctl" status -D "$staged" >/dev/null 2>&1; then
+  echo "refusing: PostgreSQL is running on $staged" >&2; exit 3; fi
+removed=""
+for d in "$staged" "$wal"; do if [ -e "$d" ] || [ -L "$d" ]; then rm -rf -- "$d"; removed="$removed $d"; fi; done
+echo "removed$removed"
+"""
+
+# Wait on the host until PostgreSQL accepts connections ($5 = ready) or, with $5 = promoted,
+# until recovery has ended (pg_is_in_recovery() = f); stop early when the postmaster is gone.
+# Checks every $6 s for at most $7 s; prints ready/promoted, exited or waiting. One SSH exec
+# per window instead of two or three per client-side poll.
+_WAIT_PG = r"""
+bin="$1"; data="$2"; sock="$3"; port="$4"; what="$5"; step="$6"; window="$7"
+end=$(( $(date +%s) + window ))
+while :; do
+  if "$bin/pg_isready" -q -h "$sock" -p "$port"; then
+    if [ "$what" = ready ]; then echo ready; exit 0; fi
+    r=$("$bin/psql" -X -At -h "$sock" -p "$port" -d postgres -c "SELECT pg_is_in_recovery()" 2>/dev/null || true)
+    if [ "$r" = f ]; then echo promoted; exit 0; fi
+  fi
+  if ! "$bin/pg_ctl" status -D "$data" >/dev/null 2>&1; then echo exited; exit 0; fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo waiting; exit 0; fi
+  sleep "$step"
+done
+"""
+
+#: seconds one `_WAIT_PG` exec may wait on the host; checks every 0.1 s for the first FAST_WAIT_S
+WAIT_WINDOW_S = 15
+FAST_WAIT_S = 10.0
+
+
+def staging_paths(data_directory: str, tag: str) -> tuple[str, str]:
+    """A run's staging directory (a sibling of the data directory: same filesystem) and its WAL directory.
+
+    The WAL directory is outside the staging directory on purpose: `barman restore` writes
+    its absolute path into `restore_command` / `recovery_end_command`, and it must stay valid
+    after the staging directory is renamed to the data directory.
+    """
+    if not MOVE_TAG_RE.match(tag):
+        raise ValueError(f"invalid staging tag {tag!r}")
+    base = data_directory.rstrip("/")
+    return f"{base}.staged-{tag}", f"{base}.staged-{tag}-wal"
 
 
 class DbHostHook(BaseHook):
@@ -117,6 +189,15 @@ class DbHostHook(BaseHook):
                           timeout=timeout)
         return r.stdout.strip()
 
+    def psql_each(self, instance: Instance, statements: list[str], database: str = "postgres",
+                  timeout: float = 60) -> str:
+        """Several statements in one psql run, each its own transaction (`-c` per statement); stops at the first error."""
+        argv = [self._bin("psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", instance.socket_directory,
+                "-p", str(instance.port), "-d", database]
+        for sql in statements:
+            argv += ["-c", sql]
+        return self.host.run(argv, timeout=timeout).stdout.strip()
+
     def is_ready(self, instance: Instance) -> bool:
         r = self.host.run([self._bin("pg_isready"), "-q", "-h", instance.socket_directory, "-p", str(instance.port)],
                           check=False)
@@ -150,7 +231,7 @@ class DbHostHook(BaseHook):
                 if time.monotonic() > deadline:
                     raise BarmanDrError(f"PostgreSQL on {instance.name} did not start (no postmaster after 30s). "
                                         f"Server log tail:\n{self.log_tail(instance.log_file)}")
-                time.sleep(0.2)
+                time.sleep(0.1)
 
     def stop(self, instance: Instance, *, mode: str = "fast", timeout: int = 120) -> str:
         """Stop PostgreSQL (fast: roll back open transactions, checkpoint, exit). Idempotent."""
@@ -161,36 +242,41 @@ class DbHostHook(BaseHook):
                        "-t", str(timeout)], timeout=timeout + 30)
         return "stopped"
 
+    def _wait_pg(self, instance: Instance, what: str, timeout: float) -> tuple[str, float]:
+        """Long-poll `_WAIT_PG` until `what` (ready/promoted) or the postmaster exits; (outcome, seconds)."""
+        start = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - start
+            remaining = timeout - elapsed
+            if remaining <= 0:
+                return "timeout", round(elapsed, 3)
+            window = max(1, int(min(WAIT_WINDOW_S, remaining)))
+            step = "0.1" if elapsed < FAST_WAIT_S else "0.5"
+            out = self.host.run(sh_argv(_WAIT_PG, self.db_host.pg_bin.rstrip("/"), instance.data_directory,
+                                        instance.socket_directory, str(instance.port), what, step, str(window)),
+                                timeout=window + 60).stdout.strip()
+            if out in (what, "exited"):
+                return out, round(time.monotonic() - start, 3)
+
     def wait_ready(self, instance: Instance, *, timeout: float = 300) -> float:
         """Wait until the instance accepts connections; fail with the server log tail."""
-        start = time.monotonic()
-        interval = 0.2
-        while time.monotonic() - start < timeout:
-            if self.is_ready(instance):
-                return round(time.monotonic() - start, 3)
-            if self.status(instance.data_directory) != "running":
-                raise BarmanDrError(f"PostgreSQL on {instance.name} is not running (it exited during start-up). "
-                                    f"Server log tail:\n{self.log_tail(instance.log_file)}")
-            time.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
+        outcome, waited = self._wait_pg(instance, "ready", timeout)
+        if outcome == "ready":
+            return waited
+        if outcome == "exited":
+            raise BarmanDrError(f"PostgreSQL on {instance.name} is not running (it exited during start-up). "
+                                f"Server log tail:\n{self.log_tail(instance.log_file)}")
         raise BarmanDrError(f"PostgreSQL on {instance.name} did not accept connections within {timeout:.0f}s. "
                             f"Server log tail:\n{self.log_tail(instance.log_file)}")
 
     def wait_recovery_end(self, instance: Instance, *, timeout: float = 3600) -> float:
         """Wait until recovery has ended and the server is promoted (pg_is_in_recovery() = false)."""
-        start = time.monotonic()
-        interval = 0.2
-        while time.monotonic() - start < timeout:
-            if self.status(instance.data_directory) != "running":
-                raise BarmanDrError(f"PostgreSQL on {instance.name} stopped during recovery. "
-                                    f"Server log tail:\n{self.log_tail(instance.log_file)}")
-            try:
-                if self.is_ready(instance) and not self.in_recovery(instance):
-                    return round(time.monotonic() - start, 3)
-            except RemoteCommandError:
-                pass  # not accepting connections yet
-            time.sleep(interval)
-            interval = min(interval * 1.5, 2.0)
+        outcome, waited = self._wait_pg(instance, "promoted", timeout)
+        if outcome == "promoted":
+            return waited
+        if outcome == "exited":
+            raise BarmanDrError(f"PostgreSQL on {instance.name} stopped during recovery. "
+                                f"Server log tail:\n{self.log_tail(instance.log_file)}")
         raise BarmanDrError(f"PostgreSQL on {instance.name} still in recovery after {timeout:.0f}s. "
                             f"Server log tail:\n{self.log_tail(instance.log_file)}")
 
@@ -213,6 +299,31 @@ class DbHostHook(BaseHook):
         """Rollback: put a moved-aside directory back; whatever is there now is moved aside too."""
         stamp = utc_stamp()
         return self.host.run(sh_argv(_MOVE_BACK, data_directory, aside, tag, stamp, self._bin("pg_ctl"))).stdout
+
+    # ------------------------------------------------------------ staged restore
+    def free_space(self, path: str) -> dict[str, Any]:
+        """Free bytes on the filesystem holding `path` (`df -P -B1`), and its mount point."""
+        out = self.host.run(["df", "-P", "-B1", "--", path]).stdout.strip().splitlines()
+        fields = out[-1].split() if out else []
+        if len(fields) < 6 or not fields[3].isdigit():
+            raise BarmanDrError(f"unexpected `df -P -B1 {path}` output on {self.db_host.name}: {out!r}")
+        return {"path": path, "available_bytes": int(fields[3]), "size_bytes": int(fields[1]),
+                "mount_point": fields[5]}
+
+    def dir_identity(self, path: str) -> str:
+        """`device:inode` of a directory: a rename keeps it, a new directory has another."""
+        return self.host.run(["stat", "-c", "%d:%i", "--", path]).stdout.strip()
+
+    def swap_in_staged(self, staged: str, data_directory: str, identity: str) -> str:
+        """Rename the staged restore to the data directory (which must not exist). `renamed` or `already`."""
+        out = self.host.run(sh_argv(_SWAP_IN, staged, data_directory, identity, self._bin("pg_ctl"))).stdout.strip()
+        return out.partition(" ")[0]
+
+    def remove_staging(self, data_directory: str, staged: str, wal_directory: str) -> list[str]:
+        """Delete a run's own staging directories (never anything else); the paths removed."""
+        out = self.host.run(sh_argv(_REMOVE_STAGING, data_directory.rstrip("/"), staged, wal_directory,
+                                    self._bin("pg_ctl"))).stdout.strip()
+        return out.split()[1:]
 
     def prepare_directory(self, path: str, mode: str = "0700") -> None:
         """Create an empty directory for a restore (Barman refuses non-empty destinations)."""

@@ -60,11 +60,33 @@ while [ ! -f "$d/pid" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done
 echo "started $(cat "$d/pid")"
 """
 
+# The job's shell writes rc *before* it exits: when its group is gone, rc is read again
+# before calling the job lost (it may have finished between the two checks).
 _STATUS_SCRIPT = _ALIVE_FN + r"""
 d="$1"
 if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
 if [ ! -f "$d/pid" ]; then echo "absent"; exit 0; fi
-if alive "$(cat "$d/pid")"; then echo "running $(cat "$d/pid")"; else echo "lost $(cat "$d/pid")"; fi
+if alive "$(cat "$d/pid")"; then echo "running $(cat "$d/pid")"; exit 0; fi
+if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; else echo "lost $(cat "$d/pid")"; fi
+"""
+
+# Long poll: wait on the host (checking every $3 s) until the job is no longer running or
+# $2 seconds have passed, then report like _STATUS_SCRIPT. One SSH exec per window instead
+# of one per client-side poll, and the end of a job is seen within $3 s, not within the
+# client's growing interval.
+_WAIT_SCRIPT = _ALIVE_FN + r"""
+d="$1"; window="$2"; step="$3"
+end=$(( $(date +%s) + window ))
+while :; do
+  if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; exit 0; fi
+  if [ ! -f "$d/pid" ]; then echo "absent"; exit 0; fi
+  if ! alive "$(cat "$d/pid")"; then
+    if [ -f "$d/rc" ]; then echo "finished $(cat "$d/rc")"; else echo "lost $(cat "$d/pid")"; fi
+    exit 0
+  fi
+  if [ "$(date +%s)" -ge "$end" ]; then echo "running $(cat "$d/pid")"; exit 0; fi
+  sleep "$step"
+done
 """
 
 # Terminate the job's process group, wait for all of it, escalate to SIGKILL. Records that it was killed.
@@ -110,6 +132,10 @@ class RemoteHost:
     `no_host_key_check` is refused, because a DR tool that can be pointed at an impostor
     host would restore production data onto it.
     """
+
+    #: longest single wait on the host per SSH exec (`wait_job`), and how long it polls every 0.1 s
+    LONG_POLL_WINDOW = 15
+    FAST_POLL_FOR = 30.0
 
     def __init__(self, ssh_conn_id: str, *, name: str | None = None, cmd_timeout: float = 120,
                  log: Callable[[str], None] | None = None) -> None:
@@ -281,13 +307,28 @@ class RemoteHost:
 
     def wait_job(self, job_root: str, job_id: str, *, timeout: float, poll: Callable[[float], float] | None = None,
                  on_poll: Callable[[JobStatus], None] | None = None) -> JobStatus:
-        """Poll until the job finishes. Tolerates SSH outages (the job runs on regardless)."""
-        deadline = time.monotonic() + timeout
+        """Wait until the job finishes. Tolerates SSH outages (the job runs on regardless).
+
+        Long-polls: each SSH exec waits on the host for up to `LONG_POLL_WINDOW` seconds,
+        checking every 0.1 s during the first `FAST_POLL_FOR` seconds and every 0.5 s after
+        (a job's end is seen within that step). `poll`, when given, restores the old
+        client-side polling with that interval function (tests).
+        """
+        started = time.monotonic()
+        deadline = started + timeout
         interval = 0.25
         ssh_failures = 0
+        d = self._job_dir(job_root, job_id)
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                status = self.job_status(job_root, job_id)
+                if poll is None and remaining > 1:
+                    step = "0.1" if time.monotonic() - started < self.FAST_POLL_FOR else "0.5"
+                    window = int(min(self.LONG_POLL_WINDOW, remaining))
+                    out = self.run(sh_argv(_WAIT_SCRIPT, d, str(window), step), timeout=window + 30).stdout
+                    status = self._parse_status(job_id, out.strip().splitlines()[-1] if out.strip() else "absent")
+                else:
+                    status = self.job_status(job_root, job_id)
                 ssh_failures = 0
             except SshConnectError:
                 ssh_failures += 1
@@ -295,6 +336,7 @@ class RemoteHost:
                     raise
                 self.close()
                 status = None
+                time.sleep(1)
             if status is not None:
                 if on_poll:
                     on_poll(status)
@@ -307,8 +349,9 @@ class RemoteHost:
                     )
             if time.monotonic() > deadline:
                 raise RemoteJobError(f"remote job {job_id} on {self.name} still running after {timeout:.0f}s")
-            time.sleep(interval)
-            interval = poll(interval) if poll else min(interval * 1.5, 3.0)
+            if poll is not None or remaining <= 1:
+                time.sleep(interval)
+                interval = poll(interval) if poll else min(interval * 1.5, 3.0)
 
     def run_job(self, job_root: str, job_id: str, argv: Sequence[str], *, timeout: float,
                 error_cls: type[RemoteCommandError] = RemoteCommandError) -> CommandResult:

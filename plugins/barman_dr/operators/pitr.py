@@ -13,6 +13,7 @@ converges instead of doing the step twice.
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from barman_dr.appfreeze import REPOINT_SCRIPT, FreezeError, PgBouncerAdmin
 from barman_dr.audit import AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, ValidationError
 from barman_dr.hooks.barman import compute_coverage
+from barman_dr.hooks.dbhost import staging_paths
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
@@ -332,20 +334,33 @@ class PlanGateOperator(DrBaseOperator):
         wal = self.upstream(context, "wal_coverage")
         history = []
         try:
-            for e in self.audit(context).events(server=srv.name, action="barman_restore", limit=20):
-                if e["outcome"] == "ok" and isinstance(e["details"], dict):
-                    history.append(e["details"])
+            for action in ("stage_restore", "barman_restore"):
+                for e in self.audit(context).events(server=srv.name, action=action, limit=20):
+                    if e["outcome"] == "ok" and isinstance(e["details"], dict):
+                        history.append(e["details"])
         except BarmanDrError:
             history = []
         estimate = estimate_rto(int(pre["backup"].get("size_bytes") or 0), int(wal["wal_segments"]), history)
         instance = self.target_instance
         standbys = [s.name for s in srv.standbys if s.name != instance.name]
-        steps = ["freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
+        restore = (f"barman restore {pre['backup_id']} ({req.target.describe()}, jobs={req.jobs}, "
+                   "--target-action promote)")
+        if req.staged_restore:
+            staged, _ = staging_paths(instance.data_directory, self.run_tag(context))
+            estimate["downtime_s"] = round(estimate["total_s"] - estimate["restore_s"], 1)
+            before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
+                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)"]
+            in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
+        else:
+            estimate["downtime_s"] = estimate["total_s"]
+            before = []
+            in_window = f"{restore} to {instance.host}:{instance.data_directory} (inside the downtime)"
+        steps = [*before,
+                 "freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
                  f"freeze app ({srv.app_freeze.method})",
                  f"stop PostgreSQL {instance.name}" + ("" if req.in_place else f" and fence {srv.primary.name}"),
                  f"move {instance.data_directory} aside (kept)",
-                 f"barman restore {pre['backup_id']} to {instance.host}:{instance.data_directory} "
-                 f"({req.target.describe()}, jobs={req.jobs}, --target-action promote)",
+                 in_window,
                  "start PostgreSQL, wait for recovery end and promotion",
                  "prove the target was reached (server log + timeline history)",
                  "validate data: " + (", ".join(f"{k}={v}" for k, v in req.expected.items()) or "report counts"),
@@ -358,19 +373,125 @@ class PlanGateOperator(DrBaseOperator):
             "backup_end_time": pre["backup"].get("end_time"), "wal_range": [wal["first_wal"], wal["last_wal"]],
             "wal_segments": wal["wal_segments"], "restore_to": instance.name, "estimated_rto": estimate,
             "rto_objective_s": srv.rto_objective_seconds, "steps": steps, "confirmed": req.confirmed,
-            "standbys": standbys,
+            "standbys": standbys, "staged_restore": req.staged_restore,
         }
         self.audit(context).record("plan", "planned", server=srv.name, target=req.target.describe(), details=plan)
         note = (f"PITR plan for {srv.name}{' (CONFIRMED)' if req.confirmed else ' (plan only: not confirmed)'}\n"
                 f"target: {req.target.describe()}\nbackup: {pre['backup_id']} (ended {plan['backup_end_time']})\n"
                 f"WAL proven: {wal['first_wal']} .. {wal['last_wal']} ({wal['wal_segments']} segments)\n"
-                f"estimated RTO: {estimate['total_s']:.0f}s (objective {srv.rto_objective_seconds}s)\n"
+                f"estimated RTO: {estimate['total_s']:.0f}s, of which downtime {estimate['downtime_s']:.0f}s "
+                f"(objective {srv.rto_objective_seconds}s)\n"
                 + "\n".join(f"{i}. {s}" for i, s in enumerate(steps, 1)))
         set_run_note(context["dag"].dag_id, context["run_id"], note)
         if not req.confirmed:
             self.log.info("plan only (confirm is not '%s'):\n%s", req.confirm_text(), note)
             raise AirflowSkipException(f"plan only: set confirm to '{req.confirm_text()}' to execute")
         return plan
+
+
+# --------------------------------------------------------------------------- stage
+
+#: free space a staged restore needs beyond the backup and the WAL it copies
+STAGING_MARGIN = 0.10
+
+
+def _mib(n: int) -> str:
+    return f"{n / 1024 / 1024:,.0f} MiB"
+
+
+def check_staging_space(host: str, free: dict[str, Any], backup_bytes: int, wal_segments: int) -> dict[str, Any]:
+    """Free space for a second copy next to the data directory: backup + WAL to replay + 10%; or a refusal."""
+    wal_bytes = wal_segments * SEGMENT_BYTES
+    needed = int((backup_bytes + wal_bytes) * (1 + STAGING_MARGIN))
+    out = {**free, "needed_bytes": needed, "backup_bytes": backup_bytes, "wal_bytes": wal_bytes}
+    if free["available_bytes"] < needed:
+        raise PreflightError(
+            f"not enough free space for a staged restore on {host}:{free['mount_point']} (the filesystem of "
+            f"{free['path']}): it needs {_mib(needed)} (backup {_mib(backup_bytes)} + WAL to replay "
+            f"{_mib(wal_bytes)} + {STAGING_MARGIN:.0%} margin), {_mib(free['available_bytes'])} are available. "
+            "Nothing was stopped. Fix: free space on that filesystem and clear this task, or trigger again with "
+            "staged_restore=false (the restore then runs inside the downtime window, after the freeze; it needs "
+            "about the same space, because the old data directory is kept next to the restored one)")
+    return out
+
+
+class StageRestoreOperator(DrBaseOperator):
+    """Step 4b (staged_restore, default on): `barman restore` into a staging directory while the app still runs.
+
+    The target is in the past, so the base backup and the WAL up to it can be restored
+    before anything stops: into `<data_dir>.staged-<run tag>`, a sibling of the data
+    directory (same filesystem: the later rename is instant), with Barman's WAL staging
+    directory next to it (`...-wal`, whose absolute path Barman writes into
+    restore_command; it does not move). Free space is checked first. The live data
+    directory is never written to. A retry attaches to the running job; a failed attempt's
+    partial copy (this run's own staging directories, nothing else) is deleted and the
+    restore starts again. With staged_restore=false this step does nothing and
+    `barman_restore` restores inside the downtime window as before.
+    """
+
+    action = "stage_restore"
+
+    def __init__(self, *, restore_timeout: float = 6 * 3600, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.restore_timeout = restore_timeout
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req, srv, inst = self.req, self.srv, self.target_instance
+        if not req.staged_restore:
+            return {"staged": False, "reason": "staged_restore=false: barman restore runs inside the downtime window"}
+        pre = self.upstream(context, "preflight")
+        wal = self.upstream(context, "wal_coverage") or {}
+        backup = pre["backup"]
+        if backup.get("tablespaces"):
+            raise PreflightError(
+                f"backup {pre['backup_id']} has tablespaces ({', '.join(backup['tablespaces'])}): a staged restore "
+                "would write them to their original locations while the server runs. Nothing was stopped. "
+                "Trigger again with staged_restore=false")
+        db = self.db(inst.host)
+        tag = self.run_tag(context)
+        staged, wal_dir = staging_paths(inst.data_directory, tag)
+        if staged.rstrip("/") == inst.data_directory.rstrip("/"):
+            raise PreflightError(f"refusing: the staging directory {staged} equals the data directory")
+        record = {"host": inst.host, "data_directory": inst.data_directory, "staging_directory": staged,
+                  "wal_directory": wal_dir}
+        # before anything is written: the failure summary and dr_pitr_rollback find it even if this task dies
+        context["ti"].xcom_push(key="staging", value=record)
+        self.audit(context).record("staging_directory", "info", server=srv.name, target=self.audit_target(),
+                                   details=record)
+        job_id = f"stage-{srv.name}-{tag}"
+        status, stamp = self.barman.host.reset_if_failed(self.barman.job_dir, job_id)
+        cleaned: list[str] = []
+        if stamp:
+            # a failed or lost attempt: its partial copy is this run's own staging output, not live data
+            cleaned = db.remove_staging(inst.data_directory, staged, wal_dir)
+            self.log.warning("failed staging attempt set aside (job %s.failed-%s); removed %s", job_id, stamp, cleaned)
+        elif status.state == "absent" and (db.path_exists(staged) or db.path_exists(wal_dir)):
+            raise PreflightError(f"{staged} (or {wal_dir}) exists on {inst.host} but no staging job of this run wrote "
+                                 "it: refusing to restore into it. Nothing was stopped. Inspect it (it is not the "
+                                 "live data directory), remove it, then clear this task")
+        space = None
+        if status.state == "absent" or stamp:
+            free = db.free_space(posixpath.dirname(inst.data_directory.rstrip("/")))
+            space = check_staging_space(inst.host, free, int(backup.get("size_bytes") or 0),
+                                        int(wal.get("wal_segments") or 0))
+        argv = self.barman.restore_argv(
+            srv.name, pre["backup_id"], staged, req.target,
+            remote_ssh_command=self.inventory.db_host(inst.host).restore_ssh_command, jobs=req.jobs,
+            target_tli=target_timeline(backup, wal), staging_wal_directory=wal_dir)
+        self.track_job(self.barman.host, self.barman.job_dir, job_id)
+        started = time.monotonic()
+        result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
+        seconds = max(time.monotonic() - started, 0.001)
+        size = int(backup.get("size_bytes") or 0)
+        return {"staged": True, **record, "identity": db.dir_identity(staged), "job_id": job_id, "argv": argv,
+                "space": space, "cleaned": cleaned, "restore_s": round(seconds, 3), "bytes": size,
+                "restore_bytes_per_s": int(size / seconds) if size else None, "stdout_tail": result.stdout[-2000:]}
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        staging = context["ti"].xcom_pull(task_ids=self.task_id, key="staging") or {}
+        where = f" A partial copy may be left in {staging.get('staging_directory')} (not live data)." if staging else ""
+        return ("Nothing was stopped: the app runs on the original server." + where + " Clear this task to retry "
+                "(it removes its own partial copy first), or trigger again with staged_restore=false.")
 
 
 # --------------------------------------------------------------------------- execute
@@ -456,11 +577,16 @@ def target_timeline(backup: dict[str, Any], wal: dict[str, Any]) -> int | None:
 
 
 class BarmanRestoreOperator(DrBaseOperator):
-    """Step 8: `barman restore` to the target host as a detached job on the barman host.
+    """Step 8: put the restored data directory in place.
 
-    A retry attaches to a running job. A failed or lost attempt's partial destination
-    (our own output: the live directory was moved aside before the first attempt) is
-    moved aside too, never deleted, and the restore starts again.
+    Staged (stage_restore ran): rename the staging directory to the data directory, an
+    instant rename on the same filesystem, refused unless the staging directory is still
+    the one the staging restore produced (device:inode).
+
+    Unstaged: `barman restore` to the target host as a detached job on the barman host. A
+    retry attaches to a running job. A failed or lost attempt's partial destination (our
+    own output: the live directory was moved aside before the first attempt) is moved
+    aside too, never deleted, and the restore starts again.
     """
 
     action = "barman_restore"
@@ -476,6 +602,9 @@ class BarmanRestoreOperator(DrBaseOperator):
         db = self.db(inst.host)
         if aside.get("moved_to") and aside["moved_to"] == inst.data_directory:
             raise PreflightError("refusing: the moved-aside path equals the data directory")
+        stage = self.upstream(context, "stage_restore") or {}
+        if stage.get("staged"):
+            return self.swap_in(stage, aside)
         tag = self.run_tag(context)
         job_id = f"restore-{srv.name}-{tag}"
         host = self.barman.host
@@ -500,16 +629,33 @@ class BarmanRestoreOperator(DrBaseOperator):
         result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
         seconds = max(time.monotonic() - started, 0.001)
         size = int(pre["backup"].get("size_bytes") or 0)
-        return {"job_id": job_id, "argv": argv, "restore_s": round(seconds, 3), "destination": inst.data_directory,
-                "host": inst.host, "bytes": size, "restore_bytes_per_s": int(size / seconds) if size else None,
-                "stdout_tail": result.stdout[-2000:],
+        return {"mode": "restore", "job_id": job_id, "argv": argv, "restore_s": round(seconds, 3),
+                "destination": inst.data_directory, "host": inst.host, "bytes": size,
+                "restore_bytes_per_s": int(size / seconds) if size else None, "stdout_tail": result.stdout[-2000:],
                 "retried_after": f"{status.state} (exit {status.exit_code})" if stamp else None,
                 "partial_kept_at": partial_kept_at}
 
+    def swap_in(self, stage: dict[str, Any], aside: dict[str, Any]) -> dict[str, Any]:
+        inst = self.target_instance
+        staged = stage["staging_directory"]
+        if stage.get("data_directory") != inst.data_directory or stage.get("host") != inst.host:
+            raise PreflightError(f"the staged restore is for {stage.get('host')}:{stage.get('data_directory')}, not "
+                                 f"{inst.host}:{inst.data_directory}")
+        if staged in (inst.data_directory, aside.get("moved_to")):
+            raise PreflightError(f"refusing: the staging directory {staged} is the live or the moved-aside directory")
+        t0 = time.monotonic()
+        outcome = self.db(inst.host).swap_in_staged(staged, inst.data_directory, stage["identity"])
+        return {"mode": "staged", "renamed": outcome, "staging_directory": staged, "destination": inst.data_directory,
+                "host": inst.host, "wal_directory": stage.get("wal_directory"),
+                "rename_s": round(time.monotonic() - t0, 3)}
+
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         aside = self.upstream(context, "move_aside") or {}
+        stage = self.upstream(context, "stage_restore") or {}
+        what = (f"the rename of the staged restore {stage.get('staging_directory')}" if stage.get("staged")
+                else "the restore (partial output is moved aside)")
         return (f"The app is frozen. The original data directory is kept at {aside.get('moved_to')}. Clear this task to "
-                "retry the restore (partial output is moved aside), or run dr_pitr_rollback to put the original back.")
+                f"retry {what}, or run dr_pitr_rollback to put the original back.")
 
 
 class StartRecoveryOperator(DrBaseOperator):
@@ -559,11 +705,9 @@ def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
     """
     present = db.psql(inst, "SELECT string_agg(name, ',') FROM pg_file_settings WHERE sourcefile LIKE "
                             "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(RECOVERY_SETTINGS) + "'])")
-    names = sorted({n for n in present.split(",") if n})
-    for name in names:
-        db.psql(inst, f"ALTER SYSTEM RESET {name}")
-    if names:
-        db.psql(inst, "SELECT pg_reload_conf()")
+    names = sorted({n for n in present.split(",") if n and n in RECOVERY_SETTINGS})
+    if names:  # one psql run: each ALTER SYSTEM is its own transaction (-c per statement)
+        db.psql_each(inst, [*(f"ALTER SYSTEM RESET {name}" for name in names), "SELECT pg_reload_conf()"])
     return names
 
 
@@ -864,6 +1008,19 @@ class RebaseBarmanOperator(DrBaseOperator):
                 "`barman cron`, `barman check`, `barman backup` on the barman host, or clear this task.")
 
 
+def staging_leftover(op: DrBaseOperator, staging: dict[str, Any]) -> list[str]:
+    """Which of a run's staging directories still exist on its host (best effort: [] when it cannot tell)."""
+    paths = [p for p in (staging.get("staging_directory"), staging.get("wal_directory")) if p]
+    if not paths or not staging.get("host"):
+        return []
+    try:
+        db = op.db(staging["host"])
+        return [p for p in paths if db.path_exists(p)]
+    except Exception as exc:  # noqa: BLE001 - a report must not fail on this
+        op.log.warning("could not check the staging directories %s: %s", paths, exc)
+        return [f"{p} (unchecked)" for p in paths]
+
+
 class PitrReportOperator(DrBaseOperator):
     """Step 15: the report: RTO freeze -> resume with a per-phase breakdown (audit + run note)."""
 
@@ -875,7 +1032,7 @@ class PitrReportOperator(DrBaseOperator):
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
         x = {t: self.upstream(context, t) or {} for t in
-             ("preflight", "wal_coverage", "plan", *self.PHASES, "rebase_barman")}
+             ("preflight", "wal_coverage", "plan", "stage_restore", *self.PHASES, "rebase_barman")}
         phases = {p: x[p].get("duration_s") for p in self.PHASES}
         frozen_at = x["freeze_app"].get("frozen_at") or x["freeze_app"].get("started_at")
         resumed_at = x["unfreeze_app"].get("resumed_at") or x["unfreeze_app"].get("ended_at")
@@ -902,11 +1059,20 @@ class PitrReportOperator(DrBaseOperator):
             "estimated_rto_s": (x["plan"].get("estimated_rto") or {}).get("total_s"),
             "phases_s": phases,
         }
+        stage = x["stage_restore"]
+        staged = bool(stage.get("staged"))
+        report["staged_restore"] = staged
+        # the downtime window is rto_s (freeze -> resume); staging ran before it, with the app up
+        report["outside_downtime_s"] = {"stage_restore": stage.get("duration_s")} if staged else {}
+        report["staging_leftover"] = staging_leftover(self, stage) if staged else []
         note = (f"PITR {srv.name} DONE: target {req.target.describe()} reached on timeline {report['new_timeline']}\n"
-                f"RTO {rto}s (objective {srv.rto_objective_seconds}s): "
+                f"RTO (downtime, freeze -> resume) {rto}s (objective {srv.rto_objective_seconds}s): "
                 + ", ".join(f"{k} {v}s" for k, v in phases.items() if v is not None)
+                + (f"\nstaged restore before the freeze (app running): {stage.get('duration_s')}s" if staged else "")
                 + f"\ncounts {report['counts']}\nold data kept at {report['moved_aside']}\n"
-                  f"new backup {report['new_backup_id']}")
+                  f"new backup {report['new_backup_id']}"
+                + (f"\nstaging directories left: {', '.join(report['staging_leftover'])}"
+                   if report["staging_leftover"] else ""))
         set_run_note(context["dag"].dag_id, context["run_id"], note)
         return report
 
@@ -929,9 +1095,15 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         aside = self.upstream(context, "move_aside") or {}
         app_state = "frozen" if freeze.get("frozen") and not unfreeze else (
             "never frozen" if not freeze.get("frozen") else "resumed")
+        staging = context["ti"].xcom_pull(task_ids="stage_restore", key="staging") or {}
+        leftover = staging_leftover(self, staging) if staging else []
+        next_action = ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
+                       if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
+        if leftover:
+            next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
+                            "copies, not live data: delete them once no longer needed)")
         summary = {"failed_tasks": failed, "app": app_state, "old_data_directory": aside.get("moved_to"),
-                   "next_action": ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
-                                   if aside.get("moved_to") else "nothing was changed: fix the cause and trigger again")}
+                   "staging_leftover": leftover, "staging_host": staging.get("host"), "next_action": next_action}
         set_run_note(context["dag"].dag_id, context["run_id"],
                      f"PITR FAILED at {', '.join(failed) or '?'}; app {app_state}; old data: "
                      f"{aside.get('moved_to') or 'untouched'}; next: {summary['next_action']}")

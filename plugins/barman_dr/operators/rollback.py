@@ -16,7 +16,7 @@ from barman_dr.appfreeze import PgBouncerAdmin
 from barman_dr.exceptions import PreflightError, ValidationError
 from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
-from barman_dr.operators.pitr import app_connectivity, freeze_app
+from barman_dr.operators.pitr import app_connectivity, freeze_app, staging_leftover
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,249}\Z")
 
@@ -52,11 +52,18 @@ class PitrRollbackOperator(DrBaseOperator):
         req = validate_rollback_conf(conf, self.inventory.server_names)
         self.request = req
         srv = self.srv
-        events = self.audit(context).events(run_id=req["pitr_run_id"], action="move_aside", dag_id="dr_pitr")
+        trail = self.audit(context)
+        events = trail.events(run_id=req["pitr_run_id"], action="move_aside", dag_id="dr_pitr")
         moved = [e for e in events if e["outcome"] == "ok" and (e["details"] or {}).get("moved_to")]
+        # a staged restore's directories (restore copies, never live data): reported, never touched here
+        staged = [e["details"] for e in trail.events(run_id=req["pitr_run_id"], action="staging_directory",
+                                                     dag_id="dr_pitr") if isinstance(e["details"], dict)]
+        leftover = sorted({p for d in staged for p in staging_leftover(self, d)})
         if not moved:
             raise PreflightError(f"the audit trail has no moved-aside data directory for dr_pitr run "
-                                 f"{req['pitr_run_id']!r}: nothing to roll back")
+                                 f"{req['pitr_run_id']!r}: nothing to roll back"
+                                 + (f"; its staging directories are still there: {', '.join(leftover)} (restore "
+                                    "copies, not live data: delete them once no longer needed)" if leftover else ""))
         d = moved[0]["details"]
         instance = next((i for i in (srv.primary, *srv.standbys) if i.data_directory == d["data_directory"]), None)
         if instance is None:
@@ -84,8 +91,10 @@ class PitrRollbackOperator(DrBaseOperator):
             lock.release(srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"])
         return {"server": srv.name, "restored": d["moved_to"], "into": instance.data_directory,
                 "move_back": out.strip().splitlines(), "in_recovery": in_recovery, "freeze": freeze,
-                "app_check": check, "resumed_at": utcnow(),
-                "warning": "Barman's archive now also holds the PITR's timeline; take a new full backup."}
+                "app_check": check, "resumed_at": utcnow(), "staging_leftover": leftover,
+                "warning": "Barman's archive now also holds the PITR's timeline; take a new full backup."
+                + (f" The PITR's staging directories are left: {', '.join(leftover)} (restore copies, not live data: "
+                   "delete them once no longer needed)." if leftover else "")}
 
     @property
     def server_name(self) -> str:
