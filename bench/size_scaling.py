@@ -241,7 +241,12 @@ def make_wal(nbytes: int) -> float:
 
 
 def target_now() -> str:
-    """A recovery target: the database's clock now, then a commit after it (recovery stops at a later commit)."""
+    """A recovery target: the database's clock now, then a commit after it (recovery stops at a later commit).
+
+    At least 1.5 s after the last backup: pgBackRest compares the target with backup stop times in whole
+    seconds, and refuses a target in the second its backup stopped.
+    """
+    time.sleep(1.5)
     t = psql("SELECT to_json(clock_timestamp())").strip('"')  # ISO 8601 with its offset: Barman, pgBackRest, the form
     time.sleep(0.05)
     psql("SELECT pg_current_xact_id()", db="bench")
