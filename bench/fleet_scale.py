@@ -135,11 +135,18 @@ def parse_time(inv: Path | None, reps: int) -> dict:
 
 
 def verification_run(api: object, n: int) -> dict:
+    # the dag processor must have parsed the DAG with this inventory (one mapped task per pool) before the trigger
+    want = {"verify__barman_barman_fleet", "summary"}
     deadline = time.monotonic() + 300
-    # the new inventory's mapping must be parsed before the trigger
-    while time.monotonic() < deadline:
-        if api.dag_exists(DAG_ID):
+    while True:
+        try:
+            tasks = {t["task_id"] for t in api._call("GET", f"/api/v2/dags/{DAG_ID}/tasks")["tasks"]}
+        except Exception:  # not parsed yet
+            tasks = set()
+        if tasks == want:
             break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{DAG_ID} still has tasks {sorted(tasks)}, not {sorted(want)}")
         time.sleep(2)
     api.unpause(DAG_ID)
     run_id = f"bench_fleet_{n}_{int(time.time())}"
@@ -157,6 +164,8 @@ def verification_run(api: object, n: int) -> dict:
         return datetime.fromisoformat(t[k])
 
     durations = [(ts(t, "end_date") - ts(t, "start_date")).total_seconds() for t in mapped]
+    run = api.get_run(DAG_ID, run_id)
+    run_start = datetime.fromisoformat(run["start_date"]) if run.get("start_date") else None
     first = min(ts(t, "start_date") for t in mapped)
     last = max(ts(t, "end_date") for t in mapped)
     span = (last - first).total_seconds()
@@ -178,6 +187,7 @@ def verification_run(api: object, n: int) -> dict:
             "mapped_span_s": round(span, 2), "task_s": stats(durations),
             "task_seconds_total": round(sum(durations), 2),
             "overhead_per_task_s": round((span * lanes - sum(durations)) / n, 3),
+            "first_task_latency_s": round((first - run_start).total_seconds(), 3) if run_start else None,
             "statuses": statuses}
 
 

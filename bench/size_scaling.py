@@ -481,7 +481,8 @@ def main() -> int:
                 # (pgBackRest's archiving above), rebase_barman's backup would wait for archiving forever.
                 # pgBackRest is done for this size: archiving off, and a fresh Barman backup without it
                 psql("ALTER SYSTEM SET archive_mode = off")
-                pg_ctl("restart", "-m", "fast", "-w", "-t", "300")
+                # -l: a postmaster started without a log file keeps our stdout pipe open (run() never returns)
+                pg_ctl("restart", "-m", "fast", "-w", "-t", "300", "-l", str(B / "log" / "pg-bench.log"))
                 backups(pgbackrest=False)
                 restart_airflow(bench_inventory())
                 api = from_env()
