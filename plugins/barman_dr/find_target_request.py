@@ -24,7 +24,7 @@ from typing import Any
 
 from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import Inventory
-from barman_dr.pitr_request import INCIDENT_RE, NAME_RE, _str_field, parse_aware_time
+from barman_dr.pitr_request import _str_field, check_conf_keys, parse_aware_time, parse_incident_id, parse_server
 
 TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?\Z")
 DEFAULT_WINDOW = timedelta(hours=1)
@@ -76,16 +76,8 @@ def validate_find_target_conf(conf: dict[str, Any], inventory: Inventory, *,
                               now: datetime | None = None) -> FindTargetRequest:
     """Validate a dr_find_target run conf. Pure: no I/O, no clock but `now`."""
     now = now or datetime.now(UTC)
-    if not isinstance(conf, dict):
-        raise ValidationError("conf", conf, "the run configuration must be a JSON object")
-    unknown = sorted(k for k in conf if k not in KNOWN_FIELDS)
-    if unknown:
-        raise ValidationError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(KNOWN_FIELDS))}")
-
-    server = _str_field(conf, "server")
-    if not server or not NAME_RE.match(server) or server not in inventory.servers:
-        raise ValidationError("server", conf.get("server"),
-                              f"must be one of the inventory's servers: {', '.join(inventory.server_names)}")
+    check_conf_keys(conf, KNOWN_FIELDS)
+    server = parse_server(conf, inventory)
     srv = inventory.server(server)
 
     end_text = _str_field(conf, "window_end")
@@ -112,9 +104,7 @@ def validate_find_target_conf(conf: dict[str, Any], inventory: Inventory, *,
     if isinstance(min_rows, bool) or not isinstance(min_rows, int) or not 0 <= min_rows <= MAX_MIN_ROWS:
         raise ValidationError("min_rows", min_rows, "must be a non-negative integer (rows deleted or updated)")
 
-    incident_id = _str_field(conf, "incident_id")
-    if incident_id is not None and not INCIDENT_RE.match(incident_id):
-        raise ValidationError("incident_id", incident_id, "letters, digits, '.', '_', '-' only (max 64), e.g. INC-123")
+    incident_id = parse_incident_id(conf)
 
     return FindTargetRequest(server=server, window_start=start.isoformat(), window_end=end.isoformat(), table=table,
                              min_rows=min_rows, incident_id=incident_id)

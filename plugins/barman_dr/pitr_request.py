@@ -166,19 +166,52 @@ def parse_target(conf: dict[str, Any], now: datetime) -> RecoveryTarget:
     return RecoveryTarget("name", value, inclusive)
 
 
-def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> PitrRequest:
-    """Validate a dr_pitr run conf (the trigger form's params). Pure: no I/O, no clock but `now`."""
-    now = now or datetime.now(UTC)
+def check_conf_keys(conf: Any, known: set[str]) -> None:
+    """A run conf is a JSON object with only known keys (shared by every DR DAG's validator)."""
     if not isinstance(conf, dict):
         raise ValidationError("conf", conf, "the run configuration must be a JSON object")
-    unknown = sorted(k for k in conf if k not in KNOWN_FIELDS)
+    unknown = sorted(k for k in conf if k not in known)
     if unknown:
-        raise ValidationError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(KNOWN_FIELDS))}")
+        raise ValidationError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(known))}")
 
+
+def parse_server(conf: dict[str, Any], inventory: Inventory) -> str:
     server = _str_field(conf, "server")
     if not server or not NAME_RE.match(server) or server not in inventory.servers:
         raise ValidationError("server", conf.get("server"),
                               f"must be one of the inventory's servers: {', '.join(inventory.server_names)}")
+    return server
+
+
+def parse_incident_id(conf: dict[str, Any]) -> str | None:
+    incident_id = _str_field(conf, "incident_id")
+    if incident_id is not None and not INCIDENT_RE.match(incident_id):
+        raise ValidationError("incident_id", incident_id, "letters, digits, '.', '_', '-' only (max 64), e.g. INC-123")
+    return incident_id
+
+
+def parse_reason(conf: dict[str, Any]) -> str | None:
+    reason = _str_field(conf, "reason")
+    if reason is not None and not REASON_RE.match(reason):
+        raise ValidationError("reason", reason, "plain text only: letters, digits, spaces and . , : _ - ( ) / # @ + = "
+                                                "(max 500 characters)")
+    return reason
+
+
+def parse_jobs(conf: dict[str, Any]) -> int:
+    jobs = conf.get("jobs", 1)
+    if jobs is None:
+        jobs = 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise ValidationError("jobs", jobs, f"must be an integer from 1 to {MAX_JOBS}")
+    return jobs
+
+
+def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> PitrRequest:
+    """Validate a dr_pitr run conf (the trigger form's params). Pure: no I/O, no clock but `now`."""
+    now = now or datetime.now(UTC)
+    check_conf_keys(conf, KNOWN_FIELDS)
+    server = parse_server(conf, inventory)
     srv = inventory.server(server)
 
     target = parse_target(conf, now)
@@ -208,20 +241,9 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
             raise ValidationError(f"expected.{k}", v, "must be a non-negative integer")
         expected[k] = v
 
-    incident_id = _str_field(conf, "incident_id")
-    if incident_id is not None and not INCIDENT_RE.match(incident_id):
-        raise ValidationError("incident_id", incident_id, "letters, digits, '.', '_', '-' only (max 64), e.g. INC-123")
-
-    reason = _str_field(conf, "reason")
-    if reason is not None and not REASON_RE.match(reason):
-        raise ValidationError("reason", reason, "plain text only: letters, digits, spaces and . , : _ - ( ) / # @ + = "
-                                                "(max 500 characters)")
-
-    jobs = conf.get("jobs", 1)
-    if jobs is None:
-        jobs = 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise ValidationError("jobs", jobs, f"must be an integer from 1 to {MAX_JOBS}")
+    incident_id = parse_incident_id(conf)
+    reason = parse_reason(conf)
+    jobs = parse_jobs(conf)
 
     confirm = conf.get("confirm")
     if confirm not in (None, "") and not isinstance(confirm, str):

@@ -25,13 +25,14 @@ from barman_dr.inventory import QUALIFIED_TABLE_RE, Inventory
 from barman_dr.models import RecoveryTarget
 from barman_dr.pitr_request import (
     BACKUP_ID_RE,
-    INCIDENT_RE,
-    MAX_JOBS,
-    NAME_RE,
-    REASON_RE,
     TARGET_FIELDS,
     PitrRequest,
     _str_field,
+    check_conf_keys,
+    parse_incident_id,
+    parse_jobs,
+    parse_reason,
+    parse_server,
     parse_target,
 )
 
@@ -86,16 +87,8 @@ def parse_tables(value: Any) -> tuple[str, ...]:
 def validate_surgical_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> SurgicalRequest:
     """Validate a dr_surgical_recovery run conf. Pure: no I/O, no clock but `now`."""
     now = now or datetime.now(UTC)
-    if not isinstance(conf, dict):
-        raise ValidationError("conf", conf, "the run configuration must be a JSON object")
-    unknown = sorted(k for k in conf if k not in KNOWN_FIELDS)
-    if unknown:
-        raise ValidationError(unknown[0], conf[unknown[0]], f"unknown parameter; known: {', '.join(sorted(KNOWN_FIELDS))}")
-
-    server = _str_field(conf, "server")
-    if not server or not NAME_RE.match(server) or server not in inventory.servers:
-        raise ValidationError("server", conf.get("server"),
-                              f"must be one of the inventory's servers: {', '.join(inventory.server_names)}")
+    check_conf_keys(conf, KNOWN_FIELDS)
+    server = parse_server(conf, inventory)
     srv = inventory.server(server)
     if srv.nonprod is None:
         raise ValidationError("server", server, "has no `nonprod` instance in the inventory: surgical recovery restores "
@@ -122,20 +115,9 @@ def validate_surgical_conf(conf: dict[str, Any], inventory: Inventory, *, now: d
     if not isinstance(restore_changed, bool):
         raise ValidationError("restore_changed", restore_changed, "must be true or false")
 
-    incident_id = _str_field(conf, "incident_id")
-    if incident_id is not None and not INCIDENT_RE.match(incident_id):
-        raise ValidationError("incident_id", incident_id, "letters, digits, '.', '_', '-' only (max 64), e.g. INC-123")
-
-    reason = _str_field(conf, "reason")
-    if reason is not None and not REASON_RE.match(reason):
-        raise ValidationError("reason", reason, "plain text only: letters, digits, spaces and . , : _ - ( ) / # @ + = "
-                                                "(max 500 characters)")
-
-    jobs = conf.get("jobs", 1)
-    if jobs is None:
-        jobs = 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
-        raise ValidationError("jobs", jobs, f"must be an integer from 1 to {MAX_JOBS}")
+    incident_id = parse_incident_id(conf)
+    reason = parse_reason(conf)
+    jobs = parse_jobs(conf)
 
     confirm = conf.get("confirm")
     expected_text = surgical_confirm_text(server)
