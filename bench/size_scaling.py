@@ -21,6 +21,7 @@ BENCH_SIZES=100M,1G,4G  BENCH_WAL=0,256M,1G  BENCH_SIZE_REPS=1  BENCH_DR_PITR=1 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shlex
@@ -313,6 +314,52 @@ def timed_cp(backup_id: str) -> dict:
     return {"copy_s": s}
 
 
+def raw_runbook(target: str, jobs: int = 2) -> dict:
+    """The seed's runbook by hand on pg-bench itself, as bench/raw_pitr.sh does it on the lab primary.
+
+    Downtime = stop -> move aside -> `barman restore --target-time` (over SSH, --jobs as dr_pitr) ->
+    start until promoted -> count. pg-bench has no PgBouncer (dr_pitr runs it with app_freeze none),
+    so there is no pause/resume here either: the two downtimes hold the same work.
+    """
+    switch_and_archive_barman()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    aside = Path(f"{DATA}.raw-{stamp}")
+    remote = shlex.join(["ssh", "-F", str(LAB / "ssh" / "barman_ssh_config"), "postgres@pg-primary"])
+    t = {"stop": time.monotonic()}
+    pg_ctl("stop", "-m", "fast", "-w", "-t", "300")
+    t["move"] = time.monotonic()
+    sh(["mv", str(DATA), str(aside)])
+    t["restore"] = time.monotonic()
+    bbarman("restore", "--remote-ssh-command", remote, "--target-time", target, "--target-action", "promote",
+            *(["--jobs", str(jobs)] if jobs > 1 else []), SERVER, "latest", str(DATA), timeout=7200)
+    t["start"] = time.monotonic()
+    start_bench()
+    while psql("SELECT pg_is_in_recovery()") != "f":
+        time.sleep(0.2)
+    t["count"] = time.monotonic()
+    accounts = int(psql("SELECT count(*) FROM pgbench_accounts", db="bench"))
+    t["end"] = time.monotonic()
+    names = list(t)
+    phases = {a: round(t[b] - t[a], 3) for a, b in itertools.pairwise(names)}
+    sh(["rm", "-rf", "--", str(aside)])  # the bench's own cluster: no need to keep it
+    # what dr_pitr does after a PITR (untimed): recovery settings reset, Barman streaming on the new timeline
+    from barman_dr.operators.pitr import RECOVERY_SETTINGS
+
+    for name in RECOVERY_SETTINGS:
+        psql(f"ALTER SYSTEM RESET {name}")
+    psql("SELECT pg_reload_conf()")
+    bbarman("receive-wal", "--stop", SERVER, check=False)
+    bbarman("receive-wal", "--reset", SERVER, check=False)
+    wait_streaming()
+    return {"downtime_s": round(t["end"] - t["stop"], 3), "phases_s": phases, "accounts": accounts}
+
+
+def switch_and_archive_barman() -> None:
+    """The seed's lesson, before anything stops (dr_pitr does it in wal_coverage): the WAL to the target archived."""
+    psql("SELECT pg_current_xact_id()", db="bench")
+    bbarman("switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER, timeout=300)
+
+
 # ------------------------------------------------------------------ dr_pitr
 
 
@@ -419,6 +466,25 @@ def fit(points: list[tuple[float, float, float]]) -> dict | None:
             "predict_500GB_0wal_s": round(a + 500 * b, 1), "predict_500GB_50GBwal_s": round(a + 500 * b + 50 * c, 1)}
 
 
+def ratios(results: list[dict], pitr: list[dict], pitr_wal: int) -> dict:
+    """Per size, dr_pitr's downtime against the raw runbook and the raw tools' restore + start (same WAL volume)."""
+    out: dict[str, dict] = {}
+    for size in dict.fromkeys(p["size"] for p in pitr):
+        by = {p["kind"]: p["downtime_s"] for p in pitr if p["size"] == size}
+        row = next((r for r in results if r["size"] == size and parse_size(r["wal_after_backup"]) == pitr_wal), None)
+        refs = {"raw_runbook": by.get("raw_runbook")}
+        if row:
+            refs |= {"pgbackrest_p2": row["pgbackrest_p2"]["total_s"]["median"],
+                     "barman_j2": row["barman_j2"]["total_s"]["median"]}
+        r: dict[str, float] = {}
+        for kind in ("dr_pitr_staged", "dr_pitr_unstaged"):
+            for ref, v in refs.items():
+                if by.get(kind) and v:
+                    r[f"{kind}/{ref}"] = round(by[kind] / v, 2)
+        out[size] = r
+    return out
+
+
 def save_partial(results: list[dict], pitr: list[dict]) -> None:
     """Keep what was measured so far (an interrupted run loses nothing); main() writes the final section."""
     save_section("size_scaling_partial", {"results": results, "dr_pitr": pitr})
@@ -492,11 +558,21 @@ def main() -> int:
                 api.unpause("dr_pitr")
                 release_stale_lock()
                 try:
+                    # the raw runbook on the same cluster, same WAL volume, same jobs (from the fresh backup above)
+                    make_wal(pitr_wal)
+                    target = target_now()
+                    raw = raw_runbook(target)
+                    raw.update({"size": size, "kind": "raw_runbook", "wal_bytes": pitr_wal})
+                    pitr.append(raw)
+                    log(f"[size] {size} raw runbook: downtime {raw['downtime_s']} s {raw['phases_s']}")
+                    save_partial(results, pitr)
+                    backups(pgbackrest=False)  # dr_pitr starts from a backup on the current timeline, as raw did
                     for staged in (False, True):
                         make_wal(pitr_wal)
                         target = target_now()
                         r = dr_pitr(api, target, staged, size)
-                        r.update({"size": size, "staged": staged, "wal_bytes": pitr_wal})
+                        r.update({"size": size, "staged": staged, "kind": "dr_pitr_staged" if staged else
+                                  "dr_pitr_unstaged", "wal_bytes": pitr_wal})
                         pitr.append(r)
                         log(f"[size] {size} dr_pitr {'staged' if staged else 'unstaged'}: downtime {r['downtime_s']} s"
                             + (f" (+ staging {r['staging_s']} s before the freeze)" if staged else ""))
@@ -522,7 +598,8 @@ def main() -> int:
         pts = [(r["backup_bytes"] / gb, r["wal_bytes"] / gb, r[method]["total_s"]["median"]) for r in results]
         fits[method] = fit(pts)
     fits["cp_a_floor"] = fit([(r["backup_bytes"] / gb, 0.0, r["cp_a_floor"]["copy_s"]["median"]) for r in results])
-    summary = {"sizes": sizes, "wal_steps": wal_steps, "reps": reps, "loadavg_before": load_before,
+    summary = {"ratios": ratios(results, pitr, pitr_wal), "sizes": sizes, "wal_steps": wal_steps, "reps": reps,
+               "loadavg_before": load_before,
                "loadavg_after": loadavg(), "results": results, "dr_pitr": pitr, "fit": fits,
                "finished_at": datetime.now(UTC).isoformat()}
     out = save_section("size_scaling", summary)
@@ -536,8 +613,10 @@ def main() -> int:
         print(f"{r['size']:>5} {r['wal_after_backup']:>5} | {t('barman_j1')} {t('barman_j2')} {t('pgbackrest_p2')} "
               f"{r['cp_a_floor']['copy_s']['median']:>7}")
     for p in pitr:
-        print(f"dr_pitr {p['size']:>4} {'staged  ' if p['staged'] else 'unstaged'}: downtime {p['downtime_s']} s"
-              + (f", staging before the freeze {p['staging_s']} s" if p["staged"] else ""))
+        extra = f", staging before the freeze {p['staging_s']} s" if p.get("staged") else ""
+        print(f"{p['kind']:<17} {p['size']:>4}: downtime {p['downtime_s']} s{extra}")
+    for size, r in summary["ratios"].items():
+        print(f"ratios at {size}: " + ", ".join(f"{k} {v}" for k, v in r.items()))
     for m, f in fits.items():
         if f:
             print(f"fit {m:<14}: {f['a_s']} s + {f['s_per_GB']} s/GB + {f['s_per_GB_wal']} s/GB of WAL -> 500 GB: "

@@ -2,7 +2,9 @@
 
 1. The SSH servers die in the middle of `barman restore` and come back: the retry converges.
 4. WAL is taken out of Barman's archive after the preflight proved it: recovery ends before
-   the target, the run fails and the app stays frozen; the rollback DAG restores service.
+   the target. Staged (the default), the staging copy's replay finds it before the freeze and
+   nothing stops; in-window, the run fails with the app frozen and the rollback DAG restores
+   service.
 
 (2, 3, 6 and 7 live in tests/integration: test_scheduled_verification, test_pitr_rollback,
 test_pitr_refusals; 5, the worker killed, is tests/faults/test_worker_killed.py.)
@@ -65,7 +67,8 @@ def test_ssh_killed_mid_restore_the_retry_converges(staged):
     assert (DATA / "PG_VERSION").exists()
 
 
-def test_wal_removed_after_preflight_recovery_ends_before_target_and_rollback_restores():
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "in-window"])
+def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
     scenario = seed_scenario.play()
     before = counts()  # the damaged state: 3,035 rows
     tli = primary_timeline()
@@ -74,17 +77,30 @@ def test_wal_removed_after_preflight_recovery_ends_before_target_and_rollback_re
             backup = context["ti"].xcom_pull(task_ids="preflight")["backup"]
             wal["take"](backup["end_wal"])
 
+        # after the preflight proved coverage, before any copy
         state, run_id, tasks = run_dag(
-            "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-FAULT-4",
-                        "expected": EXPECTED, "confirm": "PITR pg-primary"},
-            before={"stage_restore": sabotage})  # after the preflight proved coverage, before any copy
+            "dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": f"INC-FAULT-4-{staged:d}",
+                        "expected": EXPECTED, "staged_restore": staged, "confirm": "PITR pg-primary"},
+            before={"stage_restore" if staged else "barman_restore": sabotage})
         assert wal["moved"], "no WAL after the backup to take out"
     assert state == "failed", tasks
-    assert tasks["wal_coverage"] == "success" and tasks["stage_restore"] == "success"
+    assert tasks["wal_coverage"] == "success"
+    events = audit(run_id)
+    if staged:
+        # the staging copy replays before the freeze: the shortfall is found there, nothing stops
+        assert tasks["stage_restore"] == "failed" and tasks["freeze_app"] == "upstream_failed", tasks
+        failed = details(events, "stage_restore", "failed")
+        assert failed and "recovery ended before configured recovery target was reached" in json.dumps(failed)
+        assert not details(events, "move_aside", "ok") and not details(events, "freeze_app", "ok")
+        assert not pgbouncer_paused()
+        assert counts() == before and primary_timeline() == tli  # the live server was never touched
+        # the unusable staging copy is reported for the DBA to inspect and delete (not live data)
+        summary = details(events, "failure_summary", "ok")
+        assert summary and any(".staged-" in p for p in summary[0]["staging_leftover"]), summary
+        return
     assert tasks["barman_restore"] == "success"
     assert tasks["start_recovery"] == "failed" and tasks["unfreeze_app"] == "upstream_failed"
     assert pgbouncer_paused()  # the app never saw a server short of its target
-    events = audit(run_id)
     failed = details(events, "start_recovery", "failed")
     assert failed and "recovery ended before configured recovery target was reached" in json.dumps(failed)
     summary = details(events, "failure_summary", "ok")

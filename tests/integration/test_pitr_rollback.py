@@ -56,9 +56,11 @@ def test_failure_is_audited_with_the_log_tail_and_the_old_directory(failed_pitr)
     assert moved and Path(moved[0], "PG_VERSION").exists()
     summary = [e for e in events if e["action"] == "failure_summary" and e["outcome"] == "ok"]
     assert summary and "dr_pitr_rollback" in summary[0]["details"]
-    # recovery never ended, so Barman's WAL staging directory is still there: the summary says so
-    left = json.loads(summary[0]["details"])["staging_leftover"]
-    assert len(left) == 1 and left[0].endswith("-wal") and Path(left[0]).is_dir()
+    # the staging copy replayed to the target and promoted before the freeze, which ran Barman's
+    # recovery_end_command: its WAL staging directory is gone, nothing is left to report
+    assert json.loads(summary[0]["details"])["staging_leftover"] == []
+    stage = [json.loads(e["details"]) for e in events if e["action"] == "stage_restore" and e["outcome"] == "ok"]
+    assert stage and stage[0]["replay"]["log_file"].endswith("-run/postgresql.log")
 
 
 def test_rollback_puts_the_old_data_back_and_resumes_the_app(failed_pitr):
@@ -71,9 +73,7 @@ def test_rollback_puts_the_old_data_back_and_resumes_the_app(failed_pitr):
     assert one("LAB_APP_DSN", "SELECT count(*) FROM critical_orders WHERE order_id = 9000001") == 1
     rb = [e for e in audit(run_id) if e["action"] == "rollback" and e["outcome"] == "ok"]
     assert rb and ".failed-" in rb[0]["details"]  # the failed restore was set aside too, not deleted
-    details = json.loads(rb[0]["details"])
-    assert [p for p in details["staging_leftover"] if p.endswith("-wal")]  # reported, not touched
-    assert "staging directories are left" in details["warning"]
+    assert json.loads(rb[0]["details"])["staging_leftover"] == []
 
 
 def test_rollback_refuses_without_confirmation():

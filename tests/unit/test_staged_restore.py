@@ -1,11 +1,14 @@
-"""Staged restore: the staging paths and the free-space check (pure functions, no lab)."""
+"""Staged restore: the staging paths, the staging postmaster's options and the free-space check (no lab)."""
 
 from __future__ import annotations
+
+import shlex
 
 import pytest
 
 from barman_dr.exceptions import PreflightError
-from barman_dr.hooks.dbhost import staging_paths
+from barman_dr.hooks.dbhost import staged_instance, staged_start_options, staging_paths
+from barman_dr.inventory import Instance
 from barman_dr.operators.pitr import SEGMENT_BYTES, check_staging_space
 
 MIB = 1024 * 1024
@@ -38,3 +41,21 @@ def test_not_enough_space_names_the_numbers_and_the_fix():
     msg = str(ei.value)
     assert "db1:/srv" in msg and "726 MiB" in msg and "500 MiB" in msg and "160 MiB" in msg and "600 MiB" in msg
     assert "staged_restore=false" in msg and "Nothing was stopped" in msg
+
+
+def test_the_staging_postmaster_is_private_and_cannot_touch_the_live_server():
+    live = Instance(name="pg-primary", host="db1", data_directory="/srv/pg/data", port=5432,
+                    socket_directory="/run/postgresql", log_file="/var/log/pg.log", postgres_conn_id="pg")
+    staged = staged_instance(live, "/srv/pg/data.staged-abc123")
+    # its socket and log live in <staged>-run: not in Barman's WAL staging directory (deleted at promotion)
+    assert staged.socket_directory == "/srv/pg/data.staged-abc123-run"
+    assert staged.log_file == "/srv/pg/data.staged-abc123-run/postgresql.log"
+    assert staged.data_directory != live.data_directory and staged.name == "pg-primary-staged"
+    argv = shlex.split(staged_start_options(staged, "256MB"))
+    opts = dict(a.split("=", 1) for a in argv if a != "-c")
+    assert opts["listen_addresses"] == ""  # no TCP
+    assert opts["unix_socket_directories"] == staged.socket_directory
+    assert opts["data_directory"] == staged.data_directory  # a restored config may name the live directory
+    assert opts["external_pid_file"].startswith(staged.socket_directory + "/")
+    assert opts["archive_mode"] == "off" and opts["logging_collector"] == "off"
+    assert opts["shared_buffers"] == "256MB"

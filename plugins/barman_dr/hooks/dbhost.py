@@ -13,6 +13,7 @@ must not start listening on the source's address.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shlex
 import time
@@ -84,7 +85,7 @@ echo "renamed $dest"
 
 # Remove a run's own staging directories (a failed attempt's partial copy: not live data,
 # and as large as the database, so it is deleted rather than kept). Only paths of the
-# exact shape `<data_dir>.staged-<tag>` and `<that>-wal` are accepted.
+# exact shape `<data_dir>.staged-<tag>`, `<that>-wal` and `<that>-run` are accepted.
 _REMOVE_STAGING = r"""
 set -eu
 data="$1"; staged="$2"; wal="$3"; pg_ctl="$4"
@@ -93,7 +94,7 @@ case "$staged" in "$data".staged-?*) ;; *) echo "refusing: $staged is not a stag
 if [ -d "$staged" ] && "$pg_ctl" status -D "$staged" >/dev/null 2>&1; then
   echo "refusing: PostgreSQL is running on $staged" >&2; exit 3; fi
 removed=""
-for d in "$staged" "$wal"; do if [ -e "$d" ] || [ -L "$d" ]; then rm -rf -- "$d"; removed="$removed $d"; fi; done
+for d in "$staged" "$wal" "$staged-run"; do if [ -e "$d" ] || [ -L "$d" ]; then rm -rf -- "$d"; removed="$removed $d"; fi; done
 echo "removed$removed"
 """
 
@@ -132,6 +133,36 @@ def staging_paths(data_directory: str, tag: str) -> tuple[str, str]:
         raise ValueError(f"invalid staging tag {tag!r}")
     base = data_directory.rstrip("/")
     return f"{base}.staged-{tag}", f"{base}.staged-{tag}-wal"
+
+
+def staged_instance(instance: Instance, staged: str) -> Instance:
+    """The staging copy as an instance of its own: a private socket directory, no TCP, its own log.
+
+    Both live in `<staged>-run`, outside the staging directory and outside Barman's WAL
+    staging directory (which `recovery_end_command` deletes at promotion). The port is the
+    instance's own: the socket file is in another directory, and nothing listens on TCP.
+    """
+    run = f"{staged.rstrip('/')}-run"
+    return dataclasses.replace(instance, name=f"{instance.name}-staged", data_directory=staged,
+                               socket_directory=run, log_file=f"{run}/postgresql.log")
+
+
+def staged_start_options(staged: Instance, shared_buffers: str) -> str:
+    """A staging copy replays its WAL next to the live server, so it must not look like it.
+
+    No TCP (`listen_addresses` empty), a private socket, no archiving, an external pid
+    file of its own (a restored config may name the live one's), its own log (no logging
+    collector), and `data_directory` pinned on the
+    command line: a restored postgresql.conf may name the *live* data directory
+    (Debian's layout). `shared_buffers` is capped so that a second postmaster next to
+    the production one cannot take the host's memory.
+    """
+    return shlex.join(["-c", "listen_addresses=", "-c", f"port={staged.port}",
+                       "-c", f"unix_socket_directories={staged.socket_directory}",
+                       "-c", f"cluster_name={staged.name}", "-c", f"data_directory={staged.data_directory}",
+                       "-c", "archive_mode=off", "-c", "logging_collector=off",
+                       "-c", f"external_pid_file={staged.socket_directory}/external.pid",
+                       "-c", f"shared_buffers={shared_buffers}"])
 
 
 class DbHostHook(BaseHook):
@@ -212,13 +243,14 @@ class DbHostHook(BaseHook):
                            "-c", f"unix_socket_directories={instance.socket_directory}",
                            "-c", f"cluster_name={instance.name}"])
 
-    def start(self, instance: Instance, *, wait: bool = False, timeout: int = 120) -> None:
+    def start(self, instance: Instance, *, wait: bool = False, timeout: int = 120, options: str | None = None) -> None:
         """Start PostgreSQL on the instance (no-op when already running)."""
         if self.status(instance.data_directory) == "running":
             return
         offset = self.log_size(instance.log_file)
         self.host.run([self._bin("pg_ctl"), "start", "-D", instance.data_directory, "-l", instance.log_file,
-                       "-o", self.start_options(instance), *(["-w", "-t", str(timeout)] if wait else ["-W"])],
+                       "-o", options or self.start_options(instance),
+                       *(["-w", "-t", str(timeout)] if wait else ["-W"])],
                       timeout=timeout + 30)
         if not wait:
             # `pg_ctl -W` returns before the postmaster has written its pid file: until then
@@ -324,6 +356,15 @@ class DbHostHook(BaseHook):
         out = self.host.run(sh_argv(_REMOVE_STAGING, data_directory.rstrip("/"), staged, wal_directory,
                                     self._bin("pg_ctl"))).stdout.strip()
         return out.split()[1:]
+
+    def replayed(self, data_directory: str) -> bool:
+        """A staging copy whose recovery has ended and that was shut down cleanly since."""
+        if self.status(data_directory) == "running" or self.path_exists(f"{data_directory}/recovery.signal"):
+            return False
+        try:
+            return self.controldata(data_directory).state == "shut down"
+        except BarmanDrError:
+            return False
 
     def prepare_directory(self, path: str, mode: str = "0700") -> None:
         """Create an empty directory for a restore (Barman refuses non-empty destinations)."""

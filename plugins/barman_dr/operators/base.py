@@ -58,6 +58,7 @@ class DrBaseOperator(BaseOperator):
         self.audit_conn_id = audit_conn_id
         self.inventory_path = inventory_path
         self._remote_jobs: list[tuple[str, str, str, str]] = []
+        self._remote_cleanups: list[tuple[str, str, list[str], str]] = []
         self._audit_trail: AuditTrail | None = None
 
     # ------------------------------------------------------------------ context
@@ -180,6 +181,13 @@ class DrBaseOperator(BaseOperator):
         """Remember a detached remote job this try started or attached to, so `on_kill` can stop it."""
         self._remote_jobs.append((host.ssh_conn_id, host.name, job_root, job_id))
 
+    def track_cleanup(self, host: Any, argv: list[str], what: str) -> None:
+        """Remember a command `on_kill` must run on a host (e.g. stop a staging postmaster this try started)."""
+        self._remote_cleanups.append((host.ssh_conn_id, host.name, list(argv), what))
+
+    def untrack_cleanup(self, what: str) -> None:
+        self._remote_cleanups = [c for c in self._remote_cleanups if c[3] != what]
+
     def on_kill(self) -> None:
         """The task is being killed (marked failed/cleared in the UI, timeout, worker shutdown).
 
@@ -208,6 +216,24 @@ class DrBaseOperator(BaseOperator):
                                                       "job_stopped": outcome})
                 except Exception:
                     self.log.exception("could not audit the kill of %s", job_id)
+        for conn_id, name, argv, what in self._remote_cleanups:
+            host = RemoteHost(conn_id, name=name, cmd_timeout=10)
+            try:
+                r = host.run(argv, check=False)
+                outcome = f"exit {r.exit_code}"
+                self.log.warning("task killed: %s on %s (%s)", what, name, outcome)
+            except Exception as exc:
+                outcome = f"NOT done: {type(exc).__name__}: {exc}"
+                self.log.exception("task killed: could not %s on %s", what, name)
+            finally:
+                host.close()
+            if self._audit_trail is not None:
+                try:
+                    self._audit_trail.record(self.action, "failed", server=self.audit_server(),
+                                             details={"error": "task killed", "cleanup": what, "host": name,
+                                                      "outcome": outcome})
+                except Exception:
+                    self.log.exception("could not audit the cleanup %s", what)
 
     def audit_details(self, result: Any) -> dict[str, Any]:
         return result if isinstance(result, dict) else {"result": result}

@@ -27,7 +27,7 @@ from barman_dr.appfreeze import REPOINT_SCRIPT, FreezeError, PgBouncerAdmin
 from barman_dr.audit import AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, ValidationError
 from barman_dr.hooks.barman import compute_coverage
-from barman_dr.hooks.dbhost import staging_paths
+from barman_dr.hooks.dbhost import staged_instance, staged_start_options, staging_paths
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
@@ -347,9 +347,11 @@ class PlanGateOperator(DrBaseOperator):
                    "--target-action promote)")
         if req.staged_restore:
             staged, _ = staging_paths(instance.data_directory, self.run_tag(context))
-            estimate["downtime_s"] = round(estimate["total_s"] - estimate["restore_s"], 1)
+            estimate["downtime_s"] = round(estimate["total_s"] - estimate["restore_s"] - estimate["replay_s"], 1)
             before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
-                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)"]
+                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)",
+                      "replay the WAL to the target in that copy (private socket, no TCP, no archiving), prove the "
+                      "target there, shut it down cleanly (outside the downtime)"]
             in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
         else:
             estimate["downtime_s"] = estimate["total_s"]
@@ -422,8 +424,11 @@ class StageRestoreOperator(DrBaseOperator):
     before anything stops: into `<data_dir>.staged-<run tag>`, a sibling of the data
     directory (same filesystem: the later rename is instant), with Barman's WAL staging
     directory next to it (`...-wal`, whose absolute path Barman writes into
-    restore_command; it does not move). Free space is checked first. The live data
-    directory is never written to. A retry attaches to the running job; a failed attempt's
+    restore_command; it does not move). Free space is checked first. Then the copy
+    replays its WAL to the target as a private postmaster, is proven there and shut down
+    (`replay_staged`): the downtime holds neither the copy nor the replay, and a target
+    the WAL cannot reach fails here, before the freeze. The live data directory is never
+    written to. A retry attaches to the running job; a failed attempt's
     partial copy (this run's own staging directories, nothing else) is deleted and the
     restore starts again. With staged_restore=false this step does nothing and
     `barman_restore` restores inside the downtime window as before.
@@ -431,9 +436,11 @@ class StageRestoreOperator(DrBaseOperator):
 
     action = "stage_restore"
 
-    def __init__(self, *, restore_timeout: float = 6 * 3600, **kwargs: Any) -> None:
+    def __init__(self, *, restore_timeout: float = 6 * 3600, staged_shared_buffers: str = "256MB",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.restore_timeout = restore_timeout
+        self.staged_shared_buffers = staged_shared_buffers
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv, inst = self.req, self.srv, self.target_instance
@@ -483,9 +490,53 @@ class StageRestoreOperator(DrBaseOperator):
         result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
         seconds = max(time.monotonic() - started, 0.001)
         size = int(backup.get("size_bytes") or 0)
+        replay = self.replay_staged(db, inst, staged)
         return {"staged": True, **record, "identity": db.dir_identity(staged), "job_id": job_id, "argv": argv,
                 "space": space, "cleaned": cleaned, "restore_s": round(seconds, 3), "bytes": size,
-                "restore_bytes_per_s": int(size / seconds) if size else None, "stdout_tail": result.stdout[-2000:]}
+                "restore_bytes_per_s": int(size / seconds) if size else None, "stdout_tail": result.stdout[-2000:],
+                "replay": replay}
+
+    def replay_staged(self, db: Any, inst: Instance, staged: str) -> dict[str, Any]:
+        """Replay the WAL to the target in the staging copy, prove it there, and shut it down cleanly.
+
+        The copy runs as a private postmaster (no TCP, its own socket and log, no archiving:
+        `staged_start_options`) while the app still runs on the live server. Recovery stops
+        at the target and promotes (Barman's `recovery_target_action`), then a fast shutdown
+        checkpoints it: inside the downtime the renamed copy starts with nothing to replay.
+        A recovery that cannot reach the target (missing WAL) fails here, before the freeze.
+        A retry attaches to a running replay, or finds it done and proves it again from the
+        files (log, control file, history file), so it converges.
+        """
+        sinst = staged_instance(inst, staged)
+        t0 = time.monotonic()
+        if db.replayed(staged):
+            outcome = "already"
+        else:
+            what = f"stop the staging PostgreSQL on {staged}"
+            self.track_cleanup(db.host, [db._bin("pg_ctl"), "stop", "-D", staged, "-m", "immediate", "-w"], what)
+            db.prepare_directory(sinst.socket_directory)
+            db.start(sinst, options=staged_start_options(sinst, self.staged_shared_buffers))
+            db.wait_recovery_end(sinst, timeout=self.restore_timeout)
+            promoted_s = round(time.monotonic() - t0, 3)
+            db.stop(sinst, mode="fast", timeout=600)
+            self.untrack_cleanup(what)
+            outcome = f"promoted after {promoted_s}s, shut down"
+        control = db.controldata(staged)
+        new_tli = control.timeline
+        hist_path = f"{staged}/pg_wal/{new_tli:08X}.history"
+        r = db.host.run(["cat", hist_path], check=False)
+        history = r.stdout if r.exit_code == 0 else None
+        entries = parse_history_file(history or "")
+        old_tli = entries[-1].parent_timeline if entries else None
+        proof = prove_target(self.req.target, db.log_since(sinst.log_file, 0), history, old_tli, new_tli)
+        if not proof.reached:
+            raise VerificationError(
+                "the staging copy did NOT stop at the target: " + "; ".join(proof.reasons)
+                + f". Nothing was stopped: the app runs on the original server. The staging copy {staged} "
+                "is not used. Check the WAL archive (dr_daily_verification), then trigger a new run")
+        return {"outcome": outcome, "log_file": sinst.log_file, "replay_s": round(time.monotonic() - t0, 3),
+                "new_timeline": new_tli, "switch_lsn": entries[-1].switch_lsn if entries else None,
+                "stop": proof.stop.get("lines", [])[:3]}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         staging = context["ti"].xcom_pull(task_ids=self.task_id, key="staging") or {}
@@ -722,6 +773,10 @@ class VerifyTargetOperator(DrBaseOperator):
         start = self.upstream(context, "start_recovery")
         stop = self.upstream(context, "stop_postgres")
         log_text = db.log_since(inst.log_file, int(start["log_offset"]))
+        replay = (self.upstream(context, "stage_restore") or {}).get("replay") or {}
+        if replay.get("log_file"):
+            # the staging copy replayed to the target before the freeze: its log holds the stop
+            log_text = db.log_since(replay["log_file"], 0) + "\n" + log_text
         wal_name = db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")
         new_tli = int(wal_name[:8], 16)
         history = None
