@@ -45,3 +45,24 @@ def inventory():
     env = {**os.environ, "LAB_DIR": os.environ.get("LAB_DIR", "/var/tmp/no-lab"),
            "LAB_NET": os.environ.get("LAB_NET", "127.0.10")}
     return parse_inventory(yaml.safe_load(inventory_path().read_text()), str(inventory_path()), env)
+
+
+@pytest.fixture(scope="module")
+def api():
+    """The real API server's client, with dr_pitr unpaused for the module and paused again after it.
+
+    Paused again because the in-process `dag.test` runs of the other suites must not be
+    picked up by the real scheduler.
+    """
+    import time
+
+    from barman_dr.api_client import from_env
+
+    client = from_env()
+    deadline = time.monotonic() + 120
+    while not client.dag_exists("dr_pitr"):  # the dag-processor parses the folder every few seconds
+        assert time.monotonic() < deadline, "dr_pitr never appeared in the API"
+        time.sleep(2)
+    client.unpause("dr_pitr")
+    yield client
+    client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})

@@ -9,24 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import from_env
 from include.lab import seed_scenario
 from tests.pitr_support import counts, pgbouncer_paused
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CLI = str(Path(__file__).resolve().parents[2] / "bin" / "barman-dr")
-
-
-@pytest.fixture(scope="module")
-def api():
-    client = from_env()
-    deadline = time.monotonic() + 120
-    while not client.dag_exists("dr_pitr"):
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    client.unpause("dr_pitr")
-    yield client
-    client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
 
 
 @pytest.fixture

@@ -11,24 +11,11 @@ import time
 
 import pytest
 
-from barman_dr.api_client import ApiError, from_env, incident_run_id
+from barman_dr.api_client import ApiError, incident_run_id
 from include.lab import seed_scenario
 from tests.pitr_support import counts, pgbouncer_paused, primary_timeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def api():
-    client = from_env()
-    deadline = time.monotonic() + 120
-    while not client.dag_exists("dr_pitr"):  # the dag-processor parses the folder every few seconds
-        assert time.monotonic() < deadline, "dr_pitr never appeared in the API"
-        time.sleep(2)
-    client.unpause("dr_pitr")
-    yield client
-    # in-process dag.test runs of the other suites must not be picked up by the real scheduler
-    client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
 
 
 def test_the_api_rejects_a_naive_target_time(api):

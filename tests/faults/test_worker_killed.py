@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import from_env, incident_run_id
+from barman_dr.api_client import incident_run_id
 from include.lab import seed_scenario
 from tests.fault_support import barman_bandwidth_limit, wait_for
 from tests.pitr_support import audit, counts, pgbouncer_paused
@@ -25,18 +25,6 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 DATA = Path(os.environ.get("LAB_DIR", "."), "pg", "pg-primary", "data")
 EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
-
-
-@pytest.fixture(scope="module")
-def api():
-    client = from_env()
-    deadline = time.monotonic() + 120
-    while not client.dag_exists("dr_pitr"):
-        assert time.monotonic() < deadline
-        time.sleep(2)
-    client.unpause("dr_pitr")
-    yield client
-    client._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
 
 
 def restore_processes() -> list[str]:
