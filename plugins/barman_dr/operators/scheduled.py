@@ -11,7 +11,6 @@ The pure threshold logic lives in barman_dr/verification.py.
 from __future__ import annotations
 
 import random
-import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -27,7 +26,7 @@ from barman_dr.hooks.remote import sh_argv
 from barman_dr.locks import ServerLock
 from barman_dr.models import RecoveryTarget, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator, utcnow
-from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
+from barman_dr.operators.pitr import VerificationError, clear_recovery_settings, nudging
 from barman_dr.verification import (
     CRITICAL,
     SKIPPED,
@@ -460,23 +459,13 @@ class RestoreDrillOperator(FleetServerOperator):
         pdb = self.db(srv.primary.host)
         upper = datetime.now(UTC)
         time.sleep(0.01)
-        pdb.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
-        stop = threading.Event()
 
-        def nudge() -> None:  # switch-wal --archive returns once a WAL record follows the switch
-            while not stop.wait(1.0):
-                try:
-                    pdb.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
-                except BarmanDrError:
-                    return
+        def commit() -> None:
+            pdb.psql(srv.primary, "SELECT pg_current_xact_id()", database=srv.database)
 
-        t = threading.Thread(target=nudge, daemon=True)
-        t.start()
-        try:
+        commit()
+        with nudging(commit):  # switch-wal --archive returns once a WAL record follows the switch
             self.barman.switch_wal(srv.name, archive_timeout=int(srv.switch_wal_timeout_seconds or 60))
-        finally:
-            stop.set()
-            t.join(timeout=5)
         return upper
 
     def choose_target(self, backup: Any) -> tuple[RecoveryTarget, dict[str, Any]]:
