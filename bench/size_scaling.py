@@ -111,7 +111,9 @@ def write_configs() -> None:
         f"conninfo = host={ADDR} port={PORT} user=barman dbname=postgres passfile={passfile}",
         f"streaming_conninfo = host={ADDR} port={PORT} user=streaming_barman passfile={passfile}",
         "backup_method = postgres", "streaming_archiver = on", "slot_name = barman_bench", "create_slot = auto",
-        f"path_prefix = {PG_BIN}", "minimum_redundancy = 0", "parallel_jobs = 1", "",
+        f"path_prefix = {PG_BIN}", "minimum_redundancy = 0", "parallel_jobs = 1",
+        # as the lab's: a spread checkpoint (checkpoint_timeout 15 min here) would hold every backup ~13 min
+        "immediate_checkpoint = true", "",
     ]))
     sh(["chown", "-R", "barman", str(B / "barman")])
     BARMAN.write_text(f"#!/bin/sh\nexec /opt/barman-dr/barman-3.19.1/bin/barman -c {B / 'barman' / 'barman.conf'} \"$@\"\n")
