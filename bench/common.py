@@ -61,5 +61,17 @@ def save_section(name: str, data: dict[str, Any]) -> Path:
     return RESULTS
 
 
+def drop_section(name: str) -> None:
+    """Remove a section of bench/results/latest.json (e.g. the partial one once the final is written)."""
+    try:
+        doc = json.loads(RESULTS.read_text())
+    except (OSError, ValueError):
+        return
+    if doc.get("sections", {}).pop(name, None) is not None:
+        tmp = RESULTS.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2, default=str))
+        tmp.replace(RESULTS)
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)

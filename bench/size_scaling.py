@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "plugins"), str(Path(__file__).resolve().parents[1])]
 
-from bench.common import PG_BIN, REPO, loadavg, log, save_section, stats  # noqa: E402
+from bench.common import PG_BIN, REPO, drop_section, loadavg, log, save_section, stats  # noqa: E402
 
 LAB = Path(os.environ["LAB_DIR"])
 NET = os.environ["LAB_NET"]
@@ -605,6 +605,7 @@ def main() -> int:
                "loadavg_after": loadavg(), "results": results, "dr_pitr": pitr, "fit": fits,
                "finished_at": datetime.now(UTC).isoformat()}
     out = save_section("size_scaling", summary)
+    drop_section("size_scaling_partial")
     print()
     print(f"{'size':>5} {'WAL':>5} | {'barman -j1':>11} {'barman -j2':>11} {'pgBackRest':>11} {'cp -a':>7} "
           "| total = restore + start until promoted (s, median)")
