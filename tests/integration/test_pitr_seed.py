@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,11 +26,20 @@ STEPS = ["validate", "preflight", "wal_coverage", "plan", "stage_restore", "free
          "rebase_barman", "report"]
 
 
+#: an archive_command in the backed-up config (inert: the lab archives by streaming, archive_mode=off)
+ARCHIVE_COMMAND = "/bin/true barman-dr-seed-test %p"
+
+
 @pytest.fixture(scope="module")
 def pitr():
     tli_before = primary_timeline()
+    sql("LAB_PRIMARY_DSN", "ALTER SYSTEM SET archive_command = %s", (ARCHIVE_COMMAND,))  # psycopg2 inlines it
+    sql("LAB_PRIMARY_DSN", "SELECT pg_reload_conf()")
     writer = seed_scenario.AppWriter()
     writer.start()
+    # a backup that holds it: `barman restore` turns it into `archive_command = false`
+    subprocess.run([*shlex.split(os.environ["LAB_BARMAN"]), "backup", "--wait", "pg-primary"], check=True,
+                   capture_output=True, timeout=600)
     scenario = seed_scenario.play()
     assert scenario.after_delete == {"orders_total": 3035, "orders_completed": 0}
     conf = {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-SEED-1",
@@ -38,9 +49,13 @@ def pitr():
     commits_before_stop = writer.ok
     writer.stop_event.wait(2)
     app = writer.stop()
-    return {"state": state, "run_id": run_id, "tasks": tasks, "scenario": scenario, "tli_before": tli_before,
-            "app": app, "commits_before_stop": commits_before_stop,
-            "report": xcom("dr_pitr", run_id, "report")}
+    yield {"state": state, "run_id": run_id, "tasks": tasks, "scenario": scenario, "tli_before": tli_before,
+           "app": app, "commits_before_stop": commits_before_stop, "report": xcom("dr_pitr", run_id, "report"),
+           # from the config files: with archive_mode=off, SHOW says "(disabled)"
+           "archive_command": sql("LAB_PRIMARY_DSN", "SELECT setting FROM pg_file_settings "
+                                                     "WHERE name = 'archive_command' AND applied")}
+    sql("LAB_PRIMARY_DSN", "ALTER SYSTEM RESET archive_command")
+    sql("LAB_PRIMARY_DSN", "SELECT pg_reload_conf()")
 
 
 def test_run_succeeded(pitr):
@@ -129,3 +144,10 @@ def test_staged_restore_ran_before_the_freeze_and_was_renamed_into_place(pitr):
     assert not Path(stage["staging_directory"]).exists() and not Path(stage["wal_directory"]).exists()
     assert report["staging_leftover"] == []
     assert os.stat(data_dir).st_ino == int(stage["identity"].split(":")[1])
+
+
+def test_the_recovered_primary_archives_again(pitr):
+    """Barman's restore sets `archive_command = false`; the new primary gets its own back (the next PITR needs it)."""
+    assert pitr["archive_command"] == [(ARCHIVE_COMMAND,)]
+    proof = xcom("dr_pitr", pitr["run_id"], "verify_target")
+    assert any(f.endswith("/postgresql.auto.conf") for f in proof["archive_command_restored_in"])

@@ -98,6 +98,32 @@ for d in "$staged" "$wal" "$staged-run"; do if [ -e "$d" ] || [ -L "$d" ]; then 
 echo "removed$removed"
 """
 
+# Undo `barman restore`'s `archive_command = false` in the restored config files. Barman keeps
+# the original as `#BARMAN#<line>` and writes `archive_command = false` right after it, so
+# the restored copy cannot push a new timeline into the archive of the server it came from.
+# After a PITR the restored server *is* that server: it must archive again (or the next PITR
+# lacks WAL). Only that exact pair is rewritten; prints the files changed.
+_UNMANGLE_ARCHIVE = r"""
+set -eu
+for f in "$@"; do
+  [ -f "$f" ] || continue
+  grep -q '^#BARMAN#[[:space:]]*archive_command[[:space:]]*=' "$f" || continue
+  tmp="$f.barman-dr-tmp"
+  awk '
+    pending != "" {
+      if ($0 ~ /^[[:space:]]*archive_command[[:space:]]*=[[:space:]]*false[[:space:]]*$/) { print pending; pending = ""; next }
+      print "#BARMAN#" pending; pending = ""
+    }
+    /^#BARMAN#[[:space:]]*archive_command[[:space:]]*=/ { pending = substr($0, 9); next }
+    { print }
+    END { if (pending != "") print "#BARMAN#" pending }
+  ' "$f" > "$tmp"
+  chmod --reference="$f" "$tmp"
+  mv -- "$tmp" "$f"
+  echo "$f"
+done
+"""
+
 # Wait on the host until PostgreSQL accepts connections ($5 = ready) or, with $5 = promoted,
 # until recovery has ended (pg_is_in_recovery() = f); stop early when the postmaster is gone.
 # Checks every $6 s for at most $7 s; prints ready/promoted, exited or waiting. One SSH exec
@@ -365,6 +391,12 @@ class DbHostHook(BaseHook):
             return self.controldata(data_directory).state == "shut down"
         except BarmanDrError:
             return False
+
+    def restore_archive_command(self, data_directory: str) -> list[str]:
+        """Put back the `archive_command` Barman replaced with `false` (see `_UNMANGLE_ARCHIVE`); the files changed."""
+        base = data_directory.rstrip("/")
+        out = self.host.run(sh_argv(_UNMANGLE_ARCHIVE, f"{base}/postgresql.conf", f"{base}/postgresql.auto.conf"))
+        return [line for line in out.stdout.splitlines() if line.strip()]
 
     def prepare_directory(self, path: str, mode: str = "0700") -> None:
         """Create an empty directory for a restore (Barman refuses non-empty destinations)."""

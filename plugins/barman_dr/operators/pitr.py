@@ -795,8 +795,14 @@ class VerifyTargetOperator(DrBaseOperator):
             raise VerificationError("recovery target NOT reached: " + "; ".join(proof.reasons)
                                     + "\nlog: " + "\n".join(proof.stop.get("lines", [])[-6:]))
         entries = parse_history_file(history or "")
+        # first, while Barman's `#BARMAN#` comment is still in postgresql.auto.conf (ALTER SYSTEM rewrites
+        # the file without comments); the reload below (or clear_recovery_settings') applies it
+        archive_files = db.restore_archive_command(inst.data_directory)
         cleaned = clear_recovery_settings(db, inst)
+        if archive_files and not cleaned:
+            db.psql(inst, "SELECT pg_reload_conf()")
         return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
+                "archive_command_restored_in": archive_files,
                 "switch_lsn": entries[-1].switch_lsn if entries else None}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
