@@ -4,6 +4,8 @@ The operator body runs against the real lab (Barman over SSH, the standby's host
 DB) with a minimal task context standing in for Airflow's (XCom in a dict). The target is
 the standby (`restore_to`), so the staging directory sits next to the standby's data
 directory; the live standby is never touched, and the staging directory is removed after.
+The copy is also replayed to the target (a private postmaster next to the running standby)
+and shut down, before any freeze.
 """
 
 from __future__ import annotations
@@ -64,7 +66,11 @@ def test_retry_removes_only_its_own_partial_copy_then_restores(inventory, barman
         assert ti.pushed["staging"]["staging_directory"] == staged  # recorded before anything was written
         # a fresh restore, not the partial copy: Barman's files are there, the job record of the failure is kept
         assert standby_host.path_exists(f"{staged}/global/pg_control")
-        assert standby_host.path_exists(f"{staged}/recovery.signal")
+        # replayed to the target before the freeze: promoted, proven, shut down cleanly
+        assert not standby_host.path_exists(f"{staged}/recovery.signal")
+        assert standby_host.controldata(staged).state == "shut down"
+        assert out["replay"]["outcome"].startswith("promoted after") and out["replay"]["new_timeline"] >= 2
+        assert standby_host.status(staged) != "running"
         assert standby_host.dir_identity(staged) == out["identity"]
         assert "--staging-wal-directory" in out["argv"] and wal_dir in out["argv"]
         listing = barman.host.run(["ls", "-1", barman.job_dir]).stdout.split()
@@ -75,6 +81,7 @@ def test_retry_removes_only_its_own_partial_copy_then_restores(inventory, barman
         # a second retry attaches to the finished job: nothing is removed or copied again
         again = op.run(context)
         assert again["cleaned"] == [] and again["identity"] == out["identity"] and again["space"] is None
+        assert again["replay"]["outcome"] == "already"  # found replayed, proven again from the files
     finally:
         standby_host.remove_staging(standby.data_directory, staged, wal_dir)
         standby_host.host.run(["rm", "-rf", "--", neighbour], check=False)

@@ -57,5 +57,11 @@ def test_the_staging_postmaster_is_private_and_cannot_touch_the_live_server():
     assert opts["unix_socket_directories"] == staged.socket_directory
     assert opts["data_directory"] == staged.data_directory  # a restored config may name the live directory
     assert opts["external_pid_file"].startswith(staged.socket_directory + "/")
-    assert opts["archive_mode"] == "off" and opts["logging_collector"] == "off"
-    assert opts["shared_buffers"] == "256MB"
+    # archive_mode as configured (the new timeline's files get .ready), but nothing archived from the copy
+    assert "archive_mode" not in opts and opts["archive_command"] == "false" and opts["archive_library"] == ""
+    # no jobs, workers or streaming of its own once promoted
+    assert opts["shared_preload_libraries"] == "" and opts["max_logical_replication_workers"] == "0"
+    assert opts["primary_conninfo"] == "" and opts["primary_slot_name"] == ""
+    assert opts["shared_buffers"] == "256MB" and opts["max_wal_size"] == "1GB" and opts["huge_pages"] == "try"
+    # a log the proof can read
+    assert opts["logging_collector"] == "off" and opts["log_destination"] == "stderr" and opts["lc_messages"] == "C"

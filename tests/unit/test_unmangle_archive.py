@@ -44,3 +44,13 @@ def test_only_the_exact_pair_is_rewritten(tmp_path):
     last.write_text("#BARMAN#" + ORIGINAL)  # at the end of the file
     run(last)
     assert last.read_text() == "#BARMAN#" + ORIGINAL
+
+
+def test_a_setting_without_equals_sign_is_restored_too_and_unchanged_files_are_not_reported(tmp_path):
+    conf = tmp_path / "postgresql.conf"
+    conf.write_text("#BARMAN#archive_command 'cp %p /arch/%f'\narchive_command = false\n")
+    assert run(conf) == [str(conf)]
+    assert conf.read_text() == "archive_command 'cp %p /arch/%f'\n"
+    kept = tmp_path / "kept.conf"
+    kept.write_text("#BARMAN#archive_command = 'x'\nport = 5432\n")  # Barman's pair is not there: not touched
+    assert run(kept) == [] and kept.read_text() == "#BARMAN#archive_command = 'x'\nport = 5432\n"

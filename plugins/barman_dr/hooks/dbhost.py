@@ -107,17 +107,18 @@ _UNMANGLE_ARCHIVE = r"""
 set -eu
 for f in "$@"; do
   [ -f "$f" ] || continue
-  grep -q '^#BARMAN#[[:space:]]*archive_command[[:space:]]*=' "$f" || continue
+  grep -q '^#BARMAN#[[:space:]]*archive_command' "$f" || continue
   tmp="$f.barman-dr-tmp"
   awk '
     pending != "" {
       if ($0 ~ /^[[:space:]]*archive_command[[:space:]]*=[[:space:]]*false[[:space:]]*$/) { print pending; pending = ""; next }
       print "#BARMAN#" pending; pending = ""
     }
-    /^#BARMAN#[[:space:]]*archive_command[[:space:]]*=/ { pending = substr($0, 9); next }
+    /^#BARMAN#[[:space:]]*archive_command([[:space:]]|=)/ { pending = substr($0, 9); next }
     { print }
     END { if (pending != "") print "#BARMAN#" pending }
   ' "$f" > "$tmp"
+  if cmp -s -- "$f" "$tmp"; then rm -f -- "$tmp"; continue; fi
   chmod --reference="$f" "$tmp"
   mv -- "$tmp" "$f"
   echo "$f"
@@ -174,21 +175,44 @@ def staged_instance(instance: Instance, staged: str) -> Instance:
 
 
 def staged_start_options(staged: Instance, shared_buffers: str) -> str:
-    """A staging copy replays its WAL next to the live server, so it must not look like it.
+    """A staging copy replays its WAL next to the live server, so it must not act like it.
 
-    No TCP (`listen_addresses` empty), a private socket, no archiving, an external pid
-    file of its own (a restored config may name the live one's), its own log (no logging
-    collector), and `data_directory` pinned on the
-    command line: a restored postgresql.conf may name the *live* data directory
-    (Debian's layout). `shared_buffers` is capped so that a second postmaster next to
-    the production one cannot take the host's memory.
+    - reachable by nobody: no TCP (`listen_addresses` empty), a private socket;
+    - `data_directory` pinned (a restored Debian-style postgresql.conf names the *live*
+      directory) and an external pid file of its own (a restored one would overwrite, then
+      remove, the live server's);
+    - no work of its own once promoted: no preloaded libraries (pg_cron and friends would
+      run jobs, through `localhost:<port>`, against the live server), no logical
+      replication workers (they would consume the production subscriptions' slots), no
+      streaming from the live primary;
+    - archiving stays as configured (`archive_mode`), but `archive_command` is `false`: the
+      new timeline's history file and first segments are then marked `.ready` and get
+      archived once the real command is back after the swap; with `archive_mode=off` they
+      would never be;
+    - bounded resources next to production: `shared_buffers` capped, `max_wal_size` 1GB
+      with no `wal_keep_size` (restored segments are recycled at restartpoints), huge
+      pages only if available;
+    - a log the proof can read: stderr to its own file, messages in English (`lc_messages=C`).
     """
-    return shlex.join(["-c", "listen_addresses=", "-c", f"port={staged.port}",
-                       "-c", f"unix_socket_directories={staged.socket_directory}",
-                       "-c", f"cluster_name={staged.name}", "-c", f"data_directory={staged.data_directory}",
-                       "-c", "archive_mode=off", "-c", "logging_collector=off",
-                       "-c", f"external_pid_file={staged.socket_directory}/external.pid",
-                       "-c", f"shared_buffers={shared_buffers}"])
+    settings = {
+        "listen_addresses": "", "port": str(staged.port), "unix_socket_directories": staged.socket_directory,
+        "cluster_name": staged.name, "data_directory": staged.data_directory,
+        "external_pid_file": f"{staged.socket_directory}/external.pid",
+        "shared_preload_libraries": "", "max_logical_replication_workers": "0",
+        "primary_conninfo": "", "primary_slot_name": "",
+        "archive_command": "false", "archive_library": "",
+        "shared_buffers": shared_buffers, "max_wal_size": "1GB", "wal_keep_size": "0", "huge_pages": "try",
+        "logging_collector": "off", "log_destination": "stderr", "lc_messages": "C",
+    }
+    return shlex.join([arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")])
+
+
+#: a Unix socket path is at most 107 bytes; the staging socket is `<staged>-run/.s.PGSQL.<port>`
+SOCKET_PATH_MAX = 107
+
+
+def staged_socket_path(staged: Instance) -> str:
+    return f"{staged.socket_directory}/.s.PGSQL.{staged.port}"
 
 
 class DbHostHook(BaseHook):

@@ -199,23 +199,6 @@ class DrBaseOperator(BaseOperator):
         """
         from barman_dr.hooks.remote import RemoteHost
 
-        for conn_id, name, job_root, job_id in self._remote_jobs:
-            host = RemoteHost(conn_id, name=name, cmd_timeout=10)
-            try:
-                outcome = host.kill_job(job_root, job_id, grace_seconds=3)
-                self.log.warning("task killed: remote job %s on %s stopped (%s)", job_id, name, outcome)
-            except Exception as exc:
-                outcome = f"NOT stopped: {type(exc).__name__}: {exc}"
-                self.log.exception("task killed: could not stop remote job %s on %s", job_id, name)
-            finally:
-                host.close()
-            if self._audit_trail is not None:
-                try:
-                    self._audit_trail.record(self.action, "failed", server=self.audit_server(),
-                                             details={"error": "task killed", "job_id": job_id, "host": name,
-                                                      "job_stopped": outcome})
-                except Exception:
-                    self.log.exception("could not audit the kill of %s", job_id)
         for conn_id, name, argv, what in self._remote_cleanups:
             host = RemoteHost(conn_id, name=name, cmd_timeout=10)
             try:
@@ -234,6 +217,23 @@ class DrBaseOperator(BaseOperator):
                                                       "outcome": outcome})
                 except Exception:
                     self.log.exception("could not audit the cleanup %s", what)
+        for conn_id, name, job_root, job_id in self._remote_jobs:
+            host = RemoteHost(conn_id, name=name, cmd_timeout=10)
+            try:
+                outcome = host.kill_job(job_root, job_id, grace_seconds=3)
+                self.log.warning("task killed: remote job %s on %s stopped (%s)", job_id, name, outcome)
+            except Exception as exc:
+                outcome = f"NOT stopped: {type(exc).__name__}: {exc}"
+                self.log.exception("task killed: could not stop remote job %s on %s", job_id, name)
+            finally:
+                host.close()
+            if self._audit_trail is not None:
+                try:
+                    self._audit_trail.record(self.action, "failed", server=self.audit_server(),
+                                             details={"error": "task killed", "job_id": job_id, "host": name,
+                                                      "job_stopped": outcome})
+                except Exception:
+                    self.log.exception("could not audit the kill of %s", job_id)
 
     def audit_details(self, result: Any) -> dict[str, Any]:
         return result if isinstance(result, dict) else {"result": result}

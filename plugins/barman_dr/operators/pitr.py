@@ -27,7 +27,13 @@ from barman_dr.appfreeze import REPOINT_SCRIPT, FreezeError, PgBouncerAdmin
 from barman_dr.audit import AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, ValidationError
 from barman_dr.hooks.barman import compute_coverage
-from barman_dr.hooks.dbhost import staged_instance, staged_start_options, staging_paths
+from barman_dr.hooks.dbhost import (
+    SOCKET_PATH_MAX,
+    staged_instance,
+    staged_socket_path,
+    staged_start_options,
+    staging_paths,
+)
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
@@ -459,6 +465,12 @@ class StageRestoreOperator(DrBaseOperator):
         staged, wal_dir = staging_paths(inst.data_directory, tag)
         if staged.rstrip("/") == inst.data_directory.rstrip("/"):
             raise PreflightError(f"refusing: the staging directory {staged} equals the data directory")
+        sock = staged_socket_path(staged_instance(inst, staged))
+        if len(sock.encode()) > SOCKET_PATH_MAX:
+            raise PreflightError(
+                f"the staging copy's socket path {sock} is {len(sock.encode())} bytes, over the {SOCKET_PATH_MAX} a Unix "
+                "socket allows (the data directory's path is too long for a staged restore). Nothing was stopped. "
+                "Trigger again with staged_restore=false")
         record = {"host": inst.host, "data_directory": inst.data_directory, "staging_directory": staged,
                   "wal_directory": wal_dir}
         # before anything is written: the failure summary and dr_pitr_rollback find it even if this task dies
@@ -515,10 +527,18 @@ class StageRestoreOperator(DrBaseOperator):
             what = f"stop the staging PostgreSQL on {staged}"
             self.track_cleanup(db.host, [db._bin("pg_ctl"), "stop", "-D", staged, "-m", "immediate", "-w"], what)
             db.prepare_directory(sinst.socket_directory)
-            db.start(sinst, options=staged_start_options(sinst, self.staged_shared_buffers))
-            db.wait_recovery_end(sinst, timeout=self.restore_timeout)
-            promoted_s = round(time.monotonic() - t0, 3)
-            db.stop(sinst, mode="fast", timeout=600)
+            try:
+                db.start(sinst, options=staged_start_options(sinst, self.staged_shared_buffers))
+                db.wait_recovery_end(sinst, timeout=self.restore_timeout)
+                promoted_s = round(time.monotonic() - t0, 3)
+                db.stop(sinst, mode="fast", timeout=600)
+            except BaseException:
+                # never leave a staging postmaster running after a failed try (it is not live data)
+                try:
+                    db.stop(sinst, mode="immediate", timeout=60)
+                except Exception:
+                    self.log.exception("could not stop the staging PostgreSQL on %s", staged)
+                raise
             self.untrack_cleanup(what)
             outcome = f"promoted after {promoted_s}s, shut down"
         control = db.controldata(staged)
@@ -799,7 +819,7 @@ class VerifyTargetOperator(DrBaseOperator):
         # the file without comments); the reload below (or clear_recovery_settings') applies it
         archive_files = db.restore_archive_command(inst.data_directory)
         cleaned = clear_recovery_settings(db, inst)
-        if archive_files and not cleaned:
+        if not cleaned:  # always: a retry after a try that edited the files but died before its reload
             db.psql(inst, "SELECT pg_reload_conf()")
         return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
                 "archive_command_restored_in": archive_files,
