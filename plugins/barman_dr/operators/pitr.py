@@ -356,7 +356,7 @@ class PlanGateOperator(DrBaseOperator):
             estimate["downtime_s"] = round(estimate["total_s"] - estimate["restore_s"] - estimate["replay_s"], 1)
             before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
                       f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)",
-                      "replay the WAL to the target in that copy (private socket, no TCP, no archiving), prove the "
+                      "replay the WAL to the target in that copy (private socket, no TCP, archive_command=false), prove the "
                       "target there, shut it down cleanly (outside the downtime)"]
             in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
         else:
@@ -511,7 +511,7 @@ class StageRestoreOperator(DrBaseOperator):
     def replay_staged(self, db: Any, inst: Instance, staged: str) -> dict[str, Any]:
         """Replay the WAL to the target in the staging copy, prove it there, and shut it down cleanly.
 
-        The copy runs as a private postmaster (no TCP, its own socket and log, no archiving:
+        The copy runs as a private postmaster (no TCP, its own socket and log, nothing archived:
         `staged_start_options`) while the app still runs on the live server. Recovery stops
         at the target and promotes (Barman's `recovery_target_action`), then a fast shutdown
         checkpoints it: inside the downtime the renamed copy starts with nothing to replay.
