@@ -1061,13 +1061,35 @@ class RebaseBarmanOperator(DrBaseOperator):
                 return None
             time.sleep(2)
 
+    def stuck_past_fork(self, context: Any) -> bool:
+        """Barman's streaming position is on the old timeline *past* the fork: not in the new server's history.
+
+        pg_receivewal then fails at every start ("requested starting point ... is not in this
+        server's history"), yet `switch-wal --archive` may still return 0 while cron restarts
+        it, so waiting for streaming first can look fine and is not enough. (A position before
+        the fork is in the new history: pg_receivewal follows the switch by itself.)
+        """
+        verify = self.upstream(context, "verify_target") or {}
+        switch_lsn, new_tli = verify.get("switch_lsn"), verify.get("new_timeline")
+        if not (switch_lsn and new_tli):
+            return False
+        stream_dir = self.barman.show_server(self.srv.name).get("streaming_wals_directory")
+        if not stream_dir:
+            return False
+        fork = WalSegment.from_lsn(int(new_tli), Lsn.parse(switch_lsn)).name
+        partials = [f[:24] for f in self.barman.host.run(["ls", "-1", stream_dir]).stdout.split()
+                    if f.endswith(".partial") and is_wal_segment_name(f[:24])]
+        return any(int(p[:8], 16) < int(new_tli) and int(p[8:], 16) > int(fork[8:], 16) for p in partials)
+
     def run(self, context: Any) -> dict[str, Any]:
         srv = self.srv
-        # pg_receivewal follows a timeline switch when it streamed from the recovering server;
-        # only when it is stuck on the old timeline does Barman's streaming state need a reset
+        # pg_receivewal follows a timeline switch when its position is before the fork; past the
+        # fork (the old primary kept streaming after the target) it must be restarted at the fork
         fork = None
-        closed = self._streaming(timeout=30)
-        if closed is None:
+        if self.stuck_past_fork(context):
+            fork = self.restart_streaming_at_fork(context)
+        closed = self._streaming(timeout=30 if fork is None else self.stream_timeout)
+        if closed is None and fork is None:
             fork = self.restart_streaming_at_fork(context)
             closed = self._streaming(timeout=self.stream_timeout)
         if closed is None:
