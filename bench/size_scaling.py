@@ -206,8 +206,7 @@ def wait_streaming(timeout: float = 60) -> None:
 
 def switch_and_archive() -> None:
     """Close the current WAL and wait until both Barman and pgBackRest hold it."""
-    psql("SELECT pg_current_xact_id()", db="bench")
-    bbarman("switch-wal", "--force", "--archive", "--archive-timeout", "120", SERVER, timeout=300)
+    switch_and_archive_barman()
     pgbr("check")
 
 
