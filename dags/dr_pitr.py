@@ -1,12 +1,14 @@
 """dr_pitr: on-demand point-in-time recovery of one server, from the UI form or the REST API.
 
-The seed's runbook as a DAG: assess (validate, preflight, WAL coverage, plan) -> stage
+The seed's runbook as a DAG: assess (validate, resolve the target in the WAL, preflight,
+WAL coverage, plan: the exact stop record, the backup, what will be discarded) -> stage
 (staged_restore, default on: barman restore into a staging directory next to the data
 directory while the app still runs) -> execute (freeze app, stop, move aside, rename the
 staged restore into place -- or restore now when staged_restore is off -- start) ->
-verify (target reached, data) -> post-incident (unfreeze, standbys, Barman, report).
+verify (the exact stop point reached, data) -> post-incident (unfreeze, what was discarded,
+standbys, Barman, report).
 Without `confirm` = "PITR <server>" the run stops after the plan and touches nothing.
-The logic lives in plugins/barman_dr/operators/pitr.py; this file only declares.
+The logic lives in plugins/barman_dr/operators/pitr/ (one module per phase); this file only declares.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from barman_dr.inventory import server_names_for_dags, standby_names_for_dags
 from barman_dr.notifications import DrNotifier
 from barman_dr.operators.pitr import (
     BarmanRestoreOperator,
+    DiscardedOperator,
     FreezeAppOperator,
     MoveAsideOperator,
     PitrFailureSummaryOperator,
@@ -28,6 +31,7 @@ from barman_dr.operators.pitr import (
     RebaseBarmanOperator,
     RebuildStandbyOperator,
     ReleaseLockOperator,
+    ResolveTargetOperator,
     StageRestoreOperator,
     StandbysToRebuildOperator,
     StartRecoveryOperator,
@@ -57,7 +61,14 @@ params = {
     "target_lsn": Param(None, type=OPT_STR, title="Target LSN",
                         description="Instead of a time: a WAL location like 0/7000028."),
     "target_name": Param(None, type=OPT_STR, title="Target restore point",
-                         description="Instead of a time: a restore point created with pg_create_restore_point()."),
+                         description="Instead of a time: a restore point created with pg_create_restore_point(), "
+                                     "exactly as created (any text up to 63 bytes). Recovery stops right after it. "
+                                     "A name created more than once is refused until 'Restore point occurrence' "
+                                     "names one: the plan (or the refusal) lists each occurrence with its LSN."),
+    "target_name_lsn": Param(None, type=OPT_STR, title="Restore point occurrence (LSN)",
+                             description="Only with a target restore point created more than once: the LSN of the "
+                                         "occurrence to recover to, as the plan or the refusal lists it (e.g. "
+                                         "0/9000150). The restore then stops at exactly that one."),
     "target_immediate": Param(False, type="boolean", title="Target: end of the backup",
                               description="Recover only to the end of the base backup (no WAL replay after it)."),
     "target_inclusive": Param(True, type="boolean", title="Target inclusive",
@@ -84,8 +95,10 @@ params = {
                                         "<data directory>.staged-<run> on the same filesystem BEFORE freezing the "
                                         "app, then freeze, stop, move the old directory aside (kept) and rename the "
                                         "staged copy into place: the copy is outside the downtime. Needs free space "
-                                        "for a second copy (checked first: backup + WAL + 10%). Off: the restore "
-                                        "runs inside the downtime window, after the freeze."),
+                                        "for a second copy (checked first: backup + WAL + 10%). The app keeps "
+                                        "writing while the copy is prepared: those writes are discarded too (the "
+                                        "report lists them; dr_salvage can put their new rows back). Off: the "
+                                        "restore runs inside the downtime window, after the freeze."),
     "confirm": Param(None, type=OPT_STR, title="Confirm",
                      description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE. Leave empty for a "
                                  "plan-only run that changes nothing and writes the plan to the run note."),
@@ -105,6 +118,7 @@ with DAG(
                   "on_failure_callback": DrNotifier()},
 ) as dag:
     validate = ValidatePitrRequestOperator(task_id="validate_params", retries=0)
+    resolve = ResolveTargetOperator(task_id="resolve_target", retries=1)
     preflight = PitrPreflightOperator(task_id="preflight", retries=1)
     wal = WalCoverageOperator(task_id="wal_coverage", retries=1)
     plan = PlanGateOperator(task_id="plan", retries=0)
@@ -117,18 +131,19 @@ with DAG(
     verify = VerifyTargetOperator(task_id="verify_target", retries=1)
     data = ValidateDataOperator(task_id="validate_data", retries=1)
     unfreeze = UnfreezeAppOperator(task_id="unfreeze_app")
+    discarded = DiscardedOperator(task_id="discarded", retries=0)
     to_rebuild = StandbysToRebuildOperator(task_id="list_standbys")
     standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby").expand(standby=to_rebuild.output)
     rebase = RebaseBarmanOperator(task_id="rebase_barman")
     report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
-    main = [validate, preflight, wal, plan, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,
-            to_rebuild, standbys, rebase, report]
+    main = [validate, resolve, preflight, wal, plan, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,
+            discarded, to_rebuild, standbys, rebase, report]
     # a leaf that fails when anything failed: the run's state is the PITR's state
     failure = PitrFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
     release = ReleaseLockOperator(task_id="release_lock", trigger_rule="all_done", retries=2)
 
-    validate >> preflight >> wal >> plan >> stage >> freeze >> stop >> aside >> restore >> start >> verify >> data
-    data >> unfreeze >> rebase >> report
+    validate >> resolve >> preflight >> wal >> plan >> stage >> freeze >> stop >> aside >> restore >> start >> verify
+    verify >> data >> unfreeze >> discarded >> rebase >> report
     data >> to_rebuild >> standbys >> report
     main >> failure
     main >> release

@@ -27,6 +27,7 @@ from barman_dr.operators.surgical import (
     SurgicalFailureSummaryOperator,
     SurgicalPlanOperator,
     SurgicalPreflightOperator,
+    SurgicalResolveTargetOperator,
     SurgicalTeardownOperator,
     SurgicalWalCoverageOperator,
     ValidateSurgicalRequestOperator,
@@ -75,16 +76,17 @@ with DAG(
                   "on_failure_callback": DrNotifier()},
 ) as dag:
     validate = ValidateSurgicalRequestOperator(task_id="validate_params", retries=0)
+    resolve = SurgicalResolveTargetOperator(task_id="resolve_target", discard=False)
     preflight = SurgicalPreflightOperator(task_id="preflight")
     wal = SurgicalWalCoverageOperator(task_id="wal_coverage")
     restore = RestoreNonprodOperator(task_id="restore_nonprod", retries=2, retry_delay=timedelta(seconds=15))
     plan = SurgicalPlanOperator(task_id="plan", retries=0)
     apply = SurgicalApplyOperator(task_id="apply")
-    main = [validate, preflight, wal, restore, plan, apply]
+    main = [validate, resolve, preflight, wal, restore, plan, apply]
     teardown = SurgicalTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)
     # a leaf that fails when anything failed: the run's state is the recovery's state
     failure = SurgicalFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
 
-    validate >> preflight >> wal >> restore >> plan >> apply
+    validate >> resolve >> preflight >> wal >> restore >> plan >> apply
     main >> teardown
     main >> failure

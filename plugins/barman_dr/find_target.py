@@ -40,165 +40,23 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from barman_dr.hooks.barman import WalCatalogEntry, timeline_for_segment
-from barman_dr.models import BackupInfo, Lsn, WalSegment, is_wal_segment_name
+from barman_dr.models import BackupInfo, Lsn
+from barman_dr.wal_selection import (  # noqa: F401 - re-exported: the selection used to live here
+    DECOMPRESSORS,
+    DecodeRun,
+    WalFile,
+    WalSelection,
+    WalSelectionError,
+    select_wal,
+)
 from barman_dr.waldump import CommittedTxn, RelFileNode
 
-#: WAL compressions Barman may use -> the standard tool that decompresses them (`tool -dc file`)
-DECOMPRESSORS = {"gzip": "gzip", "pigz": "gzip", "pygzip": "gzip", "bzip2": "bzip2", "pybzip2": "bzip2",
-                 "xz": "xz", "zstd": "zstd", "lz4": "lz4"}
 TABLE_KINDS = frozenset("rpmf")  # table, partitioned table, materialized view, foreign table
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "pg_toast", "information_schema"})
 KIND_ORDER = {"DROP": 0, "TRUNCATE": 1, "DELETE": 2, "UPDATE": 3}
 WHOLE_RELATION_KINDS = frozenset({"DROP", "TRUNCATE"})
 REASON_BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9 .,:_\-()/#@+=]")
 MAX_RELATIONS_PER_CANDIDATE = 10
-
-
-class WalSelectionError(ValueError):
-    """The archive cannot be decoded as asked (e.g. a compression no standard tool reads)."""
-
-
-# ---------------------------------------------------------------------------------- WAL selection
-
-
-@dataclass(frozen=True)
-class WalFile:
-    """One segment to decode: its name, where it is on the barman host, and how to read it."""
-
-    name: str
-    path: str
-    how: str = "link"            # "link" (as is) or a decompressor: gzip, bzip2, xz, zstd, lz4
-    time: float | None = None    # archived at (epoch, Barman host clock); None: still in the streaming directory
-    partial: bool = False
-
-    @property
-    def segno(self) -> int:
-        return WalSegment.parse(self.name).segno
-
-    @property
-    def timeline(self) -> int:
-        return WalSegment.parse(self.name).timeline
-
-
-@dataclass(frozen=True)
-class DecodeRun:
-    """One pg_waldump invocation: consecutive segments of one timeline, optionally stopping at an LSN."""
-
-    timeline: int
-    files: tuple[WalFile, ...]
-    end_lsn: str | None = None
-
-    @property
-    def partial(self) -> bool:
-        return self.files[-1].partial
-
-    def args(self) -> list[str]:
-        """The positional arguments of the remote decode script after its fixed ones: name, path, how per file."""
-        out: list[str] = []
-        for f in self.files:
-            out += [f.name, f.path, f.how]
-        return out
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"timeline": self.timeline, "first": self.files[0].name, "last": self.files[-1].name,
-                "segments": len(self.files), "end_lsn": self.end_lsn, "partial": self.partial}
-
-
-@dataclass
-class WalSelection:
-    runs: list[DecodeRun] = field(default_factory=list)
-    gaps: list[str] = field(default_factory=list)
-    segments: int = 0
-    newest_archived_at: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"runs": [r.to_dict() for r in self.runs], "gaps": self.gaps[:20], "segments": self.segments,
-                "newest_archived_at": self.newest_archived_at}
-
-
-def _how(entry: WalCatalogEntry) -> str:
-    if not entry.compression:
-        return "link"
-    tool = DECOMPRESSORS.get(entry.compression)
-    if tool is None:
-        raise WalSelectionError(f"segment {entry.name} is compressed with {entry.compression!r}, which barman-dr cannot "
-                                f"decompress for pg_waldump (supported: {', '.join(sorted(DECOMPRESSORS))})")
-    return tool
-
-
-def select_wal(catalog: Iterable[WalCatalogEntry], streaming: Iterable[str], *, wals_directory: str,
-               streaming_directory: str | None, timeline: int, switches: Sequence[tuple[int, str]] | None,
-               start: datetime, end: datetime, margin_s: float = 300, chunk: int = 256) -> WalSelection:
-    """The segments that can hold commits of [start, end] on `timeline`'s history, as pg_waldump runs.
-
-    See the module docstring for the rule. Runs are split at gaps (named in `gaps`: a
-    transaction there cannot be seen), at timeline switches (the parent's switch segment
-    is decoded up to the switch LSN) and every `chunk` segments; consecutive runs overlap
-    by one segment so that a record crossing a segment boundary is never lost (the
-    aggregator skips records it has already seen, by LSN).
-    """
-    wanted = {}
-    switch_files: dict[int, tuple[WalFile, str]] = {}  # switch segno -> (parent's segment, switch LSN)
-    switch_segnos = {WalSegment.from_lsn(tli, Lsn.parse(lsn)).segno: (tli, lsn) for tli, lsn in (switches or ())}
-    for e in catalog:
-        if not is_wal_segment_name(e.name):
-            continue
-        seg = WalSegment.parse(e.name)
-        f = WalFile(e.name, f"{wals_directory.rstrip('/')}/{e.name[:16]}/{e.name}", _how(e), e.time)
-        if seg.timeline == timeline_for_segment(seg.segno, switches, timeline):
-            wanted[seg.segno] = f
-        elif seg.segno in switch_segnos and switch_segnos[seg.segno][0] == seg.timeline:
-            switch_files[seg.segno] = (f, switch_segnos[seg.segno][1])
-    archived_times = [f.time for f in wanted.values() if f.time is not None]
-    newest_archived = max(archived_times) if archived_times else None
-    if streaming_directory:
-        for name in streaming:
-            base, partial = (name[:-8], True) if name.endswith(".partial") else (name, False)
-            if not is_wal_segment_name(base):
-                continue
-            seg = WalSegment.parse(base)
-            if seg.segno in wanted or seg.timeline != timeline_for_segment(seg.segno, switches, timeline):
-                continue
-            wanted[seg.segno] = WalFile(base, f"{streaming_directory.rstrip('/')}/{name}", "link", None, partial)
-    if not wanted:
-        return WalSelection(newest_archived_at=newest_archived)
-    order = sorted(wanted)
-    inf = float("inf")
-    times = [wanted[s].time if wanted[s].time is not None else inf for s in order]
-    lo_t, hi_t = start.timestamp() - margin_s, end.timestamp() + margin_s
-    before = [i for i, t in enumerate(times) if t < lo_t]
-    lo = before[-1] if before else 0
-    # a streamed segment's completion time is unknown: never stop before one
-    after = [i for i, t in enumerate(times) if hi_t <= t < inf and i >= lo]
-    hi = after[0] if after else len(order) - 1
-    chosen = order[lo:hi + 1]
-    sel = WalSelection(segments=len(chosen), newest_archived_at=newest_archived)
-    groups: list[list[WalFile]] = []
-    for segno in chosen:
-        f = wanted[segno]
-        prev = groups[-1][-1] if groups else None
-        if prev is not None and prev.segno + 1 == segno and prev.timeline == f.timeline and not prev.partial:
-            groups[-1].append(f)
-            continue
-        if prev is not None and prev.segno + 1 < segno:
-            for missing in range(prev.segno + 1, segno):
-                sel.gaps.append(WalSegment(timeline_for_segment(missing, switches, timeline), missing).name)
-        groups.append([f])
-    for i, group in enumerate(groups):
-        g, end_lsn = group, None
-        nxt = groups[i + 1][0] if i + 1 < len(groups) else None
-        if nxt is not None and nxt.segno == g[-1].segno + 1 and nxt.timeline != g[-1].timeline \
-                and nxt.segno in switch_files:
-            parent_file, end_lsn = switch_files[nxt.segno]
-            g = [*g, parent_file]
-        for j in range(0, max(len(g) - 1, 1), chunk - 1):
-            piece = g[j:j + chunk]
-            last = j + chunk >= len(g)
-            sel.runs.append(DecodeRun(piece[0].timeline, tuple(piece), end_lsn if last else None))
-            if last:
-                break
-    return sel
 
 
 # ------------------------------------------------------------------------------ the live catalogue

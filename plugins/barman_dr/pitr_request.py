@@ -10,8 +10,12 @@ Choices made here (also in the trigger form's help texts):
   time is rejected, not guessed: the UI's date-time picker always sends UTC (`Z`).
 * `reason` is free text but limited to printable ASCII letters, digits, spaces and
   `. , : _ - ( ) / # @ + =` (max 500): it is shown in the audit and the DR page.
-* `target_name` (a restore point) is limited to letters, digits and `. _ - :` (max 63,
-  PostgreSQL's limit).
+* `target_name` (a restore point) is any text PostgreSQL accepts as one: up to 63 bytes
+  (UTF-8), spaces, quotes and non-ASCII included, taken literally (never stripped). It
+  only ever travels as one argv element and is never written into a config file: the
+  restore uses the resolved occurrence's LSN (`target_resolution`). When the name was
+  created more than once, `target_name_lsn` (an LSN the plan or the refusal lists) picks
+  the occurrence.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from barman_dr.models import Lsn, RecoveryTarget
 
 BACKUP_ID_RE = re.compile(r"^[0-9]{8}T[0-9]{6}\Z")
 INCIDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-RESTORE_POINT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}\Z")
+#: PostgreSQL's MAXFNAMELEN - 1: a restore point name is at most 63 bytes
+RESTORE_POINT_MAX_BYTES = 63
 XID_RE = re.compile(r"^[0-9]{1,19}\Z")
 LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}\Z")
 REASON_RE = re.compile(r"^[A-Za-z0-9 .,:_\-()/#@+=]{0,500}\Z")
@@ -35,7 +40,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_JOBS = 16
 TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
-                "reason", "jobs", "confirm", "staging", "staged_restore"}
+                "reason", "jobs", "confirm", "staging", "staged_restore", "target_name_lsn"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class PitrRequest:
     #: restore into a staging directory next to the data directory *before* the app is frozen
     staged_restore: bool = True
     requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    #: which occurrence of a restore point name created more than once (its record's LSN)
+    target_name_lsn: str | None = None
 
     @property
     def in_place(self) -> bool:
@@ -149,6 +156,8 @@ def parse_target(conf: dict[str, Any], now: datetime) -> RecoveryTarget:
     name = given[0]
     if name == "target_immediate":
         return RecoveryTarget("immediate", None, True)
+    if name == "target_name":
+        return RecoveryTarget("name", parse_restore_point_name(conf.get(name)), inclusive)
     value = _str_field(conf, name)
     assert value is not None
     if name == "target_time":
@@ -157,13 +166,39 @@ def parse_target(conf: dict[str, Any], now: datetime) -> RecoveryTarget:
         if not XID_RE.match(value) or int(value) < 3 or int(value) > 2**64 - 1:
             raise ValidationError(name, value, "must be a transaction id: digits only, 3 or more (e.g. 7312)")
         return RecoveryTarget("xid", str(int(value)), inclusive)
-    if name == "target_lsn":
-        if not LSN_RE.match(value):
-            raise ValidationError(name, value, "must be an LSN like 0/7000028 (hex/hex)")
-        return RecoveryTarget("lsn", str(Lsn.parse(value)), inclusive)
-    if not RESTORE_POINT_RE.match(value):
-        raise ValidationError(name, value, "must be a restore point name: letters, digits, '.', '_', '-', ':' (max 63)")
-    return RecoveryTarget("name", value, inclusive)
+    if not LSN_RE.match(value):
+        raise ValidationError(name, value, "must be an LSN like 0/7000028 (hex/hex)")
+    return RecoveryTarget("lsn", str(Lsn.parse(value)), inclusive)
+
+
+def parse_restore_point_name(value: Any) -> str:
+    """Any text PostgreSQL accepts as a restore point name, taken literally (not stripped, not re-encoded)."""
+    if not isinstance(value, str):
+        raise ValidationError("target_name", value, "must be a string: the restore point's name")
+    if "\x00" in value:
+        raise ValidationError("target_name", value, "contains a NUL character, which no restore point name can hold")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValidationError("target_name", value, "is not valid Unicode text: type the name as created") from None
+    if size > RESTORE_POINT_MAX_BYTES:
+        raise ValidationError("target_name", value,
+                              f"is {size} bytes in UTF-8; PostgreSQL restore point names are at most "
+                              f"{RESTORE_POINT_MAX_BYTES} bytes: check the name (pg_create_restore_point refuses longer)")
+    return value
+
+
+def parse_target_name_lsn(conf: dict[str, Any], target: RecoveryTarget) -> str | None:
+    """The LSN of the chosen occurrence of a restore point name created more than once (only with target_name)."""
+    value = _str_field(conf, "target_name_lsn")
+    if value is None:
+        return None
+    if target.kind != "name":
+        raise ValidationError("target_name_lsn", value,
+                              "only picks an occurrence of target_name: give target_name too, or use target_lsn")
+    if not LSN_RE.match(value):
+        raise ValidationError("target_name_lsn", value, "must be an LSN like 0/7000028 (hex/hex), as the plan lists it")
+    return str(Lsn.parse(value))
 
 
 def check_conf_keys(conf: Any, known: set[str]) -> None:
@@ -266,6 +301,8 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
                               "must be true (restore before the freeze, shorter downtime) or false (restore inside "
                               "the downtime window)")
 
+    target_name_lsn = parse_target_name_lsn(conf, target)
+
     return PitrRequest(server=server, target=target, backup_id=backup_id, restore_to=restore_to, expected=expected,
                        incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=staging,
-                       staged_restore=staged_restore, requested_at=now.isoformat())
+                       staged_restore=staged_restore, requested_at=now.isoformat(), target_name_lsn=target_name_lsn)

@@ -9,6 +9,12 @@ the requested target:
   reaching consistency`) and `selected new timeline ID: N`;
 * the new timeline's history file (`pg_wal/0000000N.history`), whose last line records
   the switch point and the reason (`before transaction 730`, `before 2026-11-25 ...`).
+
+"Stopped at a transaction" is not "stopped at *the* transaction". With the stop point
+`target_resolution` found in the WAL before the restore (`stop`), the proof is exact:
+the log must name the very record (xid and commit time, or LSN), the history file's
+switch LSN must lie between that record's neighbours (a stop one record early or late
+forks elsewhere), and the new timeline must branch off the timeline recovery followed.
 """
 
 from __future__ import annotations
@@ -116,9 +122,53 @@ class TargetProof:
         return asdict(self)
 
 
+def _prove_stop_point(point: dict[str, Any], stop: RecoveryStop, history: list[HistoryEntry],
+                      recovery_timeline: int | None) -> list[str]:
+    """The exact checks against the resolved stop point (`target_resolution.StopPoint.to_dict()`)."""
+    problems: list[str] = []
+    kind, when = point.get("kind"), point.get("when")
+    want_lsn = Lsn.parse(point["lsn"]) if point.get("lsn") else None
+    if kind in ("commit", "abort"):
+        what = "commit" if kind == "commit" else "abort"
+        if stop.kind != "xact" or stop.xid != point.get("xid") or stop.when != when:
+            problems.append(f"expected 'recovery stopping {when} {what} of transaction {point.get('xid')}' (the resolved "
+                            f"stop record at {point.get('lsn')}), log says {stop.lines[-3:] if stop.lines else 'nothing'}")
+        elif point.get("time") and stop.time and \
+                datetime.fromisoformat(stop.time) != datetime.fromisoformat(str(point["time"])):
+            problems.append(f"recovery stopped at transaction {stop.xid} committed {stop.time}, but the resolved stop "
+                            f"record was committed {point['time']}: not the same record")
+    elif kind in ("record", "restore_point"):
+        if stop.kind != "lsn" or stop.lsn is None or want_lsn is None or Lsn.parse(stop.lsn) != want_lsn \
+                or stop.when != when:
+            problems.append(f"expected 'recovery stopping {when} WAL location (LSN) \"{point.get('lsn')}\"' (the resolved "
+                            f"{'restore point' if kind == 'restore_point' else 'record'}), log says "
+                            f"{stop.lines[-3:] if stop.lines else 'nothing'}")
+    elif kind == "consistency":
+        if stop.kind != "consistency":
+            problems.append("expected 'recovery stopping after reaching consistency'")
+    switch = Lsn.parse(history[-1].switch_lsn).value if history else None
+    rng = point.get("switch_range")
+    if history and rng and rng[0] and rng[1]:
+        lo, hi = Lsn.parse(rng[0]).value, Lsn.parse(rng[1]).value
+        if switch is None or not lo < switch <= hi:
+            problems.append(f"the new timeline forks at {history[-1].switch_lsn}, not at the resolved stop point: it must "
+                            f"be after {rng[0]} and at most {rng[1]} ({point.get('described') or kind})")
+    if history and recovery_timeline is not None:
+        parent = history[-1].parent_timeline
+        if parent not in (recovery_timeline, point.get("timeline")):
+            problems.append(f"the new timeline branches off timeline {parent}, not off timeline {recovery_timeline} "
+                            "that the recovery followed")
+    return problems
+
+
 def prove_target(target: RecoveryTarget, log_text: str, history_text: str | None, old_timeline: int | None,
-                 new_timeline: int | None) -> TargetProof:
-    """Decide whether recovery stopped exactly where it was asked to (see module docstring)."""
+                 new_timeline: int | None, *, stop_point: dict[str, Any] | None = None,
+                 recovery_timeline: int | None = None) -> TargetProof:
+    """Decide whether recovery stopped exactly where it was asked to (see module docstring).
+
+    `target` is what the restore asked PostgreSQL for; `stop_point` (when the target was
+    resolved) is the record it must have stopped at.
+    """
     stop = parse_recovery_log(log_text)
     history = parse_history_file(history_text or "")
     reason = history[-1].reason if history else None
@@ -156,10 +206,14 @@ def prove_target(target: RecoveryTarget, log_text: str, history_text: str | None
         if stop.kind != "restore_point" or stop.restore_point != target.value:
             problems.append(f"expected 'recovery stopping at restore point \"{target.value}\"'")
     elif target.kind == "lsn":
-        if stop.kind != "lsn" or stop.lsn is None or Lsn.parse(stop.lsn) != Lsn.parse(str(target.value)):
+        # PostgreSQL logs the stop *record's* LSN: the target's when it is a record start (resolved below otherwise)
+        if stop.kind != "lsn" or stop.lsn is None or \
+                (stop_point is None and Lsn.parse(stop.lsn) != Lsn.parse(str(target.value))):
             problems.append(f"expected 'recovery stopping ... WAL location (LSN) \"{target.value}\"'")
     elif target.kind == "immediate" and stop.kind != "consistency":
         problems.append("expected 'recovery stopping after reaching consistency'")
+    if stop_point is not None:
+        problems += [p for p in _prove_stop_point(stop_point, stop, history, recovery_timeline) if p not in problems]
 
     return TargetProof(reached=not problems, reasons=problems or [f"recovery stopped as requested: {stop.lines[:3]}"],
                        stop=asdict(stop), history_reason=reason, old_timeline=old_timeline, new_timeline=new_timeline)

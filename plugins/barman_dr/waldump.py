@@ -44,8 +44,18 @@ XLH_DELETE_IS_SUPER = 0x08
 XLH_DELETE_IS_PARTITION_MOVE = 0x10
 
 RECORD_RE = re.compile(
-    r"^rmgr: (?P<rmgr>\S+)\s+len \(rec/tot\):\s*\d+/\s*\d+, tx:\s*(?P<tx>\d+), "
-    r"lsn: (?P<lsn>[0-9A-Fa-f]+/[0-9A-Fa-f]+), prev [0-9A-Fa-f]+/[0-9A-Fa-f]+, desc: (?P<desc>.*)$")
+    r"^rmgr: (?P<rmgr>\S+)\s+len \(rec/tot\):\s*\d+/\s*(?P<tot>\d+), tx:\s*(?P<tx>\d+), "
+    r"lsn: (?P<lsn>[0-9A-Fa-f]+/[0-9A-Fa-f]+), prev (?P<prev>[0-9A-Fa-f]+/[0-9A-Fa-f]+), desc: (?P<desc>.*)$")
+#: a run of row records of one transaction on one relation, folded on the barman host (`wal_decode.COLLAPSE_AWK`):
+#: `AGG <tx> <op> <flags> <spc/db/fn> <rows> <first lsn> <last lsn>`
+AGG_RE = re.compile(r"^AGG (?P<tx>\d+) (?P<op>[A-Z_]+) (?P<flags>0x[0-9A-Fa-f]+|-) (?P<rel>\d+/\d+/\d+) (?P<rows>\d+) "
+                    r"(?P<first>[0-9A-Fa-f]+/[0-9A-Fa-f]+) (?P<last>[0-9A-Fa-f]+/[0-9A-Fa-f]+)$")
+#: WAL page and segment sizes (PostgreSQL's defaults, the only ones barman-dr supports)
+XLOG_BLCKSZ = 8192
+WAL_SEGMENT_SIZE = 16 * 1024 * 1024
+#: page header sizes (SizeOfXLogShortPHD, SizeOfXLogLongPHD): the first page of a segment has the long one
+SHORT_PAGE_HEADER = 24
+LONG_PAGE_HEADER = 40
 BLKREF_RE = re.compile(r", blkref #\d+: rel (\d+)/(\d+)/(\d+)(?: fork (\w+))? blk \d+")
 COMMIT_TIME_RE = re.compile(r"^(?:(?P<twophase>\d+): )?(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(?:\.\d+)?) (?P<zone>\S+)")
 LOCK_RE = re.compile(r"xid (\d+) db (\d+) rel (\d+)")
@@ -91,34 +101,90 @@ class RelFileNode:
 
 @dataclass(frozen=True)
 class WalRecord:
-    """One pg_waldump line. `blocks` are the main-fork relation files the record touches."""
+    """One pg_waldump line. `blocks` are the main-fork relation files the record touches.
+
+    `tot_len` and `prev` (the previous record's start) come from the record header: with
+    them a record's exact boundaries are known, which is what the recovery proof checks.
+    A folded run of row records (an `AGG` line) is one WalRecord with `rows` > 1 and the
+    LSN of its last record in `last_lsn`.
+    """
 
     rmgr: str
     tx: int
     lsn: int
     desc: str
     blocks: tuple[RelFileNode, ...] = ()
+    tot_len: int = 0
+    prev: int = 0
+    rows: int = 1
+    last_lsn: int | None = None
 
     @property
     def op(self) -> str:
         """The record type without its `+INIT` suffix: `DELETE`, `HOT_UPDATE`, `COMMIT`..."""
         return self.desc.split(" ", 1)[0].split("+", 1)[0]
 
+    @property
+    def end_lsn(self) -> int:
+        """Where the next record may start (xlogreader's EndRecPtr); 0 when the length is unknown."""
+        return record_end(self.lsn, self.tot_len) if self.tot_len else 0
+
+
+def record_end(lsn: int, tot_len: int, *, page: int = XLOG_BLCKSZ, segment: int = WAL_SEGMENT_SIZE) -> int:
+    """The end of a WAL record as xlogreader computes it (`EndRecPtr`, the LSN the history file records).
+
+    A record that fits on its page ends at `lsn + MAXALIGN(tot_len)`. One that continues
+    on the next pages skips each page's header (the long one at a segment's start), and
+    ends at that last page's start + header + MAXALIGN(the bytes left on it). A record
+    that ends exactly at a page boundary ends *there*: the next record starts after the
+    next page's header, so a stop after it forks at the boundary itself.
+    """
+    def maxalign(n: int) -> int:
+        return (n + 7) & ~7
+
+    room = page - lsn % page
+    if tot_len <= room:
+        return lsn + maxalign(tot_len)
+    left = tot_len - room
+    pos = lsn + room  # the start of the next page
+    while True:
+        header = LONG_PAGE_HEADER if pos % segment == 0 else SHORT_PAGE_HEADER
+        if left <= page - header:
+            return pos + header + maxalign(left)
+        left -= page - header
+        pos += page
+
 
 def parse_record(line: str) -> WalRecord | None:
-    """A pg_waldump line as a record; None for anything else (blank lines, messages)."""
-    m = RECORD_RE.match(line.rstrip("\n"))
+    """A pg_waldump line (or a folded `AGG` line) as a record; None for anything else."""
+    text = line.rstrip("\n")
+    if text.startswith("AGG "):
+        a = AGG_RE.match(text)
+        if not a:
+            return None
+        spc, db, fn = (int(x) for x in a.group("rel").split("/"))
+        flags = a.group("flags")
+        desc = a.group("op") + ("" if flags == "-" else f" flags {flags}")
+        return WalRecord("Heap", int(a.group("tx")), Lsn.parse(a.group("first")).value, desc,
+                         (RelFileNode(spc, db, fn),), rows=int(a.group("rows")),
+                         last_lsn=Lsn.parse(a.group("last")).value)
+    m = RECORD_RE.match(text)
     if not m:
         return None
     desc = m.group("desc")
     blocks: list[RelFileNode] = []
+    if m.group("rmgr") == "XLOG" and desc.startswith("RESTORE_POINT "):
+        # a restore point's name is arbitrary text, printed raw: keep it as is (spaces, ', blkref' and all)
+        return WalRecord("XLOG", int(m.group("tx")), Lsn.parse(m.group("lsn")).value, desc, (),
+                         int(m.group("tot")), Lsn.parse(m.group("prev")).value)
     cut = desc.find(", blkref #")
     if cut >= 0:
         for b in BLKREF_RE.finditer(desc, cut):
             if b.group(4) is None:  # main fork only: fsm/vm/init forks are not rows
                 blocks.append(RelFileNode(int(b.group(1)), int(b.group(2)), int(b.group(3))))
         desc = desc[:cut]
-    return WalRecord(m.group("rmgr"), int(m.group("tx")), Lsn.parse(m.group("lsn")).value, desc.rstrip(), tuple(blocks))
+    return WalRecord(m.group("rmgr"), int(m.group("tx")), Lsn.parse(m.group("lsn")).value, desc.rstrip(),
+                     tuple(blocks), int(m.group("tot")), Lsn.parse(m.group("prev")).value)
 
 
 @dataclass(frozen=True)
@@ -180,6 +246,7 @@ class _Open:
     created: set[RelFileNode] = field(default_factory=set)
     smgr_truncated: set[RelFileNode] = field(default_factory=set)
     heap_truncated: dict[int, None] = field(default_factory=dict)         # relation OIDs (wal_level=logical)
+    inserted: dict[RelFileNode, int] = field(default_factory=dict)
 
     def merge(self, other: _Open) -> None:
         self.first_lsn = min(self.first_lsn, other.first_lsn)
@@ -191,6 +258,8 @@ class _Open:
         self.created |= other.created
         self.smgr_truncated |= other.smgr_truncated
         self.heap_truncated.update(other.heap_truncated)
+        for rel, n in other.inserted.items():
+            self.inserted[rel] = self.inserted.get(rel, 0) + n
 
 
 @dataclass(frozen=True)
@@ -209,6 +278,14 @@ class CommittedTxn:
     dropped_files: tuple[RelFileNode, ...]
     dropped_relations: tuple[tuple[int, int], ...]
     subxacts: int
+    #: rows inserted per relation file (not a reason to recover, but what a PITR discards)
+    inserted: dict[RelFileNode, int] = field(default_factory=dict)
+    #: the xids of its committed subtransactions (their rows carry those xids as xmin)
+    subxact_ids: tuple[int, ...] = ()
+
+    @property
+    def rows_inserted(self) -> int:
+        return sum(self.inserted.values())
 
     @property
     def rows_deleted(self) -> int:
@@ -295,8 +372,13 @@ class TxnAggregator:
     """
 
     def __init__(self, keep: Callable[[CommittedTxn], bool] | None = None, *, max_kept: int = 50_000,
-                 prune_to: int = 10_000) -> None:
+                 prune_to: int = 10_000, on_commit: Callable[[CommittedTxn], None] | None = None,
+                 on_record: Callable[[WalRecord], None] | None = None) -> None:
         self.keep = keep or (lambda t: True)
+        #: called with every committed transaction, row-less ones included (what a PITR discards)
+        self.on_commit = on_commit
+        #: called with every record before it is folded (commit records, restore points...)
+        self.on_record = on_record
         self.max_kept = max_kept
         self.prune_to = prune_to
         self.open: dict[int, _Open] = {}
@@ -331,9 +413,17 @@ class TxnAggregator:
         if rec.lsn <= self.last_lsn:
             self.duplicates += 1
             return
-        self.last_lsn = rec.lsn
+        self.last_lsn = rec.last_lsn or rec.lsn
         self.records += 1
-        if rec.rmgr == "Heap":
+        if self.on_record is not None:
+            self.on_record(rec)
+        if rec.rmgr == "Heap2" and rec.op == "MULTI_INSERT":
+            if rec.blocks and rec.tx and not rec.blocks[0].is_catalog:
+                words = rec.desc.split()
+                rows = int(words[1]) if len(words) > 1 and words[1].isdigit() else 1
+                t = self._txn(rec.tx, rec.lsn)
+                t.inserted[rec.blocks[0]] = t.inserted.get(rec.blocks[0], 0) + rows
+        elif rec.rmgr == "Heap":
             self._heap(rec)
         elif rec.rmgr == "Transaction":
             self._xact(rec)
@@ -359,10 +449,14 @@ class TxnAggregator:
                 if w.isdigit() and int(w) >= FIRST_NORMAL_OBJECT_ID:
                     t.heap_truncated[int(w)] = None
             return
-        if op not in ("DELETE", "UPDATE", "HOT_UPDATE") or not rec.blocks or not rec.tx:
+        if op not in ("DELETE", "UPDATE", "HOT_UPDATE", "INSERT", "MULTI_INSERT") or not rec.blocks or not rec.tx:
             return
         rel = rec.blocks[0]
         if rel.is_catalog:
+            return
+        if op in ("INSERT", "MULTI_INSERT"):
+            t = self._txn(rec.tx, rec.lsn)
+            t.inserted[rel] = t.inserted.get(rel, 0) + rec.rows
             return
         slot = 0
         if op == "DELETE":
@@ -376,7 +470,7 @@ class TxnAggregator:
             slot = 1
         else:
             slot = 2
-        self._txn(rec.tx, rec.lsn).counts.setdefault(rel, [0, 0, 0])[slot] += 1
+        self._txn(rec.tx, rec.lsn).counts.setdefault(rel, [0, 0, 0])[slot] += rec.rows
 
     def _xact(self, rec: WalRecord) -> None:
         end = parse_xact_end(rec.desc)
@@ -395,7 +489,7 @@ class TxnAggregator:
             if s is not None:
                 state = state or _Open(first_lsn=s.first_lsn)
                 state.merge(s)
-        if state is None and not end.dropped_files:
+        if state is None and not end.dropped_files and self.on_commit is None:
             return
         state = state or _Open(first_lsn=rec.lsn)
         txn = CommittedTxn(
@@ -403,7 +497,10 @@ class TxnAggregator:
             counts={k: (v[0], v[1], v[2]) for k, v in state.counts.items()}, locks=tuple(state.locks),
             created=frozenset(state.created), smgr_truncated=frozenset(state.smgr_truncated),
             heap_truncated=tuple(state.heap_truncated), dropped_files=end.dropped_files,
-            dropped_relations=end.dropped_relations, subxacts=len(end.subxacts))
+            dropped_relations=end.dropped_relations, subxacts=len(end.subxacts), inserted=dict(state.inserted),
+            subxact_ids=tuple(end.subxacts))
+        if self.on_commit is not None:
+            self.on_commit(txn)
         if txn.is_rewrite and txn.rewritten_oids and len(self.rewrites) < self.prune_to:
             self.rewrites.append(txn)
         if not (txn.counts or txn.dropped or txn.truncated_oids or txn.smgr_truncated):

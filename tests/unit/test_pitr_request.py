@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shlex
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -288,7 +289,6 @@ HOSTILE = [
 
 FREE_TEXT_FIELDS = {
     # field: (a valid value, max length that is still accepted)
-    "target_name": ("before-migration", 63),
     "reason": ("Bad migration", 500),
     "incident_id": ("INC-123", 64),
     "backup_id": ("20261125T133925", None),
@@ -317,6 +317,50 @@ def test_hostile_values_rejected(inv, field, value):
 def test_valid_free_text_accepted(inv, field):
     valid, _ = FREE_TEXT_FIELDS[field]
     validate_pitr_conf(conf_with(field, valid), inv, now=NOW)
+
+
+# ------------------------------------------ restore point names: any text PostgreSQL accepts
+
+
+@pytest.mark.parametrize("name", [v for v in HOSTILE if "\x00" not in v] + [
+    'before "deploy" 42 \u2014 \u00fc', "before migration 42", " leading and trailing ", "'", "x" * 63,
+    "\u00e9" * 31 + "a"])
+def test_any_restore_point_name_postgresql_accepts_is_taken_literally(inv, name):
+    req = validate_pitr_conf({"server": SERVER, "target_name": name}, inv, now=NOW)
+    assert req.target == RecoveryTarget("name", name, True)
+    assert PitrRequest.from_dict(req.to_dict()).target.value == name  # survives the XCom round trip
+
+
+@pytest.mark.parametrize("name", ["x" * 64, "\u00e9" * 32, "nul\x00byte", "\x00"])
+def test_restore_point_names_postgresql_refuses_are_rejected(inv, name):
+    err = rejected(inv, {"server": SERVER, "target_name": name}, "target_name")
+    assert "63 bytes" in err.fix or "NUL" in err.fix
+
+
+def test_target_name_lsn_picks_an_occurrence(inv):
+    req = validate_pitr_conf({"server": SERVER, "target_name": "before_deploy", "target_name_lsn": "0/9000150"},
+                             inv, now=NOW)
+    assert req.target_name_lsn == "0/9000150"
+    assert PitrRequest.from_dict(req.to_dict()).target_name_lsn == "0/9000150"
+
+
+@pytest.mark.parametrize(("conf", "field"), [
+    ({"target_xid": "745", "target_name_lsn": "0/9000150"}, "target_name_lsn"),
+    ({"target_name": "x", "target_name_lsn": "not-an-lsn"}, "target_name_lsn"),
+    ({"target_name": "x", "target_name_lsn": "0/1; id"}, "target_name_lsn"),
+])
+def test_target_name_lsn_refused(inv, conf, field):
+    rejected(inv, {"server": SERVER, **conf}, field)
+
+
+def test_a_name_never_reaches_barman_as_a_name():
+    """The restore uses the resolved occurrence's LSN: no name is written into postgresql.auto.conf."""
+    from barman_dr.target_resolution import StopPoint, restore_target_for
+
+    stop = StopPoint(kind="restore_point", when="after", lsn="0/9000150", timeline=1, end_lsn="0/9000190")
+    rt = restore_target_for(RecoveryTarget("name", "it's \"x\"\n", True), stop)
+    assert rt == RecoveryTarget("lsn", "0/9000150", True)
+    assert rt.barman_args() == ["--target-lsn", "0/9000150"]
 
 
 @pytest.mark.parametrize(("field", "limit"), [(f, m) for f, (_, m) in FREE_TEXT_FIELDS.items() if m])
@@ -351,7 +395,6 @@ TARGET_ALLOWED = {
     "time": re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?\+00:00$"),
     "xid": re.compile(r"^[1-9][0-9]{0,19}$"),
     "lsn": re.compile(r"^[0-9A-F]{1,8}/[0-9A-F]{1,8}$"),
-    "name": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$"),
 }
 SHELL_META = set(";|&$`<>\n'\"\\") | {"\x00", "\r"}
 
@@ -384,7 +427,8 @@ conf_strategy = st.fixed_dictionaries(
         "target_xid": st.integers(0, 10**20).map(str) | nasty_text | maybe,
         "target_lsn": st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)).map(
             lambda t: f"{t[0]:X}/{t[1]:x}") | nasty_text | maybe,
-        "target_name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,70}", fullmatch=True) | nasty_text | maybe,
+        "target_name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,70}", fullmatch=True) | nasty_text | maybe
+        | st.text(max_size=70),
         "target_immediate": st.booleans() | st.none(),
         "target_inclusive": st.booleans() | st.none(),
         "backup_id": st.sampled_from(["auto", "20261125T133925"]) | nasty_text | maybe,
@@ -418,14 +462,24 @@ def test_property_accepted_requests_are_allow_listed(inv, conf):
     t = d["target"]
     if t["kind"] == "immediate":
         assert t["value"] is None
+    elif t["kind"] == "name":
+        # any text PostgreSQL accepts, exactly as given: at most 63 bytes, no NUL
+        assert t["value"] == conf["target_name"] and "\x00" not in t["value"]
+        assert len(t["value"].encode("utf-8")) <= 63
     else:
         assert TARGET_ALLOWED[t["kind"]].match(t["value"]), t
     for k in d["expected"]:
         assert re.match(r"^[a-z_]+$", k)
-    for s in all_strings(d):
+    for s in all_strings({k: v for k, v in d.items() if k != "target"} | {"target": t if t["kind"] != "name" else {}}):
         assert not (set(s) & SHELL_META), s
         assert s.isascii()
-    # and the barman argv built from it is made of the same allow-listed strings
-    for arg in req.target.barman_args():
+    # and the barman argv built from it is made of the same allow-listed strings (a name becomes its resolved LSN)
+    from barman_dr.target_resolution import StopPoint, restore_target_for
+
+    stop = StopPoint(kind="restore_point", when="after", lsn="0/9000150", timeline=1)
+    for arg in restore_target_for(req.target, stop).barman_args():
         assert not (set(arg) & SHELL_META)
+    # the argv crosses SSH as one shell-quoted string: it must come back exactly
+    argv = ["barman", "restore", *req.target.barman_args()]
+    assert shlex.split(shlex.join(argv)) == argv
     assert req.confirmed == (conf.get("confirm") == f"PITR {req.server}")

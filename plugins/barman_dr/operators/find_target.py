@@ -13,7 +13,6 @@ bounded candidate list reaches XCom, the audit trail and the run note.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cached_property
@@ -33,58 +32,13 @@ from barman_dr.find_target import (
     select_wal,
 )
 from barman_dr.find_target_request import FindTargetRequest, validate_find_target_conf
-from barman_dr.hooks.remote import sh_argv
+from barman_dr.hooks.waldecode import DECODE_SCRIPT, END_OF_WAL_RE, WalDecodeHook, WaldumpError  # noqa: F401
 from barman_dr.models import WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.operators.pitr import nudging
 from barman_dr.recovery_proof import parse_history_file
 from barman_dr.run_note import set_run_note
 from barman_dr.waldump import CommittedTxn, TxnAggregator
-
-#: resource managers whose records matter: row changes, commits, file creation/truncation, AccessExclusive locks
-RMGRS = ("Heap", "Transaction", "Storage", "Standby")
-
-# Decode one run of segments on the barman host. Segments are linked (or decompressed) into
-# a private directory first: Barman spreads them over `wals/<hex16>/` directories and
-# keeps the newest in `streaming/` (the `.partial` under its segment name), while
-# pg_waldump reads consecutive segments from one directory. The lines that are never
-# needed (row inserts, row locks, in-place updates, snapshots) are dropped before the
-# network. pg_waldump's exit code is kept (a pipeline would lose it) and returned.
-#   $1 pg_waldump  $2 timeline  $3 work root  $4 end LSN or ''  then: name path how ...
-_DECODE_SCRIPT = r"""
-set -eu
-waldump="$1"; tli="$2"; root="$3"; endlsn="$4"; shift 4
-mkdir -p "$root"
-tmp="$(mktemp -d "$root/waldump.XXXXXXXX")"
-trap 'rm -rf "$tmp"' EXIT HUP INT TERM
-mkdir "$tmp/wal"
-first=""; last=""
-while [ "$#" -ge 3 ]; do
-  name="$1"; path="$2"; how="$3"; shift 3
-  case "$how" in
-    link) ln -s "$path" "$tmp/wal/$name" ;;
-    gzip|bzip2|xz|zstd|lz4) "$how" -dc "$path" > "$tmp/wal/$name" ;;
-    *) echo "unsupported WAL file handling: $how" >&2; exit 2 ;;
-  esac
-  [ -n "$first" ] || first="$name"; last="$name"
-done
-set -- --path "$tmp/wal" --timeline "$tli" --rmgr Heap --rmgr Transaction --rmgr Storage --rmgr Standby
-[ -z "$endlsn" ] || set -- "$@" --end "$endlsn"
-{ rc=0; TZ=UTC "$waldump" "$@" "$first" "$last" 2> "$tmp/err" || rc=$?; echo "$rc" > "$tmp/rc"; } \
-  | grep -v -F -e ' desc: INSERT' -e ' desc: LOCK off' -e ' desc: INPLACE' -e ' desc: RUNNING_XACTS' \
-               -e ' desc: INVALIDATIONS' -e ' desc: CONFIRM' || true
-cat "$tmp/err" >&2
-exit "$(cat "$tmp/rc")"
-"""
-
-#: how pg_waldump says it reached the end of the WAL written so far (the zeroed tail of a `.partial`)
-END_OF_WAL_RE = re.compile(r"invalid record length at [0-9A-F/]+: wanted \d+, got 0|invalid magic number 0000|"
-                           r"record with incorrect prev-link|could not find a valid record after")
-VERSION_RE = re.compile(r"\(PostgreSQL\) (\d+)")
-
-
-class WaldumpError(BarmanDrError):
-    """pg_waldump failed on WAL that should be readable."""
+from barman_dr.walswitch import nudging
 
 
 class FindTargetBaseOperator(DrBaseOperator):
@@ -145,23 +99,12 @@ class FindCandidatesOperator(FindTargetBaseOperator):
         self.decode_inactivity_s = decode_inactivity_s
 
     # ------------------------------------------------------------------ steps
+    @cached_property
+    def decoder(self) -> WalDecodeHook:
+        return WalDecodeHook(barman=self.barman, decode_inactivity_s=self.decode_inactivity_s)
+
     def _waldump(self, info: dict[str, Any], warnings: list[str]) -> str:
-        """Barman's own PostgreSQL binaries (`path_prefix`), checked against the server's major version."""
-        prefix = str(info.get("path_prefix") or "").split(":")[0].rstrip("/")
-        path = f"{prefix}/pg_waldump" if prefix else "pg_waldump"
-        r = self.barman.host.run([path, "--version"], check=False, timeout=30)
-        m = VERSION_RE.search(r.stdout)
-        if r.exit_code != 0 or not m:
-            raise PreflightError(f"pg_waldump not runnable on the barman host as {path!r} ({r.stderr.strip()[:200]}): "
-                                 "install the server's PostgreSQL binaries there and set Barman's path_prefix")
-        server_major = str(info.get("server_txt_version") or "").split(".")[0]
-        if server_major.isdigit() and int(server_major) != int(m.group(1)):
-            raise PreflightError(f"{path} is PostgreSQL {m.group(1)} but {self.find_req.server} runs {server_major}: "
-                                 "pg_waldump reads only its own major version's WAL. Point Barman's path_prefix at "
-                                 f"PostgreSQL {server_major}'s binaries.")
-        if not server_major.isdigit():
-            warnings.append(f"server version unknown (server down?): assuming {path} (PostgreSQL {m.group(1)}) matches")
-        return path
+        return self.decoder.waldump(info, self.find_req.server, warnings)
 
     def _switch(self, warnings: list[str]) -> tuple[bool, str | None, str | None]:
         """Close and archive the current segment (as dr_pitr's WAL coverage does). (primary up, closed WAL, current WAL)."""
@@ -183,21 +126,7 @@ class FindCandidatesOperator(FindTargetBaseOperator):
         return True, closed, current
 
     def _decode(self, runs: Sequence[DecodeRun], waldump: str, agg: TxnAggregator) -> list[dict[str, Any]]:
-        done = []
-        root = f"{self.barman.job_dir.rstrip('/')}/waldump"
-        for run in runs:
-            argv = sh_argv(_DECODE_SCRIPT, waldump, str(run.timeline), root, run.end_lsn or "", *run.args())
-            before = agg.records
-            r = self.barman.host.stream_lines(argv, agg.feed_line, timeout=self.decode_inactivity_s)
-            info = {**run.to_dict(), "records": agg.records - before, "seconds": r.duration_s}
-            if r.exit_code != 0:
-                if run.partial and END_OF_WAL_RE.search(r.stderr):
-                    info["end"] = r.stderr.strip().splitlines()[-1][:200]
-                else:
-                    raise WaldumpError(f"pg_waldump failed on {run.files[0].name}..{run.files[-1].name} (timeline "
-                                       f"{run.timeline}), exit {r.exit_code}: {r.stderr.strip()[-800:]}")
-            done.append(info)
-        return done
+        return self.decoder.decode(runs, waldump, agg.feed_line, mode="find")
 
     def _catalog(self, txns: Sequence[CommittedTxn], up: bool) -> Catalog:
         """Name the WAL's relfilenodes and OIDs through the primary's live catalogue (one query per database)."""

@@ -26,7 +26,8 @@ from barman_dr.hooks.remote import sh_argv
 from barman_dr.locks import ServerLock
 from barman_dr.models import RecoveryTarget, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator, utcnow
-from barman_dr.operators.pitr import VerificationError, clear_recovery_settings, nudging
+from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
+from barman_dr.operators.pitr.resolve import TargetResolver, prove_resolved, restore_target_of, target_tli_of
 from barman_dr.verification import (
     CRITICAL,
     SKIPPED,
@@ -43,6 +44,7 @@ from barman_dr.verification import (
     thresholds_for,
     wal_continuity_findings,
 )
+from barman_dr.walswitch import nudging
 
 VERIFIED_BACKUP_ALIAS = "barman-verified-backups"
 
@@ -528,17 +530,20 @@ class RestoreDrillOperator(FleetServerOperator):
             raise PreflightError(f"{srv.name} has no DONE backup to drill with")
         backup = self.barman.show_backup(srv.name, done[-1].backup_id)
         target, target_info = self.choose_target(backup)
-        target_tli = None
-        if target.kind != "immediate":
-            try:
-                tli = int(self.db(srv.primary.host).psql(
-                    srv.primary, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
-                target_tli = tli if tli != backup.timeline else None
-            except (BarmanDrError, ValueError) as exc:
-                self.log.warning("primary timeline unknown (%s): restoring along the backup's timeline", exc)
-        restored = restore_to_nonprod(self, inst, backup_id=backup.backup_id, target=target, job_id=job_id, tag=tag,
-                                      target_tli=target_tli, restore_timeout=self.restore_timeout,
-                                      recovery_timeout=self.recovery_timeout)
+        # the drill's target is resolved in the WAL like a PITR's: the exact stop record, proven after the restore
+        res = TargetResolver(self, srv).resolve(target, backup_id=backup.backup_id, switch=False,
+                                                discard=False).to_dict()
+        target_tli = target_tli_of(res)
+        restored = restore_to_nonprod(self, inst, backup_id=backup.backup_id, target=restore_target_of(res),
+                                      job_id=job_id, tag=tag, target_tli=target_tli,
+                                      restore_timeout=self.restore_timeout, recovery_timeout=self.recovery_timeout)
+        new_tli = int(db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
+        hist = db.host.run(["cat", f"{inst.data_directory}/pg_wal/{new_tli:08X}.history"], check=False)
+        proof = prove_resolved(res, db.log_since(inst.log_file, int(restored["log_offset"])),
+                               hist.stdout if hist.exit_code == 0 else None, int(res["recovery_timeline"]), new_tli)
+        if not proof.reached:
+            raise AirflowFailException(f"drill of {srv.name}: the restored copy did not stop at the resolved point "
+                                       f"({res['stop']['described']}): " + "; ".join(proof.reasons))
         phases: dict[str, float] = restored["phases_s"]
         moved, cleared, archive_mode = restored["moved_aside"], restored["recovery_settings_cleared"], \
             restored["archive_mode"]
@@ -572,6 +577,8 @@ class RestoreDrillOperator(FleetServerOperator):
         result = {"server": srv.name, "status": "OK", "instance": inst.name, "host": inst.host,
                   "backup_id": backup.backup_id, "backup_end": backup.end_time.isoformat() if backup.end_time else None,
                   "target": target.to_dict(), "target_choice": target_info, "target_tli": target_tli,
+                  "stop": res["stop"], "recovery_stop": proof.stop.get("lines", [])[:3],
+                  "backup_bytes": backup.size_bytes, "replay_bytes": res["replay"]["bytes"],
                   "moved_aside": moved, "job_id": job_id, "counts": counts,
                   "expected_counts": expected, "expected_counts_source": counts_source,
                   "counts_comparison": ("match" if expected and not mismatches else

@@ -36,13 +36,13 @@ from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import (
     PitrPreflightOperator,
+    ResolveTargetOperator,
     ValidatePitrRequestOperator,
     VerificationError,
     WalCoverageOperator,
-    target_timeline,
 )
+from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
 from barman_dr.operators.scheduled import check_nonprod, restore_to_nonprod
-from barman_dr.recovery_proof import prove_target
 from barman_dr.rowdiff import SAMPLE, apply_table, check_same_shape, diff_table, read_table_spec, stage_name, stage_table
 from barman_dr.run_note import set_run_note
 from barman_dr.surgical_request import SurgicalRequest, validate_surgical_conf
@@ -119,6 +119,10 @@ class ValidateSurgicalRequestOperator(SurgicalMixin, ValidatePitrRequestOperator
             req.server, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose="surgical")
 
 
+class SurgicalResolveTargetOperator(SurgicalMixin, ResolveTargetOperator):
+    """Step 1b: dr_pitr's target resolution: the exact stop record and the backup, before nonprod is touched."""
+
+
 class SurgicalPreflightOperator(SurgicalMixin, PitrPreflightOperator):
     """Step 2: dr_pitr's preflight (backup before the target, recovery window, barman check), for nonprod."""
 
@@ -146,13 +150,13 @@ class RestoreNonprodOperator(SurgicalMixin, DrBaseOperator):
     def run(self, context: Any) -> dict[str, Any]:
         req, srv, inst = self.req, self.srv, self.target_instance
         pre = self.upstream(context, "preflight")
-        wal = self.upstream(context, "wal_coverage") or {}
         db = self.db(inst.host)
         tag = self.run_tag(context)
         job_id = f"surgical-{srv.name}-{tag}"
         self._job = (self.barman.job_dir, job_id)
-        tli = target_timeline(pre["backup"], wal)
-        restored = restore_to_nonprod(self, inst, backup_id=pre["backup_id"], target=req.target, job_id=job_id,
+        res = resolution_for(self, context)
+        tli = target_tli_of(res)
+        restored = restore_to_nonprod(self, inst, backup_id=pre["backup_id"], target=restore_target_of(res), job_id=job_id,
                                       tag=tag, target_tli=tli, restore_timeout=self.restore_timeout,
                                       recovery_timeout=self.recovery_timeout, jobs=req.jobs)
         prior = context["ti"].xcom_pull(task_ids=self.task_id, key="log_offset")
@@ -164,11 +168,12 @@ class RestoreNonprodOperator(SurgicalMixin, DrBaseOperator):
         new_tli = int(db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
         r = db.host.run(["cat", f"{inst.data_directory}/pg_wal/{new_tli:08X}.history"], check=False)
         old_tli = tli or int(pre["backup"].get("timeline") or 0) or None
-        proof = prove_target(req.target, db.log_since(inst.log_file, offset),
-                             r.stdout if r.exit_code == 0 else None, old_tli, new_tli)
+        proof = prove_resolved(res, db.log_since(inst.log_file, offset), r.stdout if r.exit_code == 0 else None,
+                               old_tli, new_tli)
         if not proof.reached:
             raise VerificationError("the restored copy is NOT at the target: " + "; ".join(proof.reasons))
         return {"instance": inst.name, "host": inst.host, "backup_id": pre["backup_id"], "target": req.target.to_dict(),
+                "stop": res["stop"],
                 "target_tli": tli, "new_timeline": new_tli, "recovery_stop": proof.stop.get("lines", [])[:3],
                 "moved_aside": restored["moved_aside"], "phases_s": restored["phases_s"],
                 "archive_mode": restored["archive_mode"], "job_id": job_id}
@@ -225,6 +230,25 @@ class _DiffStep(SurgicalMixin, DrBaseOperator):
         conn.read_only = True
         return conn
 
+    def stage_rows(self, live: Any, restored: Any, spec: Any, n: int) -> int:
+        """Stream the source rows of one table into a temporary table on live (the restored copy's, here)."""
+        return stage_table(restored, live, spec, stage_name(n))
+
+    def diff_tables(self) -> list[dict[str, Any]]:
+        """The diff per table, staged in a transaction that is rolled back: live keeps nothing from a plan."""
+        tables = []
+        with self.connect_live() as live, self.connect_restored() as restored:
+            try:
+                self.begin(live)
+                specs = self.specs(live, restored)
+                for n, spec in enumerate(specs):
+                    self.stage_rows(live, restored, spec, n)
+                    tables.append(diff_table(live, spec, stage_name(n), self.sample))
+            finally:
+                _rollback(live)
+                _rollback(restored)
+        return tables
+
     def specs(self, live: Any, restored: Any) -> list[Any]:
         out = []
         for t in self.req.tables:
@@ -247,17 +271,7 @@ class SurgicalPlanOperator(_DiffStep):
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
         restore = self.upstream(context, "restore_nonprod") or {}
-        tables = []
-        with self.connect_live() as live, self.connect_restored() as restored:
-            try:
-                self.begin(live)
-                specs = self.specs(live, restored)
-                for n, spec in enumerate(specs):
-                    stage_table(restored, live, spec, stage_name(n))
-                    tables.append(diff_table(live, spec, stage_name(n), self.sample))
-            finally:
-                _rollback(live)
-                _rollback(restored)
+        tables = self.diff_tables()
         totals = {k: sum(t[k] for t in tables) for k in ("missing", "changed", "live_only")}
         plan = {"server": srv.name, "target": req.target.to_dict(), "backup_id": restore.get("backup_id"),
                 "restored_on": restore.get("instance"), "recovery_stop": restore.get("recovery_stop"),
@@ -305,28 +319,40 @@ class SurgicalApplyOperator(_DiffStep):
     """
 
     action = "surgical_apply"
+    #: the audit actions of the diff about to be committed and of the committed diff
+    applying_action = "surgical_apply"
+    applied_action = "surgical_applied"
+    noun = "SURGICAL"
 
     def __init__(self, *, attempts: int = 5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.attempts = attempts
+
+    def confirmed(self) -> bool:
+        return bool(self.req.confirmed)
+
+    def restore_changed(self) -> bool:
+        return bool(self.req.restore_changed)
+
+    def target_text(self) -> str:
+        return self.req.target.describe()
 
     def _transaction(self, live: Any, restored: Any) -> list[dict[str, Any]]:
         self.begin(live)
         specs = self.specs(live, restored)
         results = []
         for n, spec in enumerate(specs):
-            stage_table(restored, live, spec, stage_name(n))
-            results.append(apply_table(live, spec, stage_name(n), n, restore_changed=self.req.restore_changed,
+            self.stage_rows(live, restored, spec, n)
+            results.append(apply_table(live, spec, stage_name(n), n, restore_changed=self.restore_changed(),
                                        sample=self.sample))
         restored.rollback()
         return results
 
-    def run(self, context: Any) -> dict[str, Any]:
+    def apply_once(self, context: Any) -> dict[str, Any]:
+        """The diff applied in ONE transaction, retried whole on a serialization failure; audited before COMMIT."""
         import psycopg.errors as pe
 
-        req, srv = self.req, self.srv
-        if not req.confirmed:
-            raise AirflowSkipException("not confirmed")
+        srv = self.srv
         audit = self.audit(context)
         retryable = (pe.SerializationFailure, pe.LockNotAvailable, pe.DeadlockDetected)
         tries: list[str] = []
@@ -338,7 +364,7 @@ class SurgicalApplyOperator(_DiffStep):
                 try:
                     t_tx = time.monotonic()
                     results = self._transaction(live, restored)
-                    audit.record("surgical_apply", "info", server=srv.name, target=req.target.describe(),
+                    audit.record(self.applying_action, "info", server=srv.name, target=self.target_text(),
                                  details={"committing": True, "attempt": attempt, "tables": results})
                     live.commit()
                     transaction_s = round(time.monotonic() - t_tx, 3)
@@ -355,10 +381,15 @@ class SurgicalApplyOperator(_DiffStep):
                 except BaseException:
                     _rollback(live)
                     raise
-        counts = {}
+        return {"tables": results, "rolled_back_attempts": tries, "transaction_s": transaction_s,
+                "apply_s": round(time.monotonic() - t0, 3), "committed_at": utcnow()}
+
+    def live_counts(self) -> dict[str, Any]:
+        """The inventory's validation queries on live after the apply (a report, not a gate)."""
+        counts: dict[str, Any] = {}
         with self.connect_live() as live:
             with live.cursor() as cur:
-                for name, query in srv.validation_queries.items():
+                for name, query in self.srv.validation_queries.items():
                     try:
                         cur.execute(query)
                         counts[name] = int(cur.fetchone()[0])
@@ -366,13 +397,21 @@ class SurgicalApplyOperator(_DiffStep):
                         live.rollback()
                         counts[name] = f"error: {type(exc).__name__}"
             live.rollback()
-        applied = {"server": srv.name, "target": req.target.to_dict(), "restore_changed": req.restore_changed,
-                   "committed_at": utcnow(), "transaction_s": transaction_s, "rolled_back_attempts": tries,
-                   "apply_s": round(time.monotonic() - t0, 3), "tables": results,
+        return counts
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req, srv = self.req, self.srv
+        if not self.confirmed():
+            raise AirflowSkipException("not confirmed")
+        done = self.apply_once(context)
+        results, transaction_s = done["tables"], done["transaction_s"]
+        counts = self.live_counts()
+        applied = {"server": srv.name, "target": req.target.to_dict(), "restore_changed": req.restore_changed, **done,
                    "totals": {k: sum(int(t[k]) for t in results) for k in ("inserted", "skipped_on_conflict", "updated",
                                                                             "changed_left_alone")},
                    "live_counts_after": counts}
-        audit.record("surgical_applied", "ok", server=srv.name, target=req.target.describe(), details=applied)
+        self.audit(context).record(self.applied_action, "ok", server=srv.name, target=self.target_text(),
+                                   details=applied)
         lines = [f"SURGICAL {srv.name} APPLIED in one transaction ({transaction_s}s): target {req.target.describe()}"]
         for t in results:
             keys = t["inserted_keys"] or {}

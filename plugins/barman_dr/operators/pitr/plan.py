@@ -1,0 +1,174 @@
+"""Plan: what will happen, what it costs and what it discards, into the audit trail and the run note.
+
+Without the typed confirmation the run stops here (skipped), having touched nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowSkipException
+
+from barman_dr.exceptions import BarmanDrError
+from barman_dr.hooks.dbhost import (
+    staging_paths,
+)
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.resolve import resolution_for
+from barman_dr.operators.pitr.stage import SEGMENT_BYTES
+from barman_dr.rto_estimate import Calibration
+from barman_dr.rto_estimate import estimate as estimate_rto_for
+from barman_dr.run_note import set_run_note
+
+
+def estimate_rto(backup_bytes: int, wal_segments: int, history: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The old, uncalibrated estimate (kept for callers outside the PITR); the plan uses `rto_estimate`."""
+    rates = [h["restore_bytes_per_s"] for h in history if h.get("restore_bytes_per_s")]
+    restore_rate = sorted(rates)[len(rates) // 2] if rates else 50 * 1024 * 1024
+    restore_s = backup_bytes / restore_rate
+    replay_s = wal_segments * SEGMENT_BYTES / (32 * 1024 * 1024)
+    return {"restore_s": round(restore_s, 1), "replay_s": round(replay_s, 1), "overhead_s": 60.0,
+            "total_s": round(restore_s + replay_s + 60.0, 1), "restore_bytes_per_s": int(restore_rate)}
+
+
+def discarded_lines(disc: dict[str, Any], limit: int = 6) -> list[str]:
+    """What a PITR throws away, in a few lines: count, first/last commit, per table, total."""
+    if not disc:
+        return ["discarded: not computed"]
+    n = disc.get("transactions_with_changes", 0)
+    lines = [f"discarded: {n} transaction(s) with changes committed after the stop point"
+             + (f" ({disc.get('first_commit', '')[:23]} .. {disc.get('last_commit', '')[:23]})" if n else "")
+             + f"; {disc.get('transactions', 0)} commits in all"]
+    tables = disc.get("tables") or {}
+    for name, c in sorted(tables.items(), key=lambda kv: -sum(kv[1].values()))[:limit]:
+        lines.append(f"  {name}: +{c['inserted']} inserted, {c['updated']} updated, -{c['deleted']} deleted")
+    if len(tables) > limit:
+        lines.append(f"  ... {len(tables) - limit} more table(s) (audit trail)")
+    t = disc.get("total") or {}
+    if tables:
+        lines.append(f"  total: +{t.get('inserted', 0)} inserted, {t.get('updated', 0)} updated, "
+                     f"-{t.get('deleted', 0)} deleted")
+    for w in disc.get("whole_relation") or []:
+        lines.append(f"  xid {w['xid']} TRUNCATEd/DROPped relations (rows not counted by the WAL)")
+    if disc.get("partial_counts"):
+        lines.append(f"  note: {disc['partial_counts']}")
+    return lines
+
+
+def stop_lines(res: dict[str, Any]) -> list[str]:
+    stop = res["stop"]
+    out = [f"stop: {stop.get('described')}"]
+    occ = res.get("occurrences") or []
+    if occ:
+        out.append("restore point occurrences: " + "; ".join(
+            f"#{o['occurrence']} LSN {o['lsn']} (after commit {str(o.get('after_commit_at') or '?')[:23]})"
+            + (" <- chosen" if o.get("chosen") else "") for o in occ))
+    rt = res["restore_target"]
+    if rt != res["requested"]:
+        out.append(f"restore asks for: {rt['kind']} {rt['value']} ({'inclusive' if rt['inclusive'] else 'exclusive'}), "
+                   "exactly that occurrence")
+    return out
+
+
+class PlanGateOperator(DrBaseOperator):
+    """Step 4: the plan (audit + run note): the resolved stop point, the backup and the WAL to replay, what is
+    discarded, the RTO for the mode that will run, the steps. Stops here unless the run is confirmed."""
+
+    action = "plan"
+
+    def calibration(self, context: Any) -> Calibration:
+        events: list[dict[str, Any]] = []
+        try:
+            for action in ("report", "stage_restore", "barman_restore", "start_recovery", "drill_result"):
+                events += self.audit(context).events(server=self.srv.name, action=action, limit=20)
+        except BarmanDrError:
+            return Calibration()
+        return Calibration.from_events(events)
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req, srv = self.req, self.srv
+        pre = self.upstream(context, "preflight")
+        wal = self.upstream(context, "wal_coverage")
+        res = resolution_for(self, context)
+        started = getattr(context.get("dag_run"), "start_date", None)
+        elapsed = (datetime.now(UTC) - started).total_seconds() if started else 0.0
+        estimate = estimate_rto_for(backup_bytes=int(pre["backup"].get("size_bytes") or 0),
+                                    replay_bytes=int(res["replay"]["bytes"]), staged=req.staged_restore,
+                                    calibration=self.calibration(context), elapsed_s=max(elapsed, 0.0))
+        instance = self.target_instance
+        standbys = [s.name for s in srv.standbys if s.name != instance.name]
+        rt = res["restore_target"]
+        restore = (f"barman restore {pre['backup_id']} (target {rt['kind']} {rt['value']}"
+                   f"{'' if rt['inclusive'] else ' exclusive'}, jobs={req.jobs}, --target-action promote)")
+        if req.staged_restore:
+            staged, _ = staging_paths(instance.data_directory, self.run_tag(context))
+            before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
+                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)",
+                      "replay the WAL to the stop point in that copy (private socket, no TCP, archive_command=false), "
+                      "prove the exact stop there, shut it down cleanly (outside the downtime)"]
+            in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
+        else:
+            before = []
+            in_window = f"{restore} to {instance.host}:{instance.data_directory} (inside the downtime)"
+        steps = [*before,
+                 "freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
+                 f"freeze app ({srv.app_freeze.method})",
+                 f"stop PostgreSQL {instance.name}" + ("" if req.in_place else f" and fence {srv.primary.name}"),
+                 f"move {instance.data_directory} aside (kept)",
+                 in_window,
+                 "start PostgreSQL, wait for recovery end and promotion",
+                 f"prove the stop: {res['stop']['described']} (server log + timeline history)",
+                 "validate data: " + (", ".join(f"{k}={v}" for k, v in req.expected.items()) or "report counts"),
+                 "unfreeze app" + ("" if req.in_place else f" (repoint PgBouncer to {instance.name})"),
+                 "list what was actually discarded up to the freeze",
+                 f"rebuild standbys: {', '.join(standbys) or '(none)'}",
+                 "re-point Barman at the new timeline and take a full backup",
+                 "report RTO"]
+        replay = res["replay"]
+        plan = {
+            "server": srv.name, "target": req.target.to_dict(), "stop": res["stop"],
+            "restore_target": rt, "occurrences": res.get("occurrences") or [],
+            "recovery_timeline": res["recovery_timeline"], "backup_id": pre["backup_id"],
+            "backup_end_time": pre["backup"].get("end_time"), "wal_range": [wal["first_wal"], wal["last_wal"]],
+            "wal_segments": wal["wal_segments"], "replay": replay, "restore_to": instance.name,
+            "estimated_rto": estimate, "rto_objective_s": srv.rto_objective_seconds, "steps": steps,
+            "confirmed": req.confirmed, "standbys": standbys, "staged_restore": req.staged_restore,
+            "discarded": {k: v for k, v in (res.get("discarded") or {}).items() if k != "xid_ranges"},
+            "warnings": pre.get("warnings") or [],
+        }
+        text = plan_text(plan, srv.name, req)
+        plan["text"] = text
+        self.audit(context).record("plan", "planned", server=srv.name, target=req.target.describe(), details=plan)
+        set_run_note(context["dag"].dag_id, context["run_id"], text)
+        if not req.confirmed:
+            self.log.info("plan only (confirm is not '%s'):\n%s", req.confirm_text(), text)
+            raise AirflowSkipException(f"plan only: set confirm to '{req.confirm_text()}' to execute")
+        self.log.info("%s", text)
+        return plan
+
+
+def plan_text(plan: dict[str, Any], server: str, req: Any) -> str:
+    """The plan as a DBA reads it (the run note, the log, the approval body): most important first."""
+    e = plan["estimated_rto"]
+    replay = plan["replay"]
+    head = [f"PITR plan for {server}" + (" (CONFIRMED)" if plan["confirmed"] else " (plan only: not confirmed)"),
+            f"target: {req.target.describe()}",
+            *stop_lines({"stop": plan["stop"], "occurrences": plan["occurrences"],
+                         "restore_target": plan["restore_target"], "requested": plan["target"]}),
+            f"backup: {plan['backup_id']} (ended {plan['backup_end_time']}); replay {replay['bytes'] / 1048576:,.1f} MiB "
+            f"of WAL ({replay['first_wal']} .. {replay['last_wal']}, {replay['segments']} segments) along timeline "
+            f"{plan['recovery_timeline']}",
+            f"WAL proven: {plan['wal_range'][0]} .. {plan['wal_range'][1]} ({plan['wal_segments']} segments)",
+            f"estimate ({e['mode']}): downtime {e['downtime_s']:.0f}s, time-to-recovered {e['time_to_recovered_s']:.0f}s "
+            f"(objective {plan['rto_objective_s']}s; rates: {e['sources']['restore_rate']})",
+            *discarded_lines(plan["discarded"], limit=4)]
+    if plan["staged_restore"]:
+        head.append("staged: the app keeps writing until the freeze; those writes are discarded too (the report lists "
+                    "them; dr_salvage can put their new rows back)")
+    if not plan["confirmed"]:
+        head.append(f"to execute: trigger again with confirm = {req.confirm_text()}"
+                    + (f" and target_name_lsn = {plan['stop']['lsn']}" if plan["occurrences"] and
+                       len(plan["occurrences"]) > 1 else ""))
+    steps = [f"{i}. {s}" for i, s in enumerate(plan["steps"], 1)]
+    return "\n".join([*head, "steps:", *steps])

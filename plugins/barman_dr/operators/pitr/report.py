@@ -1,0 +1,161 @@
+"""Report: the RTO per phase on success; where things stand and what to do next on failure; the lock released."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from airflow.sdk.exceptions import AirflowFailException
+
+from barman_dr.audit import AuditTrail
+from barman_dr.locks import ServerLock
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.run_note import set_run_note
+
+
+def staging_leftover(op: DrBaseOperator, staging: dict[str, Any]) -> list[str]:
+    """Which of a run's staging directories still exist on its host (best effort: [] when it cannot tell)."""
+    paths = [p for p in (staging.get("staging_directory"), staging.get("wal_directory")) if p]
+    if not paths or not staging.get("host"):
+        return []
+    try:
+        db = op.db(staging["host"])
+        return [p for p in paths if db.path_exists(p)]
+    except Exception as exc:  # noqa: BLE001 - a report must not fail on this
+        op.log.warning("could not check the staging directories %s: %s", paths, exc)
+        return [f"{p} (unchecked)" for p in paths]
+
+
+class PitrReportOperator(DrBaseOperator):
+    """Step 15: the report: RTO freeze -> resume with a per-phase breakdown (audit + run note)."""
+
+    action = "report"
+
+    PHASES = ("freeze_app", "stop_postgres", "move_aside", "barman_restore", "start_recovery", "verify_target",
+              "validate_data", "unfreeze_app")
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req, srv = self.req, self.srv
+        x = {t: self.upstream(context, t) or {} for t in
+             ("validate_params", "resolve_target", "preflight", "wal_coverage", "plan", "stage_restore", *self.PHASES,
+              "discarded", "rebase_barman")}
+        phases = {p: x[p].get("duration_s") for p in self.PHASES}
+        frozen_at = x["freeze_app"].get("frozen_at") or x["freeze_app"].get("started_at")
+        resumed_at = x["unfreeze_app"].get("resumed_at") or x["unfreeze_app"].get("ended_at")
+        rto = None
+        if frozen_at and resumed_at:
+            rto = round((datetime.fromisoformat(resumed_at) - datetime.fromisoformat(frozen_at)).total_seconds(), 3)
+        standbys = context["ti"].xcom_pull(task_ids="rebuild_standby") or []
+        if isinstance(standbys, dict):
+            standbys = [standbys]
+        report = {
+            "server": srv.name, "incident_id": req.incident_id, "target": req.target.to_dict(),
+            "backup_id": x["preflight"].get("backup_id"),
+            "wal_range": [x["wal_coverage"].get("first_wal"), x["wal_coverage"].get("last_wal")],
+            "old_timeline": x["stop_postgres"].get("old_timeline"),
+            "new_timeline": x["verify_target"].get("new_timeline"),
+            "recovery_stop": x["verify_target"].get("stop", {}).get("lines", [])[:3],
+            "moved_aside": x["move_aside"].get("moved_to"),
+            "counts": x["validate_data"].get("actual"), "expected": req.expected,
+            "app_check": x["unfreeze_app"].get("app_check"),
+            "standbys": [s for s in standbys if s],
+            "new_backup_id": x["rebase_barman"].get("new_backup_id"),
+            "rto_s": rto, "rto_objective_s": srv.rto_objective_seconds,
+            "rto_met": rto is not None and rto <= srv.rto_objective_seconds,
+            "estimated_rto_s": (x["plan"].get("estimated_rto") or {}).get("downtime_s"),
+            "estimated": x["plan"].get("estimated_rto"),
+            "phases_s": phases,
+            "stop": x["resolve_target"].get("stop"),
+            "restore_target": x["resolve_target"].get("restore_target"),
+            "recovery_timeline": x["resolve_target"].get("recovery_timeline"),
+            "discarded": {k: v for k, v in x["discarded"].items() if k != "xid_ranges"},
+            "discarded_at_plan": (x["plan"].get("discarded") or {}).get("total"),
+        }
+        # time-to-recovered: trigger -> the app serving recovered data (resume)
+        triggered = getattr(context.get("dag_run"), "start_date", None) or (
+            datetime.fromisoformat(x["validate_params"]["started_at"]) if x["validate_params"].get("started_at")
+            else None)
+        report["time_to_recovered_s"] = (round((datetime.fromisoformat(resumed_at) - triggered).total_seconds(), 3)
+                                         if triggered and resumed_at else None)
+        stage = x["stage_restore"]
+        staged = bool(stage.get("staged"))
+        report["staged_restore"] = staged
+        # the downtime window is rto_s (freeze -> resume); staging ran before it, with the app up
+        report["outside_downtime_s"] = {"stage_restore": stage.get("duration_s")} if staged else {}
+        report["staging_leftover"] = staging_leftover(self, stage) if staged else []
+        disc = report["discarded"]
+        total = disc.get("total") or {}
+        note = (f"PITR {srv.name} DONE: stopped {(report['stop'] or {}).get('described', req.target.describe())}, new "
+                f"timeline {report['new_timeline']}\n"
+                f"downtime (freeze -> resume) {rto}s, time-to-recovered {report['time_to_recovered_s']}s "
+                f"(objective {srv.rto_objective_seconds}s): "
+                + ", ".join(f"{k} {v}s" for k, v in phases.items() if v is not None)
+                + (f"\nstaged restore before the freeze (app running): {stage.get('duration_s')}s" if staged else "")
+                + (f"\ndiscarded up to the freeze: {disc.get('transactions_with_changes')} transaction(s), +"
+                   f"{total.get('inserted', 0)}/~{total.get('updated', 0)}/-{total.get('deleted', 0)} rows "
+                   f"(dr_salvage can re-insert the new rows)" if not disc.get("error") else
+                   f"\ndiscarded: unknown ({disc['error'][:100]})")
+                + f"\ncounts {report['counts']}\nold data kept at {report['moved_aside']}\n"
+                  f"new backup {report['new_backup_id']}"
+                + (f"\nstaging directories left: {', '.join(report['staging_leftover'])}"
+                   if report["staging_leftover"] else ""))
+        set_run_note(context["dag"].dag_id, context["run_id"], note)
+        return report
+
+
+class PitrFailureSummaryOperator(DrBaseOperator):
+    """Runs when any step failed: where things stand and what to do next, in the audit and the run note."""
+
+    action = "failure_summary"
+
+    def run(self, context: Any) -> dict[str, Any]:
+        dag_run = context["dag_run"]
+        failed = []
+        try:
+            for ti in dag_run.get_task_instances(state=["failed", "upstream_failed"]):
+                failed.append(ti.task_id)
+        except Exception:  # noqa: BLE001 - best effort across Airflow versions
+            failed = []
+        freeze = self.upstream(context, "freeze_app") or {}
+        unfreeze = self.upstream(context, "unfreeze_app") or {}
+        aside = self.upstream(context, "move_aside") or {}
+        app_state = "frozen" if freeze.get("frozen") and not unfreeze else (
+            "never frozen" if not freeze.get("frozen") else "resumed")
+        staging = context["ti"].xcom_pull(task_ids="stage_restore", key="staging") or {}
+        leftover = staging_leftover(self, staging) if staging else []
+        next_action = ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
+                       if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
+        if leftover:
+            next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
+                            "copies, not live data: delete them once no longer needed)")
+        summary = {"failed_tasks": failed, "app": app_state, "old_data_directory": aside.get("moved_to"),
+                   "staging_leftover": leftover, "staging_host": staging.get("host"), "next_action": next_action}
+        set_run_note(context["dag"].dag_id, context["run_id"],
+                     f"PITR FAILED at {', '.join(failed) or '?'}; app {app_state}; old data: "
+                     f"{aside.get('moved_to') or 'untouched'}; next: {summary['next_action']}")
+        return summary
+
+    def execute(self, context: Any) -> Any:
+        summary = super().execute(context)
+        # this task is a leaf: failing it makes the DAG run's state say what happened
+        raise AirflowFailException(
+            f"PITR failed at {', '.join(summary['failed_tasks']) or 'an earlier step'}; app: {summary['app']}; "
+            f"original data: {summary['old_data_directory'] or 'untouched'}. NEXT: {summary['next_action']}")
+
+
+class ReleaseLockOperator(DrBaseOperator):
+    """Always last: release this run's server lock (a no-op when the run never took it)."""
+
+    action = "release_lock"
+
+    def execute(self, context: Any) -> Any:
+        conf = dict(getattr(context.get("dag_run"), "conf", None) or {})
+        server = conf.get("server") or dict(context.get("params") or {}).get("server")
+        if not isinstance(server, str):
+            return {"released": False}
+        released = ServerLock(postgres_conn_id=self.audit_conn_id).release(
+            server, dag_id=context["dag"].dag_id, run_id=context["run_id"])
+        if released:
+            AuditTrail(postgres_conn_id=self.audit_conn_id, context=self.audit_context(context)).record(
+                "release_lock", "ok", server=server)
+        return {"released": released}

@@ -1,0 +1,103 @@
+"""Verify: recovery stopped exactly at the resolved stop point, and the data is what the operator expects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from barman_dr.inventory import Instance
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.errors import VerificationError
+from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for
+from barman_dr.recovery_proof import parse_history_file
+
+RECOVERY_SETTINGS = ("restore_command", "recovery_end_command", "recovery_target", "recovery_target_time",
+                     "recovery_target_xid", "recovery_target_lsn", "recovery_target_name", "recovery_target_inclusive",
+                     "recovery_target_timeline", "recovery_target_action")
+
+
+def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
+    """`ALTER SYSTEM RESET` Barman's recovery settings once the server is promoted.
+
+    Left in postgresql.auto.conf they point at a `barman_wal` directory that no longer
+    exists and pin `recovery_target_timeline`, and pg_basebackup copies them to every
+    standby built from the new primary, which then refuses to start ("recovery target
+    timeline N does not exist").
+    """
+    present = db.psql(inst, "SELECT string_agg(name, ',') FROM pg_file_settings WHERE sourcefile LIKE "
+                            "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(RECOVERY_SETTINGS) + "'])")
+    names = sorted({n for n in present.split(",") if n and n in RECOVERY_SETTINGS})
+    if names:  # one psql run: each ALTER SYSTEM is its own transaction (-c per statement)
+        db.psql_each(inst, [*(f"ALTER SYSTEM RESET {name}" for name in names), "SELECT pg_reload_conf()"])
+    return names
+
+
+class VerifyTargetOperator(DrBaseOperator):
+    """Step 10: prove recovery stopped at the target (server log + timeline history), on a new timeline."""
+
+    action = "verify_target"
+
+    def run(self, context: Any) -> dict[str, Any]:
+        inst = self.target_instance
+        db = self.db(inst.host)
+        start = self.upstream(context, "start_recovery")
+        stop = self.upstream(context, "stop_postgres")
+        log_text = db.log_since(inst.log_file, int(start["log_offset"]))
+        replay = (self.upstream(context, "stage_restore") or {}).get("replay") or {}
+        if replay.get("log_file"):
+            # the staging copy replayed to the target before the freeze: its log holds the stop
+            log_text = db.log_since(replay["log_file"], 0) + "\n" + log_text
+        wal_name = db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+        new_tli = int(wal_name[:8], 16)
+        history = None
+        hist_path = f"{inst.data_directory}/pg_wal/{new_tli:08X}.history"
+        r = db.host.run(["cat", hist_path], check=False)
+        if r.exit_code == 0:
+            history = r.stdout
+        old_tli = stop.get("old_timeline")
+        if old_tli is None and history:
+            # the damaged directory had no readable control file (e.g. a half-restored copy left by a
+            # killed run): the timeline recovery forked from is the history file's last parent
+            entries_ = parse_history_file(history)
+            old_tli = entries_[-1].parent_timeline if entries_ else None
+        proof = prove_resolved(resolution_for(self, context), log_text, history, old_tli, new_tli)
+        if not proof.reached:
+            raise VerificationError("recovery target NOT reached: " + "; ".join(proof.reasons)
+                                    + "\nlog: " + "\n".join(proof.stop.get("lines", [])[-6:]))
+        entries = parse_history_file(history or "")
+        # first, while Barman's `#BARMAN#` comment is still in postgresql.auto.conf (ALTER SYSTEM rewrites
+        # the file without comments); the reload below (or clear_recovery_settings') applies it
+        archive_files = db.restore_archive_command(inst.data_directory)
+        cleaned = clear_recovery_settings(db, inst)
+        if not cleaned:  # always: a retry after a try that edited the files but died before its reload
+            db.psql(inst, "SELECT pg_reload_conf()")
+        return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
+                "archive_command_restored_in": archive_files,
+                "switch_lsn": entries[-1].switch_lsn if entries else None}
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        aside = self.upstream(context, "move_aside") or {}
+        return (f"The app stays FROZEN: the recovered server is not at the target. The original data directory is "
+                f"kept at {aside.get('moved_to')}. Investigate the WAL archive, then rerun dr_pitr or dr_pitr_rollback.")
+
+
+class ValidateDataOperator(DrBaseOperator):
+    """Step 11: run the inventory's validation queries; compare with `expected`."""
+
+    action = "validate_data"
+
+    def run(self, context: Any) -> dict[str, Any]:
+        srv, inst, req = self.srv, self.target_instance, self.req
+        db = self.db(inst.host)
+        actual: dict[str, int] = {}
+        for name, sql in srv.validation_queries.items():
+            actual[name] = int(db.psql(inst, sql, database=srv.database))
+        mismatches = {k: {"expected": v, "actual": actual.get(k)} for k, v in req.expected.items() if actual.get(k) != v}
+        result = {"actual": actual, "expected": req.expected, "mismatches": mismatches}
+        if mismatches:
+            raise VerificationError("data validation failed: " + ", ".join(
+                f"{k} expected {m['expected']}, got {m['actual']}" for k, m in mismatches.items()))
+        return result
+
+    def next_action(self, context: Any, exc: BaseException) -> str | None:
+        return ("The app stays FROZEN. Inspect the recovered data; if it is wrong, run dr_pitr again with another "
+                "target, or dr_pitr_rollback.")
