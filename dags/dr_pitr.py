@@ -68,7 +68,8 @@ params = {
     "target_name_lsn": Param(None, type=OPT_STR, title="Restore point occurrence (LSN)",
                              description="Only with a target restore point created more than once: the LSN of the "
                                          "occurrence to recover to, as the plan or the refusal lists it (e.g. "
-                                         "0/9000150). The restore then stops at exactly that one."),
+                                         "0/9000150), or as pg_create_restore_point() returned it. The restore then "
+                                         "stops at exactly that one."),
     "target_immediate": Param(False, type="boolean", title="Target: end of the backup",
                               description="Recover only to the end of the base backup (no WAL replay after it)."),
     "target_inclusive": Param(True, type="boolean", title="Target inclusive",

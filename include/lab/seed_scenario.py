@@ -59,13 +59,19 @@ class Scenario:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+#: orders the app may write after the DELETE (issue 14's salvage scenario): ids from here, the first quarter completed
+AFTER_DELETE_FIRST_ID = CP2_TOTAL + 1
+
+
 def play(dsn: str | None = None, settle: float = 1.0,
-         before_delete: Callable[[Any], None] | None = None) -> Scenario:
+         before_delete: Callable[[Any], None] | None = None, orders_after_delete: int = 0) -> Scenario:
     """Play the seed's timeline. Deterministic counts; the GOOD STATE comes from the database clock.
 
     `before_delete(cursor)` runs (autocommit, on the scenario's connection) right before the
     DELETE's transaction begins: tests commit a good transaction there, in the same second
-    as the DELETE, to prove a recovery keeps it.
+    as the DELETE, to prove a recovery keeps it. `orders_after_delete`: the app goes on
+    writing new orders after the DELETE (a quarter of them completed), as it would until
+    the freeze: good writes a PITR discards and dr_salvage puts back.
     """
     t0 = time.monotonic()
     conn = connect(dsn)
@@ -97,6 +103,13 @@ def play(dsn: str | None = None, settle: float = 1.0,
     cur.execute("SELECT pg_current_xact_id()::text")
     xid = int(cur.fetchone()[0])
     cur.execute("COMMIT")
+    if orders_after_delete:
+        first = AFTER_DELETE_FIRST_ID
+        last = first + orders_after_delete - 1
+        cur.execute(
+            "INSERT INTO critical_orders (order_id, customer_id, amount, status) "
+            "SELECT i, 1 + i %% 997, 42.00, CASE WHEN i < %s THEN 'completed' ELSE 'pending' END "
+            "FROM generate_series(%s, %s) i", (first + orders_after_delete // 4, first, last))
     after = _counts(cur)
     conn.close()
     return Scenario(cp1, cp2, good_state, after, deleted, xid, {"play_s": round(time.monotonic() - t0, 3)})

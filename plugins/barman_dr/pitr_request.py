@@ -242,6 +242,21 @@ def parse_jobs(conf: dict[str, Any]) -> int:
     return jobs
 
 
+def parse_confirm(conf: dict[str, Any], expected_text: str, what: str) -> bool:
+    """The typed confirmation: exactly `expected_text` executes, empty plans, anything else is an error.
+
+    A typo must not silently become a plan-only run that the caller thinks executed.
+    """
+    confirm = conf.get("confirm")
+    if confirm not in (None, "") and not isinstance(confirm, str):
+        raise ValidationError("confirm", confirm, f"type exactly: {expected_text}")
+    confirmed = confirm == expected_text
+    if confirm not in (None, "") and not confirmed:
+        raise ValidationError("confirm", confirm, f"does not match: type exactly '{expected_text}' to {what}, or leave "
+                                                  "it empty for a plan-only run")
+    return confirmed
+
+
 def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> PitrRequest:
     """Validate a dr_pitr run conf (the trigger form's params). Pure: no I/O, no clock but `now`."""
     now = now or datetime.now(UTC)
@@ -280,14 +295,7 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
     reason = parse_reason(conf)
     jobs = parse_jobs(conf)
 
-    confirm = conf.get("confirm")
-    if confirm not in (None, "") and not isinstance(confirm, str):
-        raise ValidationError("confirm", confirm, f"type exactly: {confirm_text(server)}")
-    confirmed = confirm == confirm_text(server)
-    if confirm not in (None, "") and not confirmed:
-        raise ValidationError("confirm", confirm,
-                              f"does not match: type exactly '{confirm_text(server)}' to execute, or leave it empty "
-                              "for a plan-only run")
+    confirmed = parse_confirm(conf, confirm_text(server), "execute")
 
     staging = conf.get("staging", False)
     if not isinstance(staging, bool):

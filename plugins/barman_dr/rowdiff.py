@@ -24,6 +24,7 @@ Pure functions of two psycopg 3 connections; the caller owns the transactions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -68,33 +69,52 @@ class TableSpec:
         return asdict(self)
 
 
+#: a table's columns and primary key from the catalog, as one JSON value (NULL when there is no such relation);
+#: `{schema}` and `{name}` are string literals: bound parameters with psycopg, quoted literals through psql
+SPEC_SQL = (
+    "SELECT json_build_object('relkind', c.relkind::text, "
+    "'columns', (SELECT coalesce(json_agg(json_build_array(attname, format_type(atttypid, atttypmod), attidentity) "
+    "ORDER BY attnum), '[]') FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped "
+    "AND attgenerated = ''), "
+    "'pk', (SELECT coalesce(json_agg(a.attname ORDER BY array_position(i.indkey::int2[], a.attnum)), '[]') "
+    "FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey) "
+    "WHERE i.indrelid = c.oid AND i.indisprimary)) "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {schema} AND c.relname = {name}")
+
+
+def spec_sql_for_psql(qualified: str) -> str:
+    """SPEC_SQL with the names as quoted literals (for psql, which takes no bound parameters)."""
+    schema, _, name = qualified.partition(".")
+    lit = lambda v: "'" + v.replace("'", "''") + "'"  # noqa: E731
+    return SPEC_SQL.format(schema=lit(schema), name=lit(name))
+
+
+def spec_from_catalog(qualified: str, data: dict[str, Any] | None, where: str) -> TableSpec:
+    """A TableSpec from SPEC_SQL's answer, or the refusal that says why the table cannot be compared."""
+    schema, _, name = qualified.partition(".")
+    if not data:
+        raise TableRefusedError(f"table {qualified} does not exist on {where} (names are case-sensitive): "
+                                "correct `tables`")
+    relkind = data.get("relkind")
+    if relkind not in ("r", "p"):
+        raise TableRefusedError(f"{qualified} on {where} is not a table (relkind {relkind!r}): name a table")
+    cols = [tuple(c) for c in data.get("columns") or []]
+    pk = tuple(data.get("pk") or ())
+    if not pk:
+        raise TableRefusedError(f"{qualified} on {where} has no primary key: rows are matched by primary key, so "
+                                "tables without one are refused. Add a primary key, or repair this table by hand "
+                                "from the copy")
+    return TableSpec(schema=schema, name=name, columns=tuple((c, t) for c, t, _ in cols), primary_key=pk,
+                     identity_always=any(i == "a" for _, _, i in cols))
+
+
 def read_table_spec(conn: Any, qualified: str, where: str) -> TableSpec:
     """Columns and primary key of `schema.table` from the catalog of `conn` (`where` names it in errors)."""
     schema, _, name = qualified.partition(".")
     with conn.cursor() as cur:
-        cur.execute("SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE n.nspname = %s AND c.relname = %s", (schema, name))
+        cur.execute(SPEC_SQL.format(schema="%s", name="%s"), (schema, name))
         row = cur.fetchone()
-        if row is None:
-            raise TableRefusedError(f"table {qualified} does not exist on {where} (names are case-sensitive): "
-                                    "correct `tables`")
-        oid, relkind = row
-        if relkind not in ("r", "p"):
-            raise TableRefusedError(f"{qualified} on {where} is not a table (relkind {relkind!r}): name a table")
-        cur.execute("SELECT attname, format_type(atttypid, atttypmod), attidentity FROM pg_attribute "
-                    "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-                    (oid,))
-        cols = cur.fetchall()
-        cur.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-                    "AND a.attnum = ANY (i.indkey) WHERE i.indrelid = %s AND i.indisprimary "
-                    "ORDER BY array_position(i.indkey::int2[], a.attnum)", (oid,))
-        pk = tuple(r[0] for r in cur.fetchall())
-    if not pk:
-        raise TableRefusedError(f"{qualified} on {where} has no primary key: surgical recovery matches rows by "
-                                "primary key and refuses tables without one. Add a primary key, or repair this table "
-                                "by hand from the restored copy")
-    return TableSpec(schema=schema, name=name, columns=tuple((c, t) for c, t, _ in cols), primary_key=pk,
-                     identity_always=any(i == "a" for _, _, i in cols))
+    return spec_from_catalog(qualified, row[0] if row else None, where)
 
 
 def check_same_shape(live: TableSpec, restored: TableSpec) -> None:
@@ -191,28 +211,40 @@ def update_changed_query(spec: TableSpec, stage: sql.Identifier) -> sql.Composed
 # ------------------------------------------------------------------------------ staging and diff
 
 
-def stage_table(src: Any, dst: Any, spec: TableSpec, stage: sql.Identifier, source: sql.Identifier | None = None) -> int:
-    """Stream the restored rows (src) into a temporary table on live (dst), in dst's open transaction.
+def stage_table_from(dst: Any, spec: TableSpec, stage: sql.Identifier, feed: Callable[[Callable[[Any], None]], None]) -> int:
+    """Stream source rows into a temporary table on dst, in dst's open transaction; `feed(write)` writes COPY data.
 
     The staging table has exactly the live columns' types (`CREATE TABLE AS ... WITH NO DATA`),
-    is dropped at commit, gets the primary key (proves the restored keys are unique, and
-    indexes the anti-joins) and fresh statistics. `source` is the table on src (default: the
-    same name as on live).
+    is dropped at commit, gets the primary key (proves the source keys are unique, and
+    indexes the anti-joins) and fresh statistics.
     """
     cols = _cols(spec.column_names)
     with dst.cursor() as cur:
         cur.execute(sql.SQL("CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {cols} FROM {live} WITH NO DATA")
                     .format(stage=stage, cols=cols, live=spec.ident))
-        with src.cursor() as scur, scur.copy(sql.SQL("COPY (SELECT {cols} FROM {table}) TO STDOUT")
-                                             .format(cols=cols, table=source or spec.ident)) as out, \
-                cur.copy(sql.SQL("COPY {stage} ({cols}) FROM STDIN").format(stage=stage, cols=cols)) as inp:
-            for block in out:
-                inp.write(block)
+        with cur.copy(sql.SQL("COPY {stage} ({cols}) FROM STDIN").format(stage=stage, cols=cols)) as inp:
+            feed(inp.write)
         cur.execute(sql.SQL("ALTER TABLE {stage} ADD PRIMARY KEY ({pk})").format(stage=stage,
                                                                                    pk=_cols(spec.primary_key)))
         cur.execute(sql.SQL("ANALYZE {stage}").format(stage=stage))
         cur.execute(sql.SQL("SELECT count(*) FROM {stage}").format(stage=stage))
         return int(cur.fetchone()[0])
+
+
+def stage_table(src: Any, dst: Any, spec: TableSpec, stage: sql.Identifier, source: sql.Identifier | None = None) -> int:
+    """Stream the restored rows (src, a psycopg connection) into a temporary table on live (dst).
+
+    `source` is the table on src (default: the same name as on live).
+    """
+    cols = _cols(spec.column_names)
+
+    def feed(write: Callable[[Any], None]) -> None:
+        with src.cursor() as scur, scur.copy(sql.SQL("COPY (SELECT {cols} FROM {table}) TO STDOUT")
+                                             .format(cols=cols, table=source or spec.ident)) as out:
+            for block in out:
+                write(block)
+
+    return stage_table_from(dst, spec, stage, feed)
 
 
 def _first_last(cur: Any, spec: TableSpec, from_where: sql.Composable, alias: str) -> dict[str, Any] | None:

@@ -29,6 +29,7 @@ from barman_dr.pitr_request import (
     PitrRequest,
     _str_field,
     check_conf_keys,
+    parse_confirm,
     parse_incident_id,
     parse_jobs,
     parse_reason,
@@ -119,14 +120,7 @@ def validate_surgical_conf(conf: dict[str, Any], inventory: Inventory, *, now: d
     reason = parse_reason(conf)
     jobs = parse_jobs(conf)
 
-    confirm = conf.get("confirm")
-    expected_text = surgical_confirm_text(server)
-    if confirm not in (None, "") and not isinstance(confirm, str):
-        raise ValidationError("confirm", confirm, f"type exactly: {expected_text}")
-    confirmed = confirm == expected_text
-    if confirm not in (None, "") and not confirmed:
-        raise ValidationError("confirm", confirm, f"does not match: type exactly '{expected_text}' to apply the diff to "
-                                                  "live, or leave it empty for a plan-only run")
+    confirmed = parse_confirm(conf, surgical_confirm_text(server), "apply the diff to live")
 
     return SurgicalRequest(server=server, target=target, backup_id=backup_id, restore_to=srv.nonprod.name, expected={},
                            incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=False,

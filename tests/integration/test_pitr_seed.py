@@ -4,6 +4,10 @@ The app writes through PgBouncer the whole time; the PITR is triggered *immediat
 the DELETE (no waiting for archive_timeout: the seed's failure), with target_time = GOOD STATE.
 It runs with the default staged_restore=true (restore before the freeze, rename inside the
 downtime); tests/e2e/test_pitr_rest.py runs the same scenario with staged_restore=false.
+
+Issue 14's variant of the seed: after the DELETE and before the freeze the app writes 200
+new orders (50 completed). The PITR gives 10,500 / 7,465; dr_salvage then puts the 200
+back from the moved-aside directory: 10,700 / 7,515, the same totals as the surgical path.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 import shlex
 import subprocess
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -21,9 +26,11 @@ from tests.pitr_support import audit, counts, one, pgbouncer_paused, primary_tim
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-STEPS = ["validate", "preflight", "wal_coverage", "plan", "stage_restore", "freeze_app", "stop_postgres", "move_aside",
-         "barman_restore", "start_recovery", "verify_target", "validate_data", "unfreeze_app", "rebuild_standby",
-         "rebase_barman", "report"]
+STEPS = ["validate", "resolve_target", "preflight", "wal_coverage", "plan", "stage_restore", "freeze_app",
+         "stop_postgres", "move_aside", "barman_restore", "start_recovery", "verify_target", "validate_data",
+         "unfreeze_app", "discarded", "rebuild_standby", "rebase_barman", "report"]
+#: the app's good writes after the DELETE (issue 14): discarded by the PITR, put back by dr_salvage
+AFTER_DELETE = 200
 
 
 #: an archive_command in the backed-up config (inert: the lab archives by streaming, archive_mode=off)
@@ -40,8 +47,8 @@ def pitr():
     # a backup that holds it: `barman restore` turns it into `archive_command = false`
     subprocess.run([*shlex.split(os.environ["LAB_BARMAN"]), "backup", "--wait", "pg-primary"], check=True,
                    capture_output=True, timeout=600)
-    scenario = seed_scenario.play()
-    assert scenario.after_delete == {"orders_total": 3035, "orders_completed": 0}
+    scenario = seed_scenario.play(orders_after_delete=AFTER_DELETE)
+    assert scenario.after_delete == {"orders_total": 3035 + AFTER_DELETE, "orders_completed": AFTER_DELETE // 4}
     conf = {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": "INC-SEED-1",
             "reason": "seed scenario: mass DELETE of completed orders",
             "expected": {"orders_total": 10500, "orders_completed": 7465}, "confirm": "PITR pg-primary"}
@@ -151,3 +158,63 @@ def test_the_recovered_primary_archives_again(pitr):
     assert pitr["archive_command"] == [(ARCHIVE_COMMAND,)]
     proof = xcom("dr_pitr", pitr["run_id"], "verify_target")
     assert any(f.endswith("/postgresql.auto.conf") for f in proof["archive_command_restored_in"])
+
+
+def test_plan_listed_what_would_be_discarded(pitr):
+    plan = xcom("dr_pitr", pitr["run_id"], "plan")
+    orders = plan["discarded"]["tables"]["public.critical_orders"]
+    assert orders == {"inserted": AFTER_DELETE, "updated": 0, "deleted": 7465}
+    assert plan["stop"]["kind"] == "commit" and plan["stop"]["when"] == "before"
+    assert plan["estimated_rto"]["mode"] == "staged"
+
+
+def test_report_lists_what_was_actually_discarded_up_to_the_freeze(pitr):
+    disc = pitr["report"]["discarded"]
+    assert disc["tables"]["public.critical_orders"] == {"inserted": AFTER_DELETE, "updated": 0, "deleted": 7465}
+    # the app's heartbeats kept coming until the freeze: discarded too, and listed
+    assert disc["tables"]["public.app_heartbeat"]["inserted"] > 0
+    assert pitr["report"]["time_to_recovered_s"] >= pitr["report"]["rto_s"] > 0
+
+
+# --------------------------------------------------------------- dr_salvage: nothing good lost
+
+
+def test_salvage_plan_only_changes_nothing(pitr):
+    before = counts()
+    state, run_id, tasks = run_dag("dr_salvage", {"server": "pg-primary", "tables": ["public.critical_orders"]})
+    assert state == "success", tasks
+    assert tasks["plan"] == "skipped" and tasks["apply"] == "skipped" and tasks["teardown"] == "success"
+    assert counts() == before == {"orders_total": 10500, "orders_completed": 7465}
+    plan = next(json.loads(e["details"]) for e in audit(run_id) if e["action"] == "salvage_plan"
+                and e["outcome"] == "planned")
+    t = plan["tables"][0]
+    assert plan["pitr_run_id"] == pitr["run_id"]
+    assert (t["discarded_rows"], t["to_insert"], t["conflicts"]) == (AFTER_DELETE, AFTER_DELETE, 0)
+    assert t["deleted_after_target_left_alone"] == 7465
+    teardown = xcom("dr_salvage", run_id, "teardown")
+    assert teardown["lock_released"] and not Path(teardown["copy"]).exists()  # the copy is gone
+    assert Path(pitr["report"]["moved_aside"], "PG_VERSION").exists()  # the evidence is untouched
+
+
+def test_salvage_puts_the_discarded_orders_back_and_reports_a_conflict(pitr):
+    # after the recovery the app re-used one of the discarded keys, with other content: never overwritten
+    reused = seed_scenario.AFTER_DELETE_FIRST_ID + AFTER_DELETE - 3  # a pending one
+    sql("LAB_APP_DSN", "INSERT INTO critical_orders (order_id, customer_id, amount, status) "
+                       "VALUES (%s, 1, 1.23, 'pending')", (reused,))
+    state, run_id, tasks = run_dag("dr_salvage", {"server": "pg-primary", "confirm": "SALVAGE pg-primary",
+                                                  "incident_id": "INC-SEED-1"})
+    assert state == "success", tasks
+    assert counts() == {"orders_total": 10700, "orders_completed": 7515}
+    assert one("LAB_PRIMARY_DSN", "SELECT amount FROM critical_orders WHERE order_id = %s", (reused,)) == Decimal("1.23")
+    applied = xcom("dr_salvage", run_id, "apply")
+    orders = next(t for t in applied["tables"] if t["table"] == "public.critical_orders")
+    assert orders["inserted"] == AFTER_DELETE - 1 and orders["changed_left_alone"] == 1
+    events = audit(run_id)
+    assert any(e["action"] == "salvage_apply" and e["outcome"] == "info" for e in events)  # audited before COMMIT
+    assert any(e["action"] == "salvage_applied" and e["outcome"] == "ok" for e in events)
+    # a second run finds nothing left to insert: idempotent
+    state, run_id2, _ = run_dag("dr_salvage", {"server": "pg-primary", "confirm": "SALVAGE pg-primary",
+                                               "tables": ["public.critical_orders"]})
+    assert state == "success"
+    assert xcom("dr_salvage", run_id2, "apply")["totals"]["inserted"] == 0
+    assert counts() == {"orders_total": 10700, "orders_completed": 7515}

@@ -87,7 +87,7 @@ class PitrReportOperator(DrBaseOperator):
         total = disc.get("total") or {}
         note = (f"PITR {srv.name} DONE: stopped {(report['stop'] or {}).get('described', req.target.describe())}, new "
                 f"timeline {report['new_timeline']}\n"
-                f"downtime (freeze -> resume) {rto}s, time-to-recovered {report['time_to_recovered_s']}s "
+                f"RTO: downtime (freeze -> resume) {rto}s, time-to-recovered {report['time_to_recovered_s']}s "
                 f"(objective {srv.rto_objective_seconds}s): "
                 + ", ".join(f"{k} {v}s" for k, v in phases.items() if v is not None)
                 + (f"\nstaged restore before the freeze (app running): {stage.get('duration_s')}s" if staged else "")

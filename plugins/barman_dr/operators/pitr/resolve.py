@@ -258,7 +258,8 @@ class TargetResolver:
                                   "case- and space-sensitive: check it (pg_create_restore_point's argument). Nothing was "
                                   "touched")
         if chosen is not None:
-            pick = [h for h in reachable if str(Lsn(h.lsn)) == chosen]
+            # the record's start (what the plan lists) or its end (what pg_create_restore_point() returned)
+            pick = [h for h in reachable if chosen in (str(Lsn(h.lsn)), str(Lsn(record_end(h.lsn, h.tot_len))))]
             if not pick:
                 raise ValidationError("target_name_lsn", chosen,
                                       f"is not the LSN of an occurrence of restore point {name!r}; its occurrences: "
