@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: bring the lab up, run the benchmarks, leave the lab up. Not part of make test.
 #   BENCH_PARTS=1,2,3 (default all)   part 1: bench/run.py (orchestration overhead, BENCH_REPS)
+#                                             bench/xid_vs_time.py (xid vs time target, BENCH_XID_WAL=512M)
 #                                     part 2: bench/size_scaling.py (BENCH_SIZES=100M,1G,4G, BENCH_WAL, ...)
 #                                     part 3: bench/fleet_scale.py (BENCH_FLEET=1,10,50)
 # Results: bench/results/latest.json (one section per part) and a table per part on stdout.
@@ -17,6 +18,6 @@ fi
 # shellcheck disable=SC1091
 source "$LAB_DIR/env.sh"
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) CPUs): figures taken under load are not final"
-if [[ $PARTS == *,1,* ]]; then .venv/bin/python bench/run.py; fi
+if [[ $PARTS == *,1,* ]]; then .venv/bin/python bench/run.py; .venv/bin/python bench/xid_vs_time.py; fi
 if [[ $PARTS == *,2,* ]]; then .venv/bin/python bench/size_scaling.py; fi
 if [[ $PARTS == *,3,* ]]; then .venv/bin/python bench/fleet_scale.py; fi

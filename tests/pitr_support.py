@@ -80,17 +80,22 @@ def pause(dag_id: str) -> None:
         session.query(DagModel).filter(DagModel.dag_id == dag_id).update({"is_paused": True})
 
 
-def run_dag(dag_id: str, conf: dict[str, Any],
-            before: dict[str, Any] | None = None) -> tuple[str, str, dict[str, str]]:
+def run_dag(dag_id: str, conf: dict[str, Any], before: dict[str, Any] | None = None,
+            patch: dict[str, dict[str, Any]] | None = None) -> tuple[str, str, dict[str, str]]:
     """Run a DAG in-process with `dag.test` (retries honoured). Returns (state, run_id, task states).
 
     `before` maps task ids to callables run just before that task's every try (Airflow's
     `pre_execute` hook, called with the context): the fault suites inject real faults there,
-    at an exact point of the run.
+    at an exact point of the run. `patch` sets attributes on a task's operator (e.g. an
+    `upstream` that hands it a tampered XCom): how a test forces a mismatch the lab cannot
+    produce on its own.
     """
     dag = dagbag().dags[dag_id]
     for task_id, hook in (before or {}).items():
         dag.get_task(task_id)._pre_execute_hook = hook
+    for task_id, attrs in (patch or {}).items():
+        for name, value in attrs.items():
+            setattr(dag.get_task(task_id), name, value)
     pause(dag_id)
     dr = dag.test(run_conf=conf)
     states = {}

@@ -57,6 +57,8 @@ def pitr_conf(args: argparse.Namespace, confirm: bool) -> dict[str, Any]:
             conf[field] = value
     if args.target_immediate:
         conf["target_immediate"] = True
+    if args.target_name_lsn:
+        conf["target_name_lsn"] = args.target_name_lsn
     if args.reason:
         conf["reason"] = args.reason
     if args.no_staged_restore:
@@ -163,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--target-lsn", dest="target_lsn")
         t.add_argument("--target-name", dest="target_name")
         t.add_argument("--target-immediate", dest="target_immediate", action="store_true")
+        s.add_argument("--target-name-lsn", dest="target_name_lsn",
+                       help="with --target-name created more than once: the LSN of the occurrence (as the plan lists it)")
         s.add_argument("--exclusive", action="store_true", help="stop just before the target (xid/LSN)")
         s.add_argument("--backup-id", default="auto")
         s.add_argument("--restore-to", default="in_place")

@@ -424,6 +424,8 @@ class Resolution:
     decoded: list[dict[str, Any]] = field(default_factory=list)
     resolved_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     newest_wal: str | None = None
+    #: the DONE backups a recovery along this timeline could start from (the choice was among them)
+    backups_on_path: list[str] = field(default_factory=list)
 
     @property
     def replay_bytes(self) -> int:
@@ -448,6 +450,7 @@ class Resolution:
                        "last_wal": WalSegment.from_lsn(self.stop.timeline, Lsn.parse(self.stop.lsn)).name},
             "occurrences": self.occurrences, "discarded": self.discarded, "warnings": self.warnings,
             "decoded": self.decoded, "resolved_at": self.resolved_at, "newest_wal": self.newest_wal,
+            "backups_on_path": self.backups_on_path,
         }
 
 

@@ -32,8 +32,10 @@ def test_seed_recovery_through_the_rest_api(api):
     scenario = seed_scenario.play()
     incident = f"INC-REST-{int(time.time())}"
     run_id = incident_run_id("dr_pitr", incident)
-    conf = {"server": "pg-primary", "target_time": scenario.good_state, "incident_id": incident,
-            "reason": "REST e2e: mass DELETE", "expected": {"orders_total": 10500, "orders_completed": 7465},
+    # the DELETE's own xid, exclusive (what dr_find_target recommends): resolved in the WAL, from the newest backup
+    conf = {"server": "pg-primary", "target_xid": str(scenario.delete_xid), "target_inclusive": False,
+            "incident_id": incident, "reason": "REST e2e: mass DELETE",
+            "expected": {"orders_total": 10500, "orders_completed": 7465},
             # the unstaged path (restore inside the downtime); the seed integration test covers the staged one
             "staged_restore": False, "confirm": "PITR pg-primary"}
     run, created = api.trigger("dr_pitr", conf, run_id=run_id)
@@ -52,6 +54,10 @@ def test_seed_recovery_through_the_rest_api(api):
 
     report = api.xcom("dr_pitr", run_id, "report")
     assert report["incident_id"] == incident
+    assert report["stop"]["kind"] == "commit" and report["stop"]["xid"] == scenario.delete_xid
+    assert report["stop"]["when"] == "before"
+    # every backup on the path ended before the DELETE: the newest is used, not the oldest
+    assert report["backup_id"] == max(api.xcom("dr_pitr", run_id, "resolve_target")["backups_on_path"])
     assert report["counts"] == {"orders_total": 10500, "orders_completed": 7465}
     assert report["rto_s"] > 0
     assert report["staged_restore"] is False and report["outside_downtime_s"] == {}

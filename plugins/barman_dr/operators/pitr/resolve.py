@@ -320,7 +320,8 @@ class TargetResolver:
             backup = choose_backup(backups, stop, switches=view.switches, timeline=view.timeline, explicit=backup_id)
         res = Resolution(requested=target, stop=stop, restore_target=restore_target_for(target, stop),
                          recovery_timeline=view.timeline, backup=backup, occurrences=occurrences,
-                         newest_wal=WalSegment(view.timeline, view.newest_segno).name if view.newest_segno else None)
+                         newest_wal=WalSegment(view.timeline, view.newest_segno).name if view.newest_segno else None,
+                         backups_on_path=sorted(b.backup_id for b in usable))
         if discard:
             res.discarded = self.discards(view, waldump, stop, sw.primary_up)
         res.warnings, res.decoded = list(self.warnings), list(self.decoded)
