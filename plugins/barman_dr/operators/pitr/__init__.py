@@ -23,7 +23,7 @@ from barman_dr.operators.pitr.execute import (
     StopPostgresOperator,
     freeze_app,
 )
-from barman_dr.operators.pitr.plan import PlanGateOperator, estimate_rto
+from barman_dr.operators.pitr.plan import PlanGateOperator
 from barman_dr.operators.pitr.post_incident import (
     DiscardedOperator,
     RebaseBarmanOperator,
@@ -77,7 +77,6 @@ __all__ = [
     "app_connectivity",
     "check_staging_space",
     "clear_recovery_settings",
-    "estimate_rto",
     "freeze_app",
     "nudging",
     "resolution_for",

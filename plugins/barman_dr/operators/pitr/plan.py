@@ -4,7 +4,6 @@ Without the typed confirmation the run stops here (skipped), having touched noth
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,20 +15,9 @@ from barman_dr.hooks.dbhost import (
 )
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.resolve import resolution_for
-from barman_dr.operators.pitr.stage import SEGMENT_BYTES
 from barman_dr.rto_estimate import Calibration
 from barman_dr.rto_estimate import estimate as estimate_rto_for
 from barman_dr.run_note import set_run_note
-
-
-def estimate_rto(backup_bytes: int, wal_segments: int, history: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The old, uncalibrated estimate (kept for callers outside the PITR); the plan uses `rto_estimate`."""
-    rates = [h["restore_bytes_per_s"] for h in history if h.get("restore_bytes_per_s")]
-    restore_rate = sorted(rates)[len(rates) // 2] if rates else 50 * 1024 * 1024
-    restore_s = backup_bytes / restore_rate
-    replay_s = wal_segments * SEGMENT_BYTES / (32 * 1024 * 1024)
-    return {"restore_s": round(restore_s, 1), "replay_s": round(replay_s, 1), "overhead_s": 60.0,
-            "total_s": round(restore_s + replay_s + 60.0, 1), "restore_bytes_per_s": int(restore_rate)}
 
 
 def discarded_lines(disc: dict[str, Any], limit: int = 6) -> list[str]:
