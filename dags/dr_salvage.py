@@ -42,6 +42,11 @@ params = {
                     description='schema.table names, parents before children, e.g. ["public.critical_orders"]. Empty: '
                                 "every table with rows inserted after the target (from the PITR's list of discarded "
                                 "transactions). Tables need a primary key."),
+    "exclude_xids": Param([], type=["null", "array"], items={"type": ["integer", "string"]},
+                          title="Transactions to leave out",
+                          description="xids whose rows must not be put back (the plan lists the largest discarded "
+                                      "transactions). The transaction the PITR targeted by xid (exclusive), the "
+                                      "incident itself, is always left out."),
     "incident_id": Param(None, type=OPT_STR, title="Incident id", description="Your incident ticket, e.g. INC-123."),
     "reason": Param(None, type=OPT_STR, title="Reason", description="Why this runs (shown in the audit trail)."),
     "confirm": Param(None, type=OPT_STR, title="Confirm",

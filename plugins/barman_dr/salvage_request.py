@@ -8,6 +8,9 @@ Same rules as the other DR requests (`pitr_request.py`): allow-lists, every reje
   server's last successful dr_pitr (looked up in the audit trail by the validate step).
 * `tables`: `schema.table` names; empty means every table with inserts after the target
   (from that run's list of discarded transactions).
+* `exclude_xids`: transactions whose rows must not be put back (the plan lists the largest
+  discarded transactions). When the PITR targeted a transaction by xid (exclusive: the
+  incident itself), that transaction is always excluded.
 * `confirm` must equal `SALVAGE <server>` to apply; empty = plan only.
 """
 
@@ -32,7 +35,8 @@ from barman_dr.surgical_request import parse_tables
 
 #: Airflow run ids: manual__2026-12-04T05:26:53.594262+00:00, dr_pitr__incident__INC-123, ...
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,249}\Z")
-KNOWN_FIELDS = {"server", "pitr_run_id", "tables", "confirm", "incident_id", "reason"}
+KNOWN_FIELDS = {"server", "pitr_run_id", "tables", "confirm", "incident_id", "reason", "exclude_xids"}
+MAX_EXCLUDED = 1000
 
 
 def salvage_confirm_text(server: str) -> str:
@@ -48,6 +52,7 @@ class SalvageRequest:
     incident_id: str | None
     reason: str | None
     requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    exclude_xids: tuple[int, ...] = ()
 
     def confirm_text(self) -> str:
         return salvage_confirm_text(self.server)
@@ -58,6 +63,7 @@ class SalvageRequest:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["tables"] = list(self.tables)
+        d["exclude_xids"] = list(self.exclude_xids)
         return d
 
     @classmethod
@@ -65,6 +71,7 @@ class SalvageRequest:
         known = set(cls.__dataclass_fields__)
         kw = {k: v for k, v in d.items() if k in known}
         kw["tables"] = tuple(kw.get("tables") or ())
+        kw["exclude_xids"] = tuple(int(x) for x in kw.get("exclude_xids") or ())
         return cls(**kw)
 
 
@@ -79,6 +86,19 @@ def validate_salvage_conf(conf: Any, inventory: Inventory, *, now: datetime | No
                                                      "_ . : + -), e.g. dr_pitr__incident__INC-123; or leave it empty for "
                                                      "the server's last successful dr_pitr")
     tables = parse_tables(conf.get("tables"))
+    raw = conf.get("exclude_xids")
+    if raw in (None, "", []):
+        raw = []
+    if not isinstance(raw, list) or len(raw) > MAX_EXCLUDED:
+        raise ValidationError("exclude_xids", raw, f"must be a list of at most {MAX_EXCLUDED} transaction ids, "
+                                                   "e.g. [759] (the plan lists the discarded transactions)")
+    excluded = []
+    for x in raw:
+        text = str(x) if isinstance(x, int) and not isinstance(x, bool) else x
+        if not isinstance(text, str) or not text.isdigit() or not 3 <= int(text) < 2**64:
+            raise ValidationError("exclude_xids", x, "each entry must be a transaction id (digits, 3 or more)")
+        excluded.append(int(text) & 0xFFFFFFFF)  # rows carry 32-bit xmins
     confirmed = parse_confirm(conf, salvage_confirm_text(server), "re-insert the discarded rows")
     return SalvageRequest(server=server, pitr_run_id=run_id, tables=tables, confirmed=confirmed,
-                          incident_id=parse_incident_id(conf), reason=parse_reason(conf), requested_at=now.isoformat())
+                          incident_id=parse_incident_id(conf), reason=parse_reason(conf), requested_at=now.isoformat(),
+                          exclude_xids=tuple(excluded))

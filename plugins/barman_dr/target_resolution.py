@@ -45,6 +45,18 @@ def lsn_text(value: int | None) -> str | None:
     return None if value is None else str(Lsn(value))
 
 
+def xid_in_future(xid: int, next_xid: int) -> bool:
+    """Whether `xid` has not been assigned yet, given the server's next full (64-bit) xid.
+
+    A full xid (above 2^32, with its epoch) compares as is. A 32-bit xid is compared
+    modulo 2^32 like PostgreSQL does: it is in the future when it lies less than 2^31
+    ahead of the next xid (after a wraparound a small value is an old xid, not a new one).
+    """
+    if xid > 0xFFFFFFFF:
+        return xid >= next_xid
+    return (xid - (next_xid & 0xFFFFFFFF)) % 2**32 < 2**31
+
+
 # ------------------------------------------------------------------------------ timelines
 
 
@@ -137,8 +149,12 @@ def stop_from_record(rec: WalRecord, when: str, timeline: int, *, kind: str | No
     if end is not None:
         time = time or end.time
         xid = xid if xid is not None else (end.twophase_xid or rec.tx)
+    end_lsn = rec.end_lsn or None
+    if rec.rmgr == "XLOG" and rec.op == "SWITCH":
+        # xlogreader ends a WAL switch record at the start of the next segment
+        end_lsn = (rec.lsn // WAL_SEGMENT_BYTES + 1) * WAL_SEGMENT_BYTES
     return StopPoint(kind=kind, when=when, lsn=str(Lsn(rec.lsn)), timeline=timeline,
-                     prev_lsn=lsn_text(rec.prev) if rec.prev else None, end_lsn=lsn_text(rec.end_lsn or None),
+                     prev_lsn=lsn_text(rec.prev) if rec.prev else None, end_lsn=lsn_text(end_lsn),
                      xid=xid, time=time.isoformat() if time else None, name=name, rmgr=rec.rmgr,
                      desc=rec.desc[:200])
 
@@ -256,19 +272,29 @@ class XidLocator:
 # ------------------------------------------------------------------------------ backups
 
 
+def ended_before_stop(b: BackupInfo, stop: StopPoint | None, target_time: datetime | None = None) -> bool:
+    """A backup recovery can reach consistency from before the stop record (and that Barman accepts for a time)."""
+    if target_time is not None and (b.end_time is None or b.end_time > target_time):
+        return False
+    if stop is None or stop.kind == "consistency":
+        return True
+    return b.end_lsn is not None and b.end_lsn.value <= Lsn.parse(stop.lsn).value
+
+
 def choose_backup(backups: Sequence[BackupInfo], stop: StopPoint | None, *, switches: Sequence[tuple[int, str]],
-                  timeline: int, explicit: str | None = None) -> BackupInfo:
+                  timeline: int, explicit: str | None = None, target_time: datetime | None = None) -> BackupInfo:
     """`backup_id: auto` for every target kind: the newest DONE backup on the path that ended before the stop.
 
     Only the WAL after that backup is replayed. `stop` None means `immediate` (the newest
     backup on the path). An explicit backup must satisfy the same rule, or it is refused.
+    For a time target the backup must also have ended before the target time: Barman
+    refuses `--target-time` before a backup's end time, whatever the WAL says.
     """
     done = [b for b in backups if b.status == "DONE"]
     usable = [b for b in done if on_path(b, switches, timeline)]
-    stop_lsn = Lsn.parse(stop.lsn).value if stop is not None and stop.kind != "consistency" else None
 
     def ended_before(b: BackupInfo) -> bool:
-        return stop_lsn is None or (b.end_lsn is not None and b.end_lsn.value <= stop_lsn)
+        return ended_before_stop(b, stop, target_time)
 
     if explicit and explicit != "auto":
         pick = next((b for b in done if b.backup_id == explicit), None)
@@ -298,6 +324,25 @@ def choose_backup(backups: Sequence[BackupInfo], stop: StopPoint | None, *, swit
 # ------------------------------------------------------------------------------ what a PITR discards
 
 
+def subtract_xids(ranges: Iterable[Sequence[int]], xids: Iterable[int]) -> list[list[int]]:
+    """Ranges without the given xids (dr_salvage leaves the incident's own rows out)."""
+    drop = set(xids)
+    out: list[list[int]] = []
+    for lo, hi in ranges:
+        inner = sorted(x for x in drop if lo <= x <= hi)
+        if not inner:
+            out.append([lo, hi])
+            continue
+        start = lo
+        for x in inner:
+            if x > start:
+                out.append([start, x - 1])
+            start = x + 1
+        if start <= hi:
+            out.append([start, hi])
+    return out
+
+
 def xid_ranges(xids: Iterable[int]) -> list[list[int]]:
     """Sorted xids folded into inclusive [first, last] ranges (a busy app's xids are mostly consecutive)."""
     out: list[list[int]] = []
@@ -323,6 +368,10 @@ class DiscardTally:
     from_lsn: int
     until_lsn: int | None = None
     decode_start_lsn: int = 0
+    #: the transaction the recovery stops right before (the incident, for an exclusive xid target)
+    stop_xid: int | None = None
+    stop_subxacts: list[int] = field(default_factory=list)
+    updated_not_hot: dict[RelFileNode, int] = field(default_factory=dict)
     transactions: int = 0
     with_changes: int = 0
     first_commit: datetime | None = None
@@ -337,13 +386,16 @@ class DiscardTally:
     def on_record(self, rec: WalRecord) -> None:
         """The first RUNNING_XACTS record of the decode says which transactions began before it."""
         if self.running_at_start is None and rec.rmgr == "Standby" and rec.op == "RUNNING_XACTS":
+            # `nextXid 763 latestCompletedXid 761 oldestRunningXid 762; 1 xacts: 762; 0 subxacts: ...`
             _, _, tail = rec.desc.partition(" xacts:")
-            self.running_at_start = {int(w) for w in tail.replace(";", " ").split() if w.isdigit()}
+            self.running_at_start = {int(w) for w in tail.split(";")[0].split() if w.isdigit()}
 
     def on_commit(self, t: CommittedTxn) -> None:
         if t.commit_lsn < self.from_lsn or (self.until_lsn is not None and t.commit_lsn >= self.until_lsn):
             return
         self.transactions += 1
+        if t.xid == self.stop_xid:
+            self.stop_subxacts = list(t.subxact_ids)
         self.first_commit = self.first_commit or t.commit_time
         self.last_commit = t.commit_time
         self.xids.add(t.xid)
@@ -356,6 +408,9 @@ class DiscardTally:
             c = self.per_rel.setdefault(rel, [0, 0, 0])
             c[1] += updated + hot
             c[2] += deleted
+            if updated:
+                # a non-HOT update may have changed the primary key (dr_salvage warns about those tables)
+                self.updated_not_hot[rel] = self.updated_not_hot.get(rel, 0) + updated
             rows += deleted + updated + hot
         whole = bool(t.dropped or t.truncated_oids or t.smgr_truncated)
         if whole:
@@ -391,6 +446,11 @@ class DiscardTally:
             t["updated"] += upd
             t["deleted"] += dele
         total = {k: sum(t[k] for t in tables.values()) for k in ("inserted", "updated", "deleted")}
+        not_hot: dict[str, int] = {}
+        for rel, n in self.updated_not_hot.items():
+            if not (rel in names and names[rel] is None):
+                label = names.get(rel) or f"relfilenode {rel}"
+                not_hot[label] = not_hot.get(label, 0) + n
         self.top.sort()
         return {
             "transactions": self.transactions, "transactions_with_changes": self.with_changes,
@@ -401,6 +461,9 @@ class DiscardTally:
                         for r, x, tm, lsn in self.top[:TOP_TRANSACTIONS]],
             "xid_ranges": xid_ranges(self.xids),
             "began_before_decode": sorted(self.began_before_decode),
+            "updated_not_hot": not_hot,
+            "stop_transaction": ({"xid": self.stop_xid, "subxacts": self.stop_subxacts}
+                                 if self.stop_xid is not None else None),
             "from_lsn": str(Lsn(self.from_lsn)), "until_lsn": lsn_text(self.until_lsn),
             "decoded_from_lsn": str(Lsn(self.decode_start_lsn)),
         }
@@ -424,8 +487,9 @@ class Resolution:
     decoded: list[dict[str, Any]] = field(default_factory=list)
     resolved_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     newest_wal: str | None = None
-    #: the DONE backups a recovery along this timeline could start from (the choice was among them)
-    backups_on_path: list[str] = field(default_factory=list)
+    #: the newest DONE backup Barman holds, and the backups read (newest first) to choose
+    newest_backup: str | None = None
+    backups_read: list[str] = field(default_factory=list)
 
     @property
     def replay_bytes(self) -> int:
@@ -450,7 +514,7 @@ class Resolution:
                        "last_wal": WalSegment.from_lsn(self.stop.timeline, Lsn.parse(self.stop.lsn)).name},
             "occurrences": self.occurrences, "discarded": self.discarded, "warnings": self.warnings,
             "decoded": self.decoded, "resolved_at": self.resolved_at, "newest_wal": self.newest_wal,
-            "backups_on_path": self.backups_on_path,
+            "newest_backup": self.newest_backup, "backups_read": self.backups_read,
         }
 
 
@@ -464,6 +528,10 @@ def restore_target_for(requested: RecoveryTarget, stop: StopPoint) -> RecoveryTa
     """
     if requested.kind == "name":
         return RecoveryTarget("lsn", stop.lsn, True)
+    if requested.kind == "xid":
+        # PostgreSQL keeps 32 bits of recovery_target_xid and logs them: an epoch-qualified xid
+        # (pg_current_xact_id()) is passed and proven as those 32 bits
+        return RecoveryTarget("xid", str(int(str(requested.value)) & 0xFFFFFFFF), requested.inclusive)
     return requested
 
 

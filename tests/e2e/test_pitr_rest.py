@@ -57,7 +57,7 @@ def test_seed_recovery_through_the_rest_api(api):
     assert report["stop"]["kind"] == "commit" and report["stop"]["xid"] == scenario.delete_xid
     assert report["stop"]["when"] == "before"
     # every backup on the path ended before the DELETE: the newest is used, not the oldest
-    assert report["backup_id"] == max(api.xcom("dr_pitr", run_id, "resolve_target")["backups_on_path"])
+    assert report["backup_id"] == api.xcom("dr_pitr", run_id, "resolve_target")["newest_backup"]
     assert report["counts"] == {"orders_total": 10500, "orders_completed": 7465}
     assert report["rto_s"] > 0
     assert report["staged_restore"] is False and report["outside_downtime_s"] == {}

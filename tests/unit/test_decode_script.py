@@ -152,3 +152,15 @@ def test_one_mode_reads_from_an_lsn(setup):
 def test_unknown_mode_is_refused(setup):
     r = run(setup, SEG1, str(setup["wals"] / SEG1), "link", mode="$(id)")
     assert r.returncode == 2 and "unknown decode mode" in r.stderr
+
+
+def test_xid_mode_finds_a_subtransaction_in_its_parents_commit(setup, tmp_path):
+    line = ("rmgr: Transaction len (rec/tot):     46/    46, tx:        761, lsn: 0/0F089000, prev 0/0F088F00, "
+            "desc: COMMIT 2026-11-25 19:15:59.476139 UTC; subxacts: 762 7621")
+    other = line.replace("subxacts: 762 7621", "subxacts: 7620")
+    recording = tmp_path / "sub.txt"
+    recording.write_text(line + "\n" + other + "\n")
+    setup["recording"] = recording
+    r = run(setup, SEG1, str(setup["wals"] / SEG1), "link", mode="xid", arg="762")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [line]  # 762 is listed; 7620 and 7621 are other transactions

@@ -107,3 +107,46 @@ def test_the_copy_remover_only_removes_a_salvage_copy(tmp_path: Path):
     r = remove(str(parent / "salvage-abc"))
     assert r.returncode == 0, r.stderr
     assert (parent / "data").exists() and not (parent / "salvage-abc").exists() and not (parent / "salvage-abc-run").exists()
+
+
+def test_subtract_xids():
+    from barman_dr.target_resolution import subtract_xids
+
+    assert subtract_xids([[759, 770]], [759]) == [[760, 770]]
+    assert subtract_xids([[759, 770]], [765, 770]) == [[759, 764], [766, 769]]
+    assert subtract_xids([[5, 5], [9, 12]], [5, 11]) == [[9, 10], [12, 12]]
+    assert subtract_xids([[1, 3]], []) == [[1, 3]]
+
+
+def test_parents_before_children():
+    from barman_dr.operators.salvage import parents_first
+
+    edges = [["public.order_lines", "public.orders"], ["public.orders", "public.customers"],
+             ["public.audit", "public.audit"]]
+    assert parents_first(["public.order_lines", "public.orders", "public.customers"], edges) == [
+        "public.customers", "public.orders", "public.order_lines"]
+    # a table outside the chosen set does not hold anything back
+    assert parents_first(["public.order_lines", "public.zeta"], edges) == ["public.order_lines", "public.zeta"]
+
+
+def test_exclude_xids(inventory):
+    req = validate_salvage_conf({"server": "pg-primary", "exclude_xids": [761, "4294968057"]}, inventory)
+    assert req.exclude_xids == (761, 761)  # an epoch-qualified xid keeps its 32 bits, as row xmins do
+    with pytest.raises(ValidationError) as ei:
+        validate_salvage_conf({"server": "pg-primary", "exclude_xids": ["12; drop"]}, inventory)
+    assert ei.value.field == "exclude_xids"
+
+
+def test_the_incident_is_never_put_back_when_the_pitr_targeted_its_xid():
+    run = pitr_run("r", discarded={"xid_ranges": [[759, 770]], "stop_transaction": {"xid": 759, "subxacts": [760]},
+                                   "tables": {}})
+    for e in run:
+        if e["action"] == "resolve_target":
+            e["details"] = {**e["details"], "requested": {"kind": "xid", "value": "759", "inclusive": False}}
+    f = pitr_facts(FakeAudit(run), "pg-primary", "r")
+    assert f["incident_xids"] == [759, 760]
+    # a time target: the first transaction after it is not known to be the incident, nothing is left out
+    f2 = pitr_facts(FakeAudit(pitr_run("t", discarded={"xid_ranges": [[759, 770]],
+                                                       "stop_transaction": {"xid": 759, "subxacts": []}})),
+                    "pg-primary", "t")
+    assert f2["incident_xids"] == []

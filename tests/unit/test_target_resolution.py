@@ -20,6 +20,7 @@ from barman_dr.target_resolution import (
     restore_target_for,
     stop_from_record,
     timeline_of_lsn,
+    xid_in_future,
     xid_ranges,
 )
 from barman_dr.waldump import TxnAggregator, parse_record, record_end
@@ -203,7 +204,37 @@ def test_a_name_restores_by_its_exact_lsn_other_targets_as_asked():
     stop = StopPoint(kind="restore_point", when="after", lsn="0/9000150", timeline=1)
     assert restore_target_for(RecoveryTarget("name", "x", True), stop) == RecoveryTarget("lsn", "0/9000150", True)
     t = RecoveryTarget("xid", "759", False)
-    assert restore_target_for(t, stop) is t
+    assert restore_target_for(t, stop) == t
+    # an epoch-qualified xid (pg_current_xact_id()) is what PostgreSQL keeps of it: 32 bits
+    assert restore_target_for(RecoveryTarget("xid", str(2**32 + 759), False), stop) == t
+    tm = RecoveryTarget("time", "2026-12-04T10:00:00+00:00", True)
+    assert restore_target_for(tm, stop) is tm
+
+
+@pytest.mark.parametrize(("xid", "next_xid", "future"), [
+    (759, 800, False), (800, 800, True), (900, 800, True),
+    (100, 2**32 + 800, False),           # after a wraparound, a small 32-bit xid is old, not new
+    (2**32 - 5, 2**32 + 800, False),     # the end of the previous epoch
+    (2**32 + 900, 2**32 + 800, True),    # a full xid compares as is
+    (2**32 + 700, 2**32 + 800, False),
+])
+def test_xid_in_the_future_is_wraparound_safe(xid, next_xid, future):
+    assert xid_in_future(xid, next_xid) is future
+
+
+def test_a_wal_switch_ends_at_the_next_segment():
+    r = parse_record(rec("XLOG", "0/3000100", "0/30000C8", "SWITCH", 0, 24))
+    stop = stop_from_record(r, "after", 1)
+    assert stop.end_lsn == "0/4000000"
+
+
+def test_barman_refuses_a_target_time_before_a_backups_end_time():
+    late = backup("20261105T000000", 2, "0/7000028", "0/7000100")
+    late = late.__class__(**{**late.__dict__, "end_time": T0 + timedelta(minutes=5)})
+    early = backup("20261104T000000", 2, "0/6800028", "0/6800100")
+    early = early.__class__(**{**early.__dict__, "end_time": T0 - timedelta(minutes=5)})
+    # the stop record is after both backups' end LSN, but the target time is before `late` ended
+    assert choose_backup([early, late], stop_at("0/8000000"), switches=SWITCHES, timeline=2, target_time=T0) == early
 
 
 # ------------------------------------------------------------------------------ what a PITR discards
@@ -232,6 +263,19 @@ def test_discard_tally_counts_per_relation_from_the_stop_on():
     assert s["total"] == {"inserted": 200, "updated": 1, "deleted": 7465}
     assert s["xid_ranges"] == [[701, 704]]  # 703: the subtransaction's rows carry its own xid
     assert s["largest"][0]["xid"] == 701
+
+
+def test_running_xacts_at_the_decode_start_flag_partial_counts():
+    tally = DiscardTally(from_lsn=0)
+    agg = TxnAggregator(lambda _t: False, on_commit=tally.on_commit, on_record=tally.on_record)
+    agg.feed_lines([
+        rec("Standby", "0/1000050", "0/1000028", "RUNNING_XACTS nextXid 763 latestCompletedXid 760 oldestRunningXid "
+            "761; 2 xacts: 761 762; 1 subxacts: 770", 0, 58),
+        "AGG 761 INSERT - 1663/5/16385 10 0/1000100 0/1000200",
+        commit("0/1000300", "0/1000200", 761, T0),
+    ])
+    assert tally.running_at_start == {761, 762}
+    assert tally.summary({})["began_before_decode"] == [761]
 
 
 def test_xid_ranges():
@@ -306,3 +350,14 @@ def test_the_estimate_follows_the_mode_and_the_servers_own_history():
     assert "median" in staged["sources"]["restore_rate"]
     none = estimate(backup_bytes=0, replay_bytes=0, staged=True, calibration=Calibration())
     assert "assumed" in none["sources"]["downtime"]
+
+
+def test_an_lsn_target_on_a_commit_record_is_proven_by_its_lsn():
+    """PostgreSQL logs an LSN stop as '... WAL location (LSN)', even when the record is a COMMIT."""
+    r = parse_record(commit("0/B333808", "0/B3337D0", 759, T0))
+    point = stop_from_record(r, "before", 1, kind="record").to_dict()
+    assert point["xid"] == 759  # kept for the plan, not for the proof
+    log = 'LOG:  recovery stopping before WAL location (LSN) "0/B333808"\nLOG:  selected new timeline ID: 2\n'
+    p = prove_target(RecoveryTarget("lsn", "0/B333800", False), log, "1\t0/B333808\tbefore LSN 0/B333808\n", 1, 2,
+                     stop_point=point, recovery_timeline=1)
+    assert p.reached, p.reasons

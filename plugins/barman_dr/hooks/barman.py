@@ -11,6 +11,7 @@ attaches to the job instead of starting a second one.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -262,8 +263,25 @@ class BarmanHook(BaseHook):
         for msg in messages:
             m = _CLOSED_WAL_RE.search(str(msg))
             if m:
+                self.wait_catalogued(server, m.group(1), timeout=archive_timeout)
                 return m.group(1)
         return None
+
+    def wait_catalogued(self, server: str, wal_name: str, *, timeout: float = 60, poll: float = 0.5) -> bool:
+        """Wait until `wal_name` is in Barman's WAL catalogue (xlog.db), not only in the archive directory.
+
+        `switch-wal --archive` returns once the segment *file* is in the archive, but Barman's
+        archiver writes the catalogue lines of a batch when the batch ends (seen: a segment
+        file archived 10 s before its line appeared). `barman restore` picks the WAL to copy
+        from the catalogue, and so does the coverage proof: they must wait for it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(e.name == wal_name for e in self.wal_catalog(server)):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(poll)
 
     def cron(self) -> CommandResult:
         return self.run("cron", json_output=False, timeout=120)

@@ -64,7 +64,7 @@ $1 == "rmgr:" && ($2 == "Heap" || $2 == "Heap2") {
   n += rows; last = lsn
   next
 }
-$1 == "rmgr:" && $2 == "Standby" && index($0, " desc: LOCK ") == 0 { next }
+$1 == "rmgr:" && $2 == "Standby" && index($0, " desc: LOCK ") == 0 && index($0, " desc: RUNNING_XACTS ") == 0 { next }
 $1 == "rmgr:" && $2 == "Transaction" && $0 !~ / desc: (COMMIT|ABORT|PREPARE)/ { next }
 $1 == "rmgr:" { flush(); print; next }
 { flush(); print }
@@ -78,9 +78,14 @@ $1 != "rmgr:" { print; next }
 / desc: (COMMIT|ABORT|RESTORE_POINT|CHECKPOINT_|END_OF_RECOVERY)/ { print }
 """
 
-# The commit/abort of one transaction: its own records, or a prepared transaction's COMMIT/ABORT PREPARED.
+# The commit/abort of one transaction: its own records, a prepared transaction's COMMIT/ABORT PREPARED,
+# or a top-level COMMIT/ABORT that lists it among its subtransactions (then it is not a target itself).
 XID_AWK = r"""
-$0 ~ ("tx: +" x ", ") || index($0, "_PREPARED " x ":") > 0 { print }
+$0 ~ ("tx: +" x ", ") || index($0, "_PREPARED " x ":") > 0 { print; next }
+/ desc: (COMMIT|ABORT)/ && index($0, "subxacts:") > 0 {
+  s = substr($0, index($0, "subxacts:") + 9); sub(/;.*/, "", s)
+  n = split(s, a, " "); for (i = 1; i <= n; i++) if (a[i] == x) { print; next }
+}
 """
 
 #   $1 pg_waldump  $2 timeline  $3 work root  $4 end LSN or ''  $5 mode  $6 mode argument  then: name path how ...
@@ -187,12 +192,13 @@ class WalDecodeHook:
         self._waldumps[path] = m.group(1)
         return path
 
-    def view(self, server: str, info: dict[str, Any], timeline: int) -> ArchiveView:
+    def view(self, server: str, info: dict[str, Any], timeline: int, catalog: Any = None) -> ArchiveView:
         """Barman's catalogue and streaming directory along `timeline`'s history (its archived history file)."""
         wals_dir, stream_dir = info.get("wals_directory"), info.get("streaming_wals_directory")
         if not wals_dir:
             raise PreflightError("barman show-server gives no wals_directory")
-        catalog = self.barman.wal_catalog(server)
+        if catalog is None:
+            catalog = self.barman.wal_catalog(server)
         streaming = self.barman.host.run(["ls", "-1", stream_dir], check=False).stdout.split() if stream_dir else []
         history = self.barman.timeline_history(server, timeline) if timeline > 1 else None
         switches = [(e.parent_timeline, e.switch_lsn) for e in parse_history_file(history or "")]

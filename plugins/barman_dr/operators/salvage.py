@@ -49,6 +49,7 @@ from barman_dr.rowdiff import (
 )
 from barman_dr.run_note import set_run_note
 from barman_dr.salvage_request import SalvageRequest, validate_salvage_conf
+from barman_dr.target_resolution import subtract_xids
 
 #: ranges per INSERT into the copy's xid table (one psql -c each: well under the 128 KiB argument limit)
 XID_CHUNK = 2000
@@ -66,6 +67,27 @@ removed=""
 for d in "$copy" "$copy-run"; do if [ -e "$d" ] || [ -L "$d" ]; then rm -rf -- "$d"; removed="$removed $d"; fi; done
 echo "removed$removed"
 """
+
+
+#: foreign keys among user tables, as JSON pairs [child, parent] (`schema.table`)
+FK_SQL = ("SELECT coalesce(json_agg(json_build_array(format('%s.%s', cn.nspname, cc.relname), "
+          "format('%s.%s', pn.nspname, pc.relname))), '[]') FROM pg_constraint k "
+          "JOIN pg_class cc ON cc.oid = k.conrelid JOIN pg_namespace cn ON cn.oid = cc.relnamespace "
+          "JOIN pg_class pc ON pc.oid = k.confrelid JOIN pg_namespace pn ON pn.oid = pc.relnamespace "
+          "WHERE k.contype = 'f' AND k.conrelid <> k.confrelid")
+
+
+def parents_first(tables: list[str], edges: list[list[str]]) -> list[str]:
+    """The tables ordered so a referenced table comes before the tables referencing it (stable otherwise)."""
+    chosen = set(tables)
+    parents = {t: {p for c, p in edges if c == t and p in chosen} for t in tables}
+    out: list[str] = []
+    while len(out) < len(tables):
+        ready = [t for t in tables if t not in out and parents[t] <= set(out)]
+        if not ready:  # a cycle: keep the given order for the rest (the apply's FK check decides)
+            ready = [t for t in tables if t not in out]
+        out.append(ready[0])
+    return out
 
 
 def pitr_facts(audit: AuditTrail, server: str, run_id: str | None) -> dict[str, Any]:
@@ -102,11 +124,21 @@ def pitr_facts(audit: AuditTrail, server: str, run_id: str | None) -> dict[str, 
         why = (discarded or {}).get("error") or "no list of discarded transactions (a PITR older than barman-dr's " \
                                                 "target resolution, or nothing was discarded)"
         raise PreflightError(f"dr_pitr {run_id} recorded no usable list of discarded transactions ({why}): the "
-                             "discarded rows cannot be told apart from the others. Nothing was touched")
+                             "discarded rows cannot be told apart from the others. Nothing was touched. Fix: clear "
+                             f"the task `discarded` of dr_pitr run {run_id} (only that task) so it decodes again, "
+                             "then trigger dr_salvage again")
+    requested = resolved.get("requested") or {}
+    stop = resolved.get("stop") or {}
+    stop_tx = discarded.get("stop_transaction") or {}
+    incident: list[int] = []
+    if requested.get("kind") == "xid" and not requested.get("inclusive", True) and stop_tx.get("xid") is not None:
+        # the PITR targeted this very transaction (exclusive): it is the incident, never put back
+        incident = [int(stop_tx["xid"]), *(int(x) for x in stop_tx.get("subxacts") or [])]
     return {"pitr_run_id": run_id, "restore_to": validate.get("restore_to", "in_place"),
             "moved_to": (aside or {}).get("moved_to"), "moved_host": (aside or {}).get("host"),
-            "stop": resolved.get("stop"), "xid_ranges": discarded["xid_ranges"],
+            "stop": stop, "xid_ranges": discarded["xid_ranges"], "incident_xids": incident,
             "discarded_tables": discarded.get("tables") or {}, "discarded_total": discarded.get("total") or {},
+            "updated_not_hot": discarded.get("updated_not_hot") or {}, "largest": discarded.get("largest") or [],
             "old_end_lsn": discarded.get("old_end_lsn")}
 
 
@@ -136,6 +168,14 @@ class SalvageMixin:
     @property
     def facts(self) -> dict[str, Any]:
         return dict(self.request.get("facts") or {})
+
+    def excluded_xids(self) -> list[int]:
+        """The incident (when the PITR targeted it by xid) and the transactions the request excludes."""
+        return sorted({*(int(x) for x in self.facts.get("incident_xids") or []), *self.sreq.exclude_xids})
+
+    def salvage_ranges(self) -> list[list[int]]:
+        """The discarded transactions whose rows are put back: the PITR's list minus the excluded ones."""
+        return subtract_xids(self.facts.get("xid_ranges") or [], self.excluded_xids())
 
     @property
     def target_instance(self) -> Instance:
@@ -185,11 +225,16 @@ class ValidateSalvageOperator(SalvageMixin, DrBaseOperator):
         tables = list(req.tables)
         if not tables:
             tables = sorted(t for t, c in facts["discarded_tables"].items()
-                            if c.get("inserted") and "." in t and not t.startswith("relfilenode"))
+                            if c.get("inserted") and "." in t and not t.startswith("relfilenode") and ":" not in t)
+            # parents before children: the apply inserts in this order and checks foreign keys per statement
+            dest = self.target_instance
+            edges = json.loads(self.db(dest.host).psql(dest, FK_SQL, database=self.srv.database) or "[]")
+            tables = parents_first(tables, edges)
         if not tables:
             raise ValidationError("tables", [], f"dr_pitr {facts['pitr_run_id']} discarded no inserted rows in a named "
                                                "table: nothing to salvage (name tables to check anyway)")
         self.request["tables"] = tables
+        self.request["excluded_xids"] = self.excluded_xids()
         return self.request
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
@@ -232,8 +277,11 @@ class PrepareCopyOperator(SalvageMixin, DrBaseOperator):
         what = f"stop the salvage PostgreSQL on {copy}"
         self.track_cleanup(db.host, [db._bin("pg_ctl"), "stop", "-D", copy, "-m", "immediate", "-w"], what)
         db.prepare_directory(inst.socket_directory)
-        # a stale pid file copied from a primary that did not stop cleanly would keep the copy from starting
-        db.host.run(["rm", "-f", "--", f"{copy}/postmaster.pid", f"{copy}/standby.signal", f"{copy}/recovery.signal"])
+        if db.status(copy) != "running":
+            # a stale pid file copied from a primary that did not stop cleanly would keep the copy from starting;
+            # never removed while a postmaster (an earlier attempt's) runs on the copy
+            db.host.run(["rm", "-f", "--", f"{copy}/postmaster.pid", f"{copy}/standby.signal",
+                         f"{copy}/recovery.signal"])
         db.start(inst, options=staged_start_options(inst, self.shared_buffers))
         ready_s = db.wait_ready(inst, timeout=600)
         self.untrack_cleanup(what)
@@ -284,8 +332,12 @@ class SalvageSource:
     def copy_query(self, spec: Any, conn: Any) -> str:
         """The copy's rows of one table written by a discarded transaction (their xmin), as COPY text."""
         cols = sql.SQL(", ").join(sql.Identifier("t", c) for c in spec.column_names)
-        q = sql.SQL("COPY (SELECT {cols} FROM {table} t WHERE EXISTS (SELECT 1 FROM barman_dr_salvage.xids x "
-                    "WHERE t.xmin::text::bigint BETWEEN x.lo AND x.hi)) TO STDOUT").format(cols=cols, table=spec.ident)
+        lo = min((r[0] for r in self.xid_ranges), default=0)
+        hi = max((r[1] for r in self.xid_ranges), default=-1)
+        # the window first (cheap, and most rows are older than every discarded transaction), then the ranges
+        q = sql.SQL("COPY (SELECT {cols} FROM {table} t WHERE t.xmin::text::bigint BETWEEN {lo} AND {hi} AND EXISTS "
+                    "(SELECT 1 FROM barman_dr_salvage.xids x WHERE t.xmin::text::bigint BETWEEN x.lo AND x.hi)) "
+                    "TO STDOUT").format(cols=cols, table=spec.ident, lo=sql.Literal(int(lo)), hi=sql.Literal(int(hi)))
         return q.as_string(conn)
 
     def feed(self, spec: Any, conn: Any) -> Any:
@@ -319,7 +371,7 @@ class SalvageDiffMixin(SalvageMixin):
             raise PreflightError("the salvage copy (XCom of prepare_copy) is missing: clear the run from prepare_copy")
         inst = self.copy_instance(self.run_tag(self.context_ref))  # type: ignore[attr-defined]
         return SalvageSource(self, prep["host"], inst, self.srv.database,  # type: ignore[arg-type]
-                             self.facts["xid_ranges"])
+                             self.salvage_ranges())
 
     def specs(self, live: Any, restored: Any) -> list[Any]:
         out = []
@@ -356,19 +408,34 @@ class SalvagePlanOperator(SalvageDiffMixin, SurgicalPlanOperator):
                          "deleted_after_target_left_alone": self.deleted_after_target(t["table"]),
                          "insert_keys": t["missing_keys"], "insert_sample": t["missing_sample"],
                          "conflict_sample": t["changed_sample"]})
+        not_hot = self.facts.get("updated_not_hot") or {}
+        warnings = [f"{t}: {not_hot[t]} row(s) were UPDATEd (not HOT) after the target; an UPDATE that changed the "
+                    "primary key (or moved the row to another partition) leaves a new key that is re-inserted next to "
+                    "the recovered old row: check the insert sample" for t in self.request["tables"] if not_hot.get(t)]
         plan = {"server": srv.name, "pitr_run_id": req.pitr_run_id, "stop": self.facts.get("stop"),
+                "excluded_xids": self.excluded_xids(), "incident_xids": self.facts.get("incident_xids") or [],
+                "largest_discarded": self.facts.get("largest") or [], "warnings": warnings,
                 "destination": self.target_instance.name, "confirmed": req.confirmed, "tables": rows,
                 "totals": {k: sum(r[k] for r in rows) for k in ("discarded_rows", "to_insert", "conflicts",
                                                                 "deleted_after_target_left_alone")}}
         self.audit(context).record("salvage_plan", "planned", server=srv.name, target=req.describe(), details=plan)
         lines = [f"SALVAGE plan for {srv.name}" + (" (CONFIRMED)" if req.confirmed else " (plan only: not confirmed)"),
                  f"from dr_pitr {req.pitr_run_id} (stopped {(self.facts.get('stop') or {}).get('described', '?')})"]
+        if plan["incident_xids"]:
+            lines.append(f"never put back: transaction {plan['incident_xids'][0]} (the PITR's target: the incident)")
+        if req.exclude_xids:
+            lines.append(f"excluded on request: {', '.join(map(str, req.exclude_xids))}")
+        largest = [f"xid {t['xid']} ({t['rows']} rows, {str(t['commit_time'])[11:19]})"
+                   for t in plan["largest_discarded"][:5]]
+        if largest:
+            lines.append("largest discarded transactions (exclude_xids to leave one out): " + ", ".join(largest))
         for r in rows:
             keys = r["insert_keys"] or {}
             lines.append(f"{r['table']}: {r['discarded_rows']} rows written after the target; INSERT {r['to_insert']}"
                          + (f" (keys {keys.get('first')}..{keys.get('last')})" if keys else "")
                          + f", CONFLICTS {r['conflicts']} (left alone), identical {r['identical']}; deleted after the "
                            f"target: {r['deleted_after_target_left_alone']} (left deleted)")
+        lines += [f"warning: {w}" for w in warnings]
         if not req.confirmed:
             lines.append(f"to apply: trigger again with confirm = {req.confirm_text()}")
         set_run_note(context["dag"].dag_id, context["run_id"], "\n".join(lines))
@@ -404,26 +471,30 @@ class SalvageApplyOperator(SalvageDiffMixin, SurgicalApplyOperator):
     def target_text(self) -> str:
         return self.sreq.describe()
 
-    def advance_sequences(self) -> list[dict[str, Any]]:
+    def before_commit(self, live: Any) -> Any:
+        """Advance the sequences past the re-inserted keys *before* COMMIT (setval is not transactional):
+        from the moment the rows are visible, the app's next inserts cannot collide with them."""
+        return self.advance_sequences(live)
+
+    def advance_sequences(self, live: Any) -> list[dict[str, Any]]:
+        """Each sequence owned by a salvaged table's column, moved to the column's highest value when behind."""
         out = []
-        with self.connect_live() as live:
-            live.autocommit = True
-            with live.cursor() as cur:
-                for t in self.request["tables"]:
-                    cur.execute("SELECT a.attname, pg_get_serial_sequence(%s, a.attname) FROM pg_attribute a "
-                                "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                                (sql.Identifier(*t.split(".", 1)).as_string(live),) * 2)
-                    for col, seq in cur.fetchall():
-                        if not seq:
-                            continue
-                        cur.execute(sql.SQL("SELECT max({c})::bigint FROM {t}").format(
-                            c=sql.Identifier(col), t=sql.Identifier(*t.split(".", 1))))
-                        top = cur.fetchone()[0]
-                        cur.execute("SELECT pg_sequence_last_value(%s::regclass)", (seq,))
-                        last = cur.fetchone()[0]
-                        if top is not None and (last is None or top > last):
-                            cur.execute("SELECT setval(%s::regclass, %s)", (seq, top))
-                            out.append({"sequence": seq, "column": f"{t}.{col}", "from": last, "to": top})
+        with live.cursor() as cur:
+            for t in self.request["tables"]:
+                ident = sql.Identifier(*t.split(".", 1))
+                cur.execute("SELECT a.attname, pg_get_serial_sequence(%s, a.attname) FROM pg_attribute a "
+                            "WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                            (ident.as_string(live),) * 2)
+                for col, seq in cur.fetchall():
+                    if not seq:
+                        continue
+                    cur.execute(sql.SQL("SELECT max({c})::bigint FROM {t}").format(c=sql.Identifier(col), t=ident))
+                    top = cur.fetchone()[0]
+                    cur.execute("SELECT pg_sequence_last_value(%s::regclass)", (seq,))
+                    last = cur.fetchone()[0]
+                    if top is not None and (last is None or top > last):
+                        cur.execute("SELECT setval(%s::regclass, %s)", (seq, top))
+                        out.append({"sequence": seq, "column": f"{t}.{col}", "from": last, "to": top})
         return out
 
     def run(self, context: Any) -> dict[str, Any]:
@@ -433,7 +504,7 @@ class SalvageApplyOperator(SalvageDiffMixin, SurgicalApplyOperator):
             raise AirflowSkipException("not confirmed")
         done = self.apply_once(context)
         results = done["tables"]
-        sequences = self.advance_sequences()
+        sequences = done.pop("before_commit", None) or []
         counts = self.live_counts()
         applied = {"server": srv.name, "pitr_run_id": req.pitr_run_id, **done, "sequences_advanced": sequences,
                    "totals": {"inserted": sum(int(t["inserted"]) for t in results),

@@ -331,6 +331,10 @@ class SurgicalApplyOperator(_DiffStep):
     def confirmed(self) -> bool:
         return bool(self.req.confirmed)
 
+    def before_commit(self, live: Any) -> Any:
+        """Last work inside the apply transaction, after the diff is verified (none here)."""
+        return None
+
     def restore_changed(self) -> bool:
         return bool(self.req.restore_changed)
 
@@ -364,8 +368,10 @@ class SurgicalApplyOperator(_DiffStep):
                 try:
                     t_tx = time.monotonic()
                     results = self._transaction(live, restored)
+                    extra = self.before_commit(live)
                     audit.record(self.applying_action, "info", server=srv.name, target=self.target_text(),
-                                 details={"committing": True, "attempt": attempt, "tables": results})
+                                 details={"committing": True, "attempt": attempt, "tables": results,
+                                          **({"before_commit": extra} if extra is not None else {})})
                     live.commit()
                     transaction_s = round(time.monotonic() - t_tx, 3)
                     break
@@ -382,7 +388,8 @@ class SurgicalApplyOperator(_DiffStep):
                     _rollback(live)
                     raise
         return {"tables": results, "rolled_back_attempts": tries, "transaction_s": transaction_s,
-                "apply_s": round(time.monotonic() - t0, 3), "committed_at": utcnow()}
+                "apply_s": round(time.monotonic() - t0, 3), "committed_at": utcnow(),
+                **({"before_commit": extra} if extra is not None else {})}
 
     def live_counts(self) -> dict[str, Any]:
         """The inventory's validation queries on live after the apply (a report, not a gate)."""

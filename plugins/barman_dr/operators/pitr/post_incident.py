@@ -86,29 +86,40 @@ class DiscardedOperator(DrBaseOperator):
 
     action = "discarded"
 
+    def __init__(self, *, attempts: int = 3, retry_delay_s: float = 5.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attempts = attempts
+        self.retry_delay_s = retry_delay_s
+
     def run(self, context: Any) -> dict[str, Any]:
         srv = self.srv
         res = resolution_for(self, context)
         stop_x = self.upstream(context, "stop_postgres") or {}
         end = stop_x.get("old_end_lsn")
-        try:
-            resolver = TargetResolver(self, srv)
-            info = self.barman.show_server(srv.name)
-            warnings: list[str] = []
-            waldump = resolver.decoder.waldump(info, srv.name, warnings)
-            view = resolver.decoder.view(srv.name, info, int(res["recovery_timeline"]))
-            out = resolver.discards(view, waldump, StopPoint.from_dict(res["stop"]), True,
-                                    until_lsn=Lsn.parse(end).value + 1 if end else None,
-                                    instance=self.target_instance)
-            out["old_end_lsn"] = end
-            out["warnings"] = warnings + resolver.warnings
-            if not end:
-                out["warnings"].append("the old primary's end of WAL is unknown (not shut down cleanly?): counted up "
-                                       "to the newest WAL Barman holds on the old timeline")
-            return out
-        except Exception as exc:
-            self.log.exception("could not list what the PITR discarded")
-            return {"error": f"{type(exc).__name__}: {str(exc)[:500]}", "old_end_lsn": end}
+        errors: list[str] = []
+        for attempt in range(1, self.attempts + 1):
+            try:
+                resolver = TargetResolver(self, srv)
+                info = self.barman.show_server(srv.name)
+                warnings: list[str] = []
+                waldump = resolver.decoder.waldump(info, srv.name, warnings)
+                view = resolver.decoder.view(srv.name, info, int(res["recovery_timeline"]))
+                out = resolver.discards(view, waldump, StopPoint.from_dict(res["stop"]), True,
+                                        until_lsn=Lsn.parse(end).value + 1 if end else None,
+                                        instance=self.target_instance)
+                out["old_end_lsn"] = end
+                out["warnings"] = warnings + resolver.warnings + errors
+                if not end:
+                    out["warnings"].append("the old primary's end of WAL is unknown (not shut down cleanly?): counted "
+                                           "up to the newest WAL Barman holds on the old timeline")
+                return out
+            except Exception as exc:  # a report: never fail the recovered run for it
+                self.log.exception("could not list what the PITR discarded (attempt %d)", attempt)
+                errors.append(f"attempt {attempt}: {type(exc).__name__}: {str(exc)[:300]}")
+                if attempt < self.attempts:
+                    time.sleep(self.retry_delay_s)
+        return {"error": "; ".join(errors), "old_end_lsn": end,
+                "fix": "clear this task alone (not its downstream) to decode again; dr_salvage needs its list"}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         return "The database is recovered and serving; only the list of discarded transactions is missing."

@@ -70,6 +70,7 @@ class PitrReportOperator(DrBaseOperator):
             "recovery_timeline": x["resolve_target"].get("recovery_timeline"),
             "discarded": {k: v for k, v in x["discarded"].items() if k != "xid_ranges"},
             "discarded_at_plan": (x["plan"].get("discarded") or {}).get("total"),
+            "prepared_transactions": x["verify_target"].get("prepared_transactions"),
         }
         # time-to-recovered: trigger -> the app serving recovered data (resume)
         triggered = getattr(context.get("dag_run"), "start_date", None) or (
@@ -95,6 +96,8 @@ class PitrReportOperator(DrBaseOperator):
                    f"{total.get('inserted', 0)}/~{total.get('updated', 0)}/-{total.get('deleted', 0)} rows "
                    f"(dr_salvage can re-insert the new rows)" if not disc.get("error") else
                    f"\ndiscarded: unknown ({disc['error'][:100]})")
+                + (f"\nWARNING: prepared transactions survived the stop point (COMMIT/ROLLBACK PREPARED them): "
+                   f"{report['prepared_transactions']}" if report["prepared_transactions"] else "")
                 + f"\ncounts {report['counts']}\nold data kept at {report['moved_aside']}\n"
                   f"new backup {report['new_backup_id']}"
                 + (f"\nstaging directories left: {', '.join(report['staging_leftover'])}"

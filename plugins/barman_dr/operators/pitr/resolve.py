@@ -24,7 +24,7 @@ from typing import Any
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, RemoteCommandError, ValidationError
 from barman_dr.find_target import DATABASES_SQL, Catalog, catalog_sql, parse_catalog_result
 from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
-from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment
+from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.recovery_proof import TargetProof, prove_target
 from barman_dr.target_resolution import (
@@ -34,12 +34,14 @@ from barman_dr.target_resolution import (
     StopPoint,
     XidLocator,
     choose_backup,
+    ended_before_stop,
     lsn_text,
     occurrence_choice_error,
     on_path,
     restore_target_for,
     stop_from_record,
     timeline_of_lsn,
+    xid_in_future,
 )
 from barman_dr.wal_selection import segment_archived_before, select_range
 from barman_dr.waldump import RelFileNode, TxnAggregator, WalRecord, parse_record, record_end
@@ -66,6 +68,21 @@ class SwitchResult:
 def primary_up(op: DrBaseOperator, srv: Any) -> bool:
     db = op.db(srv.primary.host)
     return db.status(srv.primary.data_directory) == "running" and db.is_ready(srv.primary)
+
+
+def current_timeline(op: DrBaseOperator, srv: Any, up: bool) -> int | None:
+    """The damaged server's own timeline (its WAL, or its control file when it is down).
+
+    Not "the timeline of the highest segment Barman holds": after a dr_pitr_rollback the
+    abandoned branch can hold higher segment numbers than the timeline the server is on.
+    """
+    db = op.db(srv.primary.host)
+    try:
+        if up:
+            return int(db.psql(srv.primary, "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+        return db.controldata(srv.primary.data_directory).timeline
+    except (BarmanDrError, ValueError):
+        return None
 
 
 def switch_now(op: DrBaseOperator, srv: Any) -> SwitchResult:
@@ -141,6 +158,7 @@ class TargetResolver:
         self.decoder = WalDecodeHook(barman=op.barman)
         self.decoded: list[dict[str, Any]] = []
         self.warnings: list[str] = []
+        self._infos: dict[str, BackupInfo] = {}
 
     # -------------------------------------------------------------------------- helpers
     def _decode(self, view: ArchiveView, waldump: str, first: int, last: int | None, on_line: Any, mode: str,
@@ -151,11 +169,36 @@ class TargetResolver:
                                  f"{WalSegment(view.timeline, first).name} and the newest (e.g. {', '.join(sel.gaps[:3])})")
         self.decoded += self.decoder.decode(sel.runs, waldump, on_line, mode=mode, arg=arg)
 
-    def _backups(self) -> list[BackupInfo]:
-        done = [b for b in self.op.barman.list_backups(self.srv.name) if b.is_done]
-        if not done:
-            raise PreflightError(f"Barman has no DONE backup of {self.srv.name}: nothing to recover from")
-        return [self.op.barman.show_backup(self.srv.name, b.backup_id) for b in done]
+    def _backup(self, backup_id: str) -> BackupInfo:
+        if backup_id not in self._infos:
+            self._infos[backup_id] = self.op.barman.show_backup(self.srv.name, backup_id)
+        return self._infos[backup_id]
+
+    def _choose(self, ids: list[str], stop: StopPoint | None, view: ArchiveView, explicit: str,
+                target_time: datetime | None) -> BackupInfo:
+        """The newest fitting backup, reading `show-backup` newest first and stopping at the first that fits.
+
+        Most incidents are recent: the newest backup fits, and the cost does not grow with the
+        number of backups kept. Only when none fits are all read (for the refusal's list).
+        """
+        if explicit and explicit != "auto":
+            pick = [self._backup(explicit)] if explicit in ids else []
+            return choose_backup(pick or [self._backup(i) for i in ids], stop, switches=view.switches,
+                                 timeline=view.timeline, explicit=explicit, target_time=target_time)
+        for backup_id in ids:  # newest first
+            b = self._backup(backup_id)
+            if b.status == "DONE" and on_path(b, view.switches, view.timeline) and \
+                    ended_before_stop(b, stop, target_time):
+                return b
+        return choose_backup([self._backup(i) for i in ids], stop, switches=view.switches, timeline=view.timeline,
+                             target_time=target_time)
+
+    def _oldest_usable(self, ids: list[str], view: ArchiveView) -> BackupInfo | None:
+        for backup_id in reversed(ids):  # oldest first
+            b = self._backup(backup_id)
+            if on_path(b, view.switches, view.timeline):
+                return b
+        return None
 
     # -------------------------------------------------------------------------- kinds
     def _time(self, view: ArchiveView, waldump: str, t: datetime, inclusive: bool, floor: int) -> tuple[StopPoint, Locator]:
@@ -177,8 +220,7 @@ class TargetResolver:
     def _xid(self, view: ArchiveView, waldump: str, xid: int, inclusive: bool, floor: int,
              next_xid: int | None) -> StopPoint:
         x32 = xid & 0xFFFFFFFF
-        if next_xid is not None and (xid if xid > 0xFFFFFFFF else x32) >= (next_xid if xid > 0xFFFFFFFF
-                                                                              else next_xid & 0xFFFFFFFF):
+        if next_xid is not None and xid_in_future(xid, next_xid):
             raise ValidationError("target_xid", str(xid),
                                   f"has not been assigned yet (the server's next transaction id is {next_xid}): it is in "
                                   "the future. Check the xid (dr_find_target lists the bad transactions). Nothing was "
@@ -230,12 +272,21 @@ class TargetResolver:
             # the record may start in the next segment (L at a segment's end) or continue into it: one run
             sel = select_range(view.files, seg, min(seg + 2, view.newest_segno or seg), self.chunk)
             self.decoded += self.decoder.decode(sel.runs[:1], waldump, take, mode="one", arg=str(Lsn(lsn)))
+            if not found and seg + 1 in view.files.files:
+                # L in the zeroed tail of a switched-out segment (what pg_switch_wal() returns): recovery goes on
+                # with the first record of the next segment
+                sel = select_range(view.files, seg + 1, min(seg + 2, view.newest_segno or seg), self.chunk)
+                self.decoded += self.decoder.decode(sel.runs[:1], waldump, take, mode="one",
+                                                    arg=str(Lsn((seg + 1) * SEGMENT)))
         if not found:
             raise ValidationError("target_lsn", str(Lsn(lsn)),
                                   f"no WAL record at or after it in the WAL Barman holds (timeline {tli}, segment "
                                   f"{WalSegment(tli, seg).name}{' missing' if seg not in view.files.files else ''}): "
                                   "it is beyond the archived WAL or before it. Nothing was touched")
-        return stop_from_record(found[0], "after" if inclusive else "before", tli)
+        rec = found[0]
+        # kind "record": PostgreSQL logs an LSN stop as "... WAL location (LSN)", even on a COMMIT record
+        return stop_from_record(rec, "after" if inclusive else "before",
+                                timeline_of_lsn(rec.lsn, view.switches, view.timeline), kind="record")
 
     def _name(self, view: ArchiveView, waldump: str, name: str, chosen: str | None, floor: int,
               reachable_from: int) -> tuple[StopPoint, list[dict[str, Any]]]:
@@ -290,22 +341,32 @@ class TargetResolver:
                                  "directory")
         info = barman.show_server(srv.name)
         waldump = self.decoder.waldump(info, srv.name, self.warnings)
-        catalog_newest = [e.name for e in barman.wal_catalog(srv.name) if len(e.name) == 24]
-        anchor = sw.closed_wal or sw.current_wal or (max(catalog_newest, key=lambda n: WalSegment.parse(n).segno)
-                                                     if catalog_newest else None)
-        if anchor is None:
+        catalog = barman.wal_catalog(srv.name)
+        names = [e.name for e in catalog if is_wal_segment_name(e.name)]
+        anchor = sw.closed_wal or sw.current_wal
+        if anchor is not None:
+            tli = WalSegment.parse(anchor).timeline
+        else:
+            tli = current_timeline(self.op, srv, sw.primary_up) or (
+                max(WalSegment.parse(n).timeline for n in names) if names else None)
+        if tli is None:
             raise PreflightError(f"Barman holds no WAL for {srv.name}: nothing to recover along")
-        view = self.decoder.view(srv.name, info, WalSegment.parse(anchor).timeline)
-        backups = self._backups()
-        usable = [b for b in backups if on_path(b, view.switches, view.timeline)]
-        if not usable:
+        view = self.decoder.view(srv.name, info, tli, catalog=catalog)
+        self._infos = {}
+        ids = [b.backup_id for b in sorted((b for b in barman.list_backups(srv.name) if b.is_done),
+                                           key=lambda b: b.backup_id, reverse=True)]
+        if not ids:
+            raise PreflightError(f"Barman has no DONE backup of {srv.name}: nothing to recover from")
+        oldest = self._oldest_usable(ids, view)
+        if oldest is None or not view.files.files:
             raise PreflightError(f"no DONE backup of {srv.name} lies on the history of timeline {view.timeline}: "
                                  "nothing can recover along it. Take a backup (dr_weekly_full_backup)")
-        floor = min(b.begin_lsn.value for b in usable if b.begin_lsn) // SEGMENT
-        reachable_from = min(b.end_lsn.value for b in usable if b.end_lsn)
+        # Barman keeps WAL from the oldest backup's begin on: the decode never needs to start earlier
+        floor = max(min(view.files.files), (oldest.begin_lsn.value if oldest.begin_lsn else 0) // SEGMENT)
+        reachable_from = oldest.end_lsn.value if oldest.end_lsn else 0
         occurrences: list[dict[str, Any]] = []
         if target.kind == "immediate":
-            backup = choose_backup(backups, None, switches=view.switches, timeline=view.timeline, explicit=backup_id)
+            backup = self._choose(ids, None, view, backup_id, None)
             stop = StopPoint(kind="consistency", when="after", lsn=str(backup.end_lsn), timeline=backup.timeline,
                              prev_lsn=str(backup.begin_lsn) if backup.begin_lsn else None)
         else:
@@ -317,11 +378,11 @@ class TargetResolver:
                 stop = self._lsn(view, waldump, Lsn.parse(str(target.value)).value, target.inclusive, sw)
             else:
                 stop, occurrences = self._name(view, waldump, str(target.value), name_lsn, floor, reachable_from)
-            backup = choose_backup(backups, stop, switches=view.switches, timeline=view.timeline, explicit=backup_id)
+            backup = self._choose(ids, stop, view, backup_id, target.time)
         res = Resolution(requested=target, stop=stop, restore_target=restore_target_for(target, stop),
                          recovery_timeline=view.timeline, backup=backup, occurrences=occurrences,
                          newest_wal=WalSegment(view.timeline, view.newest_segno).name if view.newest_segno else None,
-                         backups_on_path=sorted(b.backup_id for b in usable))
+                         newest_backup=ids[0], backups_read=list(self._infos))
         if discard:
             res.discarded = self.discards(view, waldump, stop, sw.primary_up)
         res.warnings, res.decoded = list(self.warnings), list(self.decoded)
@@ -330,7 +391,8 @@ class TargetResolver:
     def discards(self, view: ArchiveView, waldump: str, stop: StopPoint, up: bool,
                  until_lsn: int | None = None, instance: Any = None) -> dict[str, Any]:
         """Every transaction committed after the stop point up to the newest WAL (or `until_lsn`), by table."""
-        tally = DiscardTally(from_lsn=stop.discard_from, until_lsn=until_lsn)
+        tally = DiscardTally(from_lsn=stop.discard_from, until_lsn=until_lsn,
+                             stop_xid=stop.xid if stop.kind in ("commit", "abort") and stop.when == "before" else None)
         start = max(Lsn.parse(stop.lsn).value // SEGMENT - 1, min(view.files.files) if view.files.files else 0)
         tally.decode_start_lsn = start * SEGMENT
         agg = TxnAggregator(lambda _t: False, on_commit=tally.on_commit, on_record=tally.on_record)
@@ -405,10 +467,13 @@ def restore_target_of(res: dict[str, Any]) -> RecoveryTarget:
     return RecoveryTarget(t["kind"], t["value"], bool(t["inclusive"]))
 
 
-def target_tli_of(res: dict[str, Any]) -> int | None:
-    """`--target-tli` when recovery follows a later timeline than the backup's own (after an earlier PITR)."""
-    tli = int(res["recovery_timeline"])
-    return tli if tli != int(res["backup"].get("timeline") or tli) else None
+def target_tli_of(res: dict[str, Any]) -> int:
+    """`--target-tli`: always the timeline the resolution followed.
+
+    Left to PostgreSQL (`latest`), recovery would follow the newest timeline whose history
+    file Barman holds, which after a dr_pitr_rollback is an abandoned branch.
+    """
+    return int(res["recovery_timeline"])
 
 
 def prove_resolved(res: dict[str, Any], log_text: str, history_text: str | None, old_timeline: int | None,

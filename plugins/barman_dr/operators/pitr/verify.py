@@ -70,7 +70,12 @@ class VerifyTargetOperator(DrBaseOperator):
         cleaned = clear_recovery_settings(db, inst)
         if not cleaned:  # always: a retry after a try that edited the files but died before its reload
             db.psql(inst, "SELECT pg_reload_conf()")
+        # a transaction PREPAREd before the stop point and committed after it is still prepared here, holding
+        # its locks (and its rows, which a later COMMIT PREPARED would bring back): the DBA must decide
+        prepared = db.psql(inst, "SELECT coalesce(string_agg(gid || ' (xid ' || transaction || ')', ', '), '') "
+                                 "FROM pg_prepared_xacts")
         return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
+                "prepared_transactions": prepared or None,
                 "archive_command_restored_in": archive_files,
                 "switch_lsn": entries[-1].switch_lsn if entries else None}
 
