@@ -64,6 +64,17 @@ BARMAN_SERVER = "pg-primary"
 BARMAN_SERVER2 = "pg-primary2"
 BARMAN_SERVERS = (BARMAN_SERVER, BARMAN_SERVER2)
 AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# lab hosts whose $LAB_DIR/pg/<host> is a small filesystem of its own (MiB, a loop-mounted ext4
+# image under $LAB_DIR/disks; tmpfs where loop devices are not available): the staging-space fault
+# test fills it while a staged restore copies, as another writer on a production volume would
+SMALL_FS_MIB = {"pg-primary2": 1024}
+# what a DR run of each Barman server may touch: while a run owns the server (its lock, or an
+# app it froze and has not resumed: barman_dr.ownership), `up` initialises, starts and
+# reconfigures none of these
+OWNED_BY_SERVER = {
+    BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-nonprod", "pgbouncer", f"barman:{BARMAN_SERVER}"),
+    BARMAN_SERVER2: ("pg-primary2", f"barman:{BARMAN_SERVER2}"),
+}
 
 
 def log(msg: str) -> None:
@@ -71,10 +82,12 @@ def log(msg: str) -> None:
 
 
 def run(argv: list[str], *, user: str | None = None, check: bool = True, env: dict | None = None,
-        capture: bool = True, timeout: float | None = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+        capture: bool = True, timeout: float | None = 600, cwd: str | None = None,
+        input_text: str | None = None) -> subprocess.CompletedProcess:
     if user and user != "root":
         argv = ["runuser", "-u", user, "--", *argv]
-    proc = subprocess.run(argv, capture_output=capture, text=True, env=env, timeout=timeout, cwd=cwd)
+    proc = subprocess.run(argv, capture_output=capture, text=True, env=env, timeout=timeout, cwd=cwd,
+                          input=input_text)
     if check and proc.returncode != 0:
         raise SystemExit(f"[lab] command failed ({proc.returncode}): {shlex.join(argv)}\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -124,6 +137,46 @@ class Lab:
         self.dir = lab_dir
         self.secrets_file = lab_dir / "secrets" / "lab.json"
         self.venv = REPO / ".venv"
+        #: lab component -> why a DR run owns it (filled by `claim_owned` after the ops database is up)
+        self.owned: dict[str, str] = {}
+
+    # ------------------------------------------------------------ DR ownership
+    def dr_owners(self, server: str) -> list[str]:
+        """The DR runs that own `server` now, from the ops database (barman_dr.ownership.OWNER_SQL)."""
+        if not self.pg_running("ops"):
+            return []
+        if self.psql("ops", "SELECT 1 FROM pg_database WHERE datname = 'dr_audit'") != "1":
+            return []
+        if self.psql("ops", "SELECT to_regclass('control.server_locks') IS NOT NULL", db="dr_audit") != "t":
+            return []
+        sys.path.insert(0, str(REPO / "plugins"))
+        from barman_dr.ownership import OWNER_SQL
+
+        sql = OWNER_SQL.replace("%(server)s", ":'server'")
+        out = run([str(PG_BIN / "psql"), "-X", "-q", "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1",
+                   "-v", f"server={server}", "-h", str(self.p("run", "ops")), "-p", str(PG_PORT), "-d", "dr_audit"],
+                  user="postgres", input_text=sql).stdout
+        owners = []
+        for line in out.splitlines():
+            reason, dag_id, run_id, _detail, since = (line.split("\t") + [""] * 5)[:5]
+            what = "holds its lock" if reason == "lock" else "froze its app and has not resumed it"
+            owners.append(f"{dag_id} run {run_id!r} {what} (since {since})")
+        return owners
+
+    def claim_owned(self) -> None:
+        """Which lab components a DR run owns: `up` leaves each of them exactly as it is."""
+        self.owned = {}
+        for server, parts in OWNED_BY_SERVER.items():
+            owners = self.dr_owners(server)
+            if owners:
+                for part in parts:
+                    self.owned[part] = f"server {server}: " + "; ".join(owners)
+        for part, why in self.owned.items():
+            log(f"{part}: left alone, owned by a DR run ({why}). Not initialised, started or reconfigured. "
+                "Finish or roll back that run (dr_pitr / dr_pitr_rollback), then run `make lab-up` again")
+
+    def leave_alone(self, part: str) -> bool:
+        return part in self.owned
 
     # ---------------------------------------------------------------- layout
     def p(self, *parts: str) -> Path:
@@ -296,6 +349,17 @@ class Lab:
         data = self.p("pg", name, "data")
         if (data / "PG_VERSION").exists():
             return False
+        # a data directory that is missing while a DR run's moved-aside or staged copies sit next to
+        # it is a recovery in progress (or one that crashed): initdb there would put an empty cluster
+        # in front of the app. Refuse, whatever the ops database says.
+        evidence = sorted(q.name for q in self.p("pg", name).glob("data.*") if q.is_dir()) \
+            if self.p("pg", name).is_dir() else []
+        if evidence:
+            raise SystemExit(
+                f"[lab] {name}: {data} is missing but {', '.join(evidence)} exist next to it: a DR run moved the data "
+                "directory aside (or staged a restore) and did not finish. `up` does not initialise a new cluster "
+                "over that. Finish the run, or put the original back with dr_pitr_rollback, then run `make lab-up` "
+                "again. Nothing was changed.")
         self.p("pg", name).mkdir(parents=True, exist_ok=True)
         self.chown(self.p("pg", name), "postgres")
         run([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "--auth-local=peer",
@@ -357,6 +421,8 @@ class Lab:
             env={**os.environ, "PGPASSWORD": s["dr_audit_owner"]})
 
     def setup_primary(self) -> None:
+        if self.leave_alone("pg-primary"):
+            return
         s = self.secrets()
         fresh = self.initdb("pg-primary", ["archive_mode = off", "max_connections = 100"])
         self.pg_start("pg-primary", HOSTS["pg-primary"][0])
@@ -371,10 +437,42 @@ class Lab:
         if fresh:
             log("primary initialised")
 
+    def mount_small_fs(self, name: str) -> None:
+        """Put $LAB_DIR/pg/<name> on a filesystem of its own (see SMALL_FS_MIB); idempotent."""
+        mnt = self.p("pg", name)
+        if os.path.ismount(mnt):
+            return
+        if (mnt / "data").exists():
+            log(f"{name}: its data directory is not on a filesystem of its own (a lab built before that): the "
+                "staging-space fault test will skip. A new LAB_DIR gets one")
+            return
+        size = SMALL_FS_MIB[name]
+        img = self.p("disks", f"{name}.img")
+        img.parent.mkdir(exist_ok=True)
+        mnt.mkdir(parents=True, exist_ok=True)
+        if not img.exists():
+            run(["truncate", "-s", f"{size}M", str(img)])  # sparse: only what is written takes disk space
+            run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", f"lab-{name}"[:16], str(img)])
+        how = "loop-mounted ext4"
+        if run(["mount", "-o", "loop", str(img), str(mnt)], check=False).returncode != 0:
+            how = "tmpfs"
+            if run(["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(mnt)],
+                   check=False).returncode != 0:
+                log(f"{name}: could not mount a small filesystem (no loop device, no tmpfs mount allowed): the "
+                    "staging-space fault test will skip")
+                return
+        self.chown(mnt, "postgres")
+        log(f"{name}: {mnt} is a {size} MiB {how} filesystem of its own")
+
     def setup_primary2(self) -> None:
         """A second, small primary: database `shop` with a few critical_orders, its own Barman server."""
+        if self.leave_alone("pg-primary2"):
+            return
         s = self.secrets()
-        fresh = self.initdb("pg-primary2", ["archive_mode = off", "max_connections = 50"])
+        self.mount_small_fs("pg-primary2")
+        # little WAL kept: its data shares a small filesystem with the staging copies of its restores
+        fresh = self.initdb("pg-primary2", ["archive_mode = off", "max_connections = 50", "wal_keep_size = 64MB",
+                                            "max_wal_size = 256MB", "min_wal_size = 64MB"])
         self.pg_start("pg-primary2", HOSTS["pg-primary2"][0])
         self.psql_file("pg-primary2", REPO / "include" / "sql" / "lab_primary_roles.sql", "postgres", {
             "dr_admin_pw": s["dr_admin"], "barman_pw": s["barman"], "streaming_barman_pw": s["streaming_barman"],
@@ -392,6 +490,8 @@ class Lab:
             log("second primary (pg-primary2) initialised")
 
     def setup_standby(self) -> None:
+        if self.leave_alone("pg-standby"):
+            return
         data = self.p("pg", "pg-standby", "data")
         if not (data / "PG_VERSION").exists():
             if self.psql("pg-primary", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pg_standby'") != "1":
@@ -407,6 +507,9 @@ class Lab:
 
     # -------------------------------------------------------------- pgbouncer
     def setup_pgbouncer(self) -> None:
+        # a DR run froze the app with PAUSE: a (re)started PgBouncer would silently unfreeze it
+        if self.leave_alone("pgbouncer"):
+            return
         s = self.secrets()
         d = self.p("pgbouncer")
         (d / "userlist.txt").write_text(f'"app" "{s["app"]}"\n"pgbouncer_admin" "{s["pgbouncer_admin"]}"\n')
@@ -460,6 +563,8 @@ class Lab:
         for server, description in ((BARMAN_SERVER, "Lab primary (shop)"),
                                     (BARMAN_SERVER2, "Lab second primary (small shop)")):
             addr = HOSTS[server][0]
+            if self.leave_alone(f"barman:{server}") and (b / "barman.d" / f"{server}.conf").exists():
+                continue  # the run may have changed it (bandwidth, conninfo after a failover)
             (b / "barman.d" / f"{server}.conf").write_text("\n".join([
                 f"[{server}]",
                 f"description = {description}",
@@ -496,6 +601,8 @@ class Lab:
             pidf.write_text(str(proc.pid))
         self.barman(["cron"])
         for server in BARMAN_SERVERS:
+            if self.leave_alone(f"barman:{server}"):
+                continue  # its PostgreSQL may be stopped by the run: streaming resumes when the run ends
             wait_for(lambda sv=server: self.receive_wal_running(sv), f"barman receive-wal of {server}", 60, 1)
 
     def barman(self, args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -682,6 +789,15 @@ class Lab:
             # CPU (measured on the lab: 2.5% -> ~10% of a core)
             "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.25",
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            # when the scheduler dies mid-run (SIGKILL, OOM, host restart), its successor finds the
+            # task instances the dead one was running and resets them for another try: it looks
+            # every orphaned_tasks_check_interval (default 300 s) for jobs silent for longer than
+            # scheduler_health_check_threshold (30 s). A task whose worker alone died is failed (and
+            # retried) after task_instance_heartbeat_timeout (default 300 s). Shorter in the lab, so
+            # the crash tests converge in a minute; production may keep the defaults (docs/lab.md)
+            "AIRFLOW__SCHEDULER__ORPHANED_TASKS_CHECK_INTERVAL": "15",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "30",
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "90",
             "LAB_AIRFLOW_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
             "LAB_AIRFLOW_USER": "admin",
             "LAB_AIRFLOW_PASSWORD": s["airflow_admin_ui"],
@@ -757,6 +873,11 @@ class Lab:
 
     def print_status(self) -> None:
         rows = [("component", "address", "state", "version"), *self.status_rows()]
+        if self.pg_running("ops"):
+            for server in BARMAN_SERVERS:
+                owners = self.dr_owners(server)
+                rows.append((f"dr ownership {server}", "", "owned by a DR run" if owners else "free",
+                             "; ".join(owners)[:120]))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         for i, r in enumerate(rows):
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)))
@@ -788,6 +909,7 @@ class Lab:
         self.pgpass()
         self.setup_ssh()
         self.setup_ops()
+        self.claim_owned()
         self.setup_primary()
         self.setup_standby()
         self.setup_primary2()
@@ -796,7 +918,8 @@ class Lab:
         self.setup_smtp_sink()
         self.write_env()
         for server in BARMAN_SERVERS:
-            self.ensure_backups(server)
+            if not self.leave_alone(f"barman:{server}"):
+                self.ensure_backups(server)
         self.setup_airflow(start=airflow)
         self.write_env()
         self.print_status()
@@ -849,6 +972,13 @@ class Lab:
                 run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", name, "data")), "-m", "fast", "-w", "-t", "60",
                      "stop"], user="postgres", check=False)
                 log(f"stopped postgresql {name}")
+        for name in SMALL_FS_MIB:
+            # a loop-mounted image keeps its data: unmount it (up mounts it again); a tmpfs would lose it: keep it
+            mnt = self.p("pg", name)
+            if os.path.ismount(mnt) and self.p("disks", f"{name}.img").exists() and not self.pg_running(name):
+                src = run(["findmnt", "-n", "-o", "FSTYPE", str(mnt)], check=False).stdout.strip()
+                if src == "ext4" and run(["umount", str(mnt)], check=False).returncode == 0:
+                    log(f"unmounted the small filesystem of {name}")
         for name in HOSTS:
             self.stop_pid(self.p("run", f"sshd-{name}.pid"), f"sshd {name}")
         # ssh ControlMaster processes of the barman user (multiplexed restore logins)

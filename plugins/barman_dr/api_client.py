@@ -25,6 +25,33 @@ class ApiError(Exception):
         super().__init__(f"HTTP {status} from {url}: {body[:500]}")
 
 
+class ApiUnavailableError(Exception):
+    """The API server did not answer (refused, reset, timed out, 502/503/504) for the whole retry window."""
+
+    def __init__(self, url: str, waited_s: float, attempts: int, last_error: str) -> None:
+        self.url, self.waited_s, self.attempts, self.last_error = url, waited_s, attempts, last_error
+        super().__init__(
+            f"the Airflow API at {url} did not answer for {waited_s:.0f}s ({attempts} attempts; last error: "
+            f"{last_error}). Whether the request reached it is unknown. Check the Airflow api-server, then run the "
+            "same command again: the same incident id reaches the same single run, never a second one.")
+
+
+#: HTTP answers that mean "the API server is not there right now" (a proxy in front of it, a restart)
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def backoff_delays(retry_for: float, first: float = 1.0, cap: float = 10.0) -> list[float]:
+    """Sleeps between attempts: 1, 2, 4, 8, 10, 10 ... s, summing to at most `retry_for`."""
+    delays, total, d = [], 0.0, first
+    while total + d <= retry_for:
+        delays.append(d)
+        total += d
+        d = min(d * 2, cap)
+    if retry_for - total > 0.05:
+        delays.append(round(retry_for - total, 3))
+    return delays
+
+
 def incident_run_id(dag_id: str, incident_id: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", incident_id)
     return f"{dag_id}__incident__{safe}"
@@ -36,10 +63,35 @@ class AirflowApi:
     username: str
     password: str
     timeout: float = 30
+    #: how long to keep retrying while the API server does not answer (0: fail at once)
+    retry_for: float = 0
     _token: str | None = None
 
     def _call(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+        """One API call; while the server does not answer, retried with backoff for `retry_for` seconds.
+
+        Retrying a POST is safe for what this client posts: a trigger carries its run id, so a
+        trigger whose answer was lost comes back as 409 and reads the existing run.
+        """
         url = self.base_url.rstrip("/") + path
+        delays = backoff_delays(self.retry_for)
+        start, attempts = time.monotonic(), 0
+        while True:
+            attempts += 1
+            try:
+                return self._once(method, url, body, auth)
+            except ApiError as exc:
+                if exc.status not in RETRY_STATUSES:
+                    raise
+                last = f"HTTP {exc.status}"
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+                reason = getattr(exc, "reason", exc)
+                last = f"{type(reason).__name__}: {reason}"
+            if not delays:
+                raise ApiUnavailableError(self.base_url, time.monotonic() - start, attempts, last) from None
+            time.sleep(delays.pop(0))
+
+    def _once(self, method: str, url: str, body: Any, auth: bool) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if auth:
             headers["Authorization"] = f"Bearer {self.token()}"

@@ -7,8 +7,12 @@
     barman-dr drill  --wait
 
 The run id is derived from the incident id, so calling `pitr` twice for one incident
-follows the existing run instead of starting a second PITR. Exit codes: 0 success,
-1 the run failed, 2 bad usage or the API refused the request, 3 timeout.
+follows the existing run instead of starting a second PITR. While the API server does not
+answer (a restart, an outage of the Airflow host), every call is retried with backoff for
+`--api-wait` seconds (default 120); then the command stops with exit code 4 and says so, and
+running it again with the same incident id reaches the same single run. Exit codes: 0
+success, 1 the run failed, 2 bad usage or the API refused the request, 3 timeout, 4 the API
+server did not answer.
 Credentials: BARMAN_DR_API_URL / BARMAN_DR_API_USER / BARMAN_DR_API_PASSWORD (the lab's
 LAB_AIRFLOW_URL / LAB_AIRFLOW_USER / LAB_AIRFLOW_PASSWORD are used when those are unset).
 """
@@ -22,19 +26,23 @@ import sys
 import time
 from typing import Any
 
-from barman_dr.api_client import AirflowApi, ApiError, incident_run_id
+from barman_dr.api_client import AirflowApi, ApiError, ApiUnavailableError, incident_run_id
 
 PITR_DAG = "dr_pitr"
 DRILL_DAG = "dr_monthly_restore_drill"
 
 
-def api_from_env() -> AirflowApi:
+#: --api-wait default: long enough for an api-server restart, short enough for a 3 AM terminal
+API_WAIT_S = 120.0
+
+
+def api_from_env(retry_for: float = API_WAIT_S) -> AirflowApi:
     url = os.environ.get("BARMAN_DR_API_URL") or os.environ.get("LAB_AIRFLOW_URL")
     user = os.environ.get("BARMAN_DR_API_USER") or os.environ.get("LAB_AIRFLOW_USER")
     password = os.environ.get("BARMAN_DR_API_PASSWORD") or os.environ.get("LAB_AIRFLOW_PASSWORD")
     if not (url and user and password):
         raise SystemExit("barman-dr: set BARMAN_DR_API_URL, BARMAN_DR_API_USER and BARMAN_DR_API_PASSWORD")
-    return AirflowApi(url, user, password)
+    return AirflowApi(url, user, password, retry_for=retry_for)
 
 
 def parse_expect(items: list[str]) -> dict[str, int]:
@@ -90,7 +98,7 @@ def ensure_unpaused(api: AirflowApi, dag_id: str) -> None:
 
 
 def cmd_trigger(args: argparse.Namespace, confirm: bool) -> int:
-    api = api_from_env()
+    api = api_from_env(args.api_wait)
     ensure_unpaused(api, PITR_DAG)
     run_id = incident_run_id(PITR_DAG, args.incident)
     try:
@@ -124,7 +132,7 @@ def report(api: AirflowApi, run_id: str, final: dict[str, Any]) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    api = api_from_env()
+    api = api_from_env(args.api_wait)
     run_id = args.run_id or incident_run_id(PITR_DAG, args.incident)
     try:
         run = api.get_run(PITR_DAG, run_id)
@@ -140,7 +148,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_drill(args: argparse.Namespace) -> int:
-    api = api_from_env()
+    api = api_from_env(args.api_wait)
     ensure_unpaused(api, DRILL_DAG)
     run, _ = api.trigger(DRILL_DAG, {}, run_id=f"{DRILL_DAG}__cli__{time.strftime('%Y%m%dT%H%M%S')}")
     print(f"triggered: {DRILL_DAG} run {run['dag_run_id']}")
@@ -153,6 +161,9 @@ def cmd_drill(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="barman-dr", description="Trigger and follow barman-dr runs (Airflow REST API).")
+    p.add_argument("--api-wait", dest="api_wait", type=float, default=API_WAIT_S, metavar="SECONDS",
+                   help="keep retrying (with backoff) this long while the Airflow API server does not answer "
+                        f"(default {API_WAIT_S:.0f}; 0: fail at once)")
     sub = p.add_subparsers(dest="command", required=True)
     for name, helptext in (("pitr", "execute a PITR (with --confirm) and follow it"),
                            ("plan", "plan a PITR: preflight and WAL proof only, nothing is touched")):
@@ -193,13 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "pitr":
-        return cmd_trigger(args, confirm=args.confirm)
-    if args.command == "plan":
-        return cmd_trigger(args, confirm=False)
-    if args.command == "status":
-        return cmd_status(args)
-    return cmd_drill(args)
+    if args.api_wait < 0:
+        print(f"barman-dr: --api-wait {args.api_wait}: use a number of seconds >= 0, e.g. 120", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "pitr":
+            return cmd_trigger(args, confirm=args.confirm)
+        if args.command == "plan":
+            return cmd_trigger(args, confirm=False)
+        if args.command == "status":
+            return cmd_status(args)
+        return cmd_drill(args)
+    except ApiUnavailableError as exc:
+        print(f"barman-dr: {exc}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

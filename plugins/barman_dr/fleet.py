@@ -20,6 +20,7 @@ DEFAULT_SCHEDULES = {
     "dr_weekly_full_backup": "0 2 * * 0",      # Sunday 02:00
     "dr_daily_verification": "30 3 * * *",     # every day 03:30
     "dr_monthly_restore_drill": "0 4 1 * *",   # the 1st of the month 04:00
+    "dr_freeze_guard": "*/5 * * * *",          # every 5 minutes: an app left frozen is an outage
 }
 
 

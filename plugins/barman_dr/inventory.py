@@ -147,6 +147,8 @@ class Server:
     switch_wal_timeout_seconds: int = 60
     #: tables (`schema.table`) dr_surgical_recovery compares when its run names none
     surgical_tables: tuple[str, ...] = ()
+    #: the longest the app may stay frozen by a DR run before dr_freeze_guard alerts (never unfreezes)
+    max_freeze_seconds: int = 1800
 
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
@@ -200,6 +202,12 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> 
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
     )
+
+
+def _positive_int(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InventoryError(f"{where}: {value!r} is not a positive integer (seconds), e.g. 1800")
+    return value
 
 
 def _tables(value: Any, where: str) -> tuple[str, ...]:
@@ -294,6 +302,7 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             validation_queries=dict(queries),
             switch_wal_timeout_seconds=int(d.get("switch_wal_timeout_seconds", 60)),
             surgical_tables=_tables(d.get("surgical_tables"), f"{w}.surgical_tables"),
+            max_freeze_seconds=_positive_int(d.get("max_freeze_seconds", 1800), f"{w}.max_freeze_seconds"),
         )
     if not servers:
         raise InventoryError(f"{path}: no servers defined")

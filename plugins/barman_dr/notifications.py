@@ -74,13 +74,23 @@ class DrNotifier(BaseNotifier):
             # our operators end their messages with "NEXT: <what the on-call DBA does now>"
             details["next_action"] = text.split("NEXT:", 1)[1].strip()[:1000] if "NEXT:" in text else (
                 "see the task log and the audit trail (DR page), then clear the task or trigger again")
+        self.deliver(context, details)
+
+    def deliver(self, context: Any, details: dict[str, Any], outcome: str = "failed") -> None:
+        """Audit, mail and post `details` (its `message` is the subject); never raises.
+
+        Failure callbacks go through `notify`; a check that finds something wrong without a
+        task failing (dr_freeze_guard) calls this directly with outcome `critical`.
+        """
+        details.setdefault("message", self.message)
         try:
             from barman_dr.audit import AuditContext, AuditTrail
 
             AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context)).record(
-                "notify", "failed", details=details)
+                "notify", outcome, server=details.get("server"), details=details)
         except Exception:
             log.exception("DrNotifier: could not write the audit event")
+        self.message = str(details["message"])
         self._mail(details)
         self._webhook(details)
 

@@ -210,6 +210,19 @@ def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any
     return out
 
 
+def orphan_findings(orphans: Sequence[Any]) -> list[Finding]:
+    """Scratch copies and postmasters of DR runs that are over (barman_dr.orphans): WARNING each, never deleted."""
+    left = [o for o in orphans if not o.in_use]
+    if not left:
+        busy = [o for o in orphans if o.in_use]
+        return [Finding("orphans", OK, "no staging or salvage copies left by ended DR runs"
+                        + (f" ({len(busy)} in use by the run holding the lock)" if busy else ""))]
+    return [Finding("orphans", WARNING, f"left by a DR run that is over: {o.describe()}",
+                    "not live data; stop its postmaster (pg_ctl stop -D <dir> -m fast) and remove the directory once "
+                    "nobody needs it (a staged copy is a proven restore), or resume that run if it crashed")
+            for o in left]
+
+
 def parse_df_percent(text: str) -> tuple[float, str]:
     """`df -P DIR` -> (use percent, mount point)."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]

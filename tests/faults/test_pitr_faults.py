@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from include.lab import seed_scenario
-from tests.fault_support import SshOutageDuringRestore, barman_bandwidth_limit, wal_taken_out_of_the_archive
-from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, run_dag, xcom
+from tests.fault_support import (
+    SshOutageDuringRestore,
+    barman_bandwidth_limit,
+    make_lab_up,
+    orphan_postmaster,
+    postmaster_pid,
+    verification_report,
+    wal_taken_out_of_the_archive,
+)
+from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, run_dag, sql, xcom
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -97,6 +108,16 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
         # the unusable staging copy is reported for the DBA to inspect and delete (not live data)
         summary = details(events, "failure_summary", "ok")
         assert summary and any(".staged-" in p for p in summary[0]["staging_leftover"]), summary
+        # ... and the daily verification reports it, with the run that left it, until someone removes it
+        leftover = [p for p in summary[0]["staging_leftover"] if p.endswith(tuple("0123456789abcdef"))]
+        with orphan_postmaster() as (orphan_dir, orphan_pid):
+            report = verification_report("pg-primary")
+        orphans = [f for f in report["findings"] if f["check"] == "orphans"]
+        text = json.dumps(orphans)
+        assert all(f["status"] == "WARNING" for f in orphans) and run_id in text and leftover[0] in text, orphans
+        assert orphan_dir in text and f"pid {orphan_pid}" in text  # a postmaster no run recorded
+        for path in summary[0]["staging_leftover"]:  # the DBA's decision: they are not live data
+            shutil.rmtree(path, ignore_errors=True)
         return
     assert tasks["barman_restore"] == "success"
     assert tasks["start_recovery"] == "failed" and tasks["unfreeze_app"] == "upstream_failed"
@@ -108,8 +129,36 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
     moved = details(events, "move_aside", "ok")[0]["moved_to"]
     assert Path(moved, "PG_VERSION").exists()
 
+    # the app frozen with nobody watching: the run is over (lock released) but left the app frozen
+    assert not sql("LAB_AUDIT_DSN", "SELECT 1 FROM control.server_locks WHERE server = 'pg-primary'")
+    # `make lab-up` still leaves the server alone: the run froze its app and nothing resumed it
+    up = make_lab_up()
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    assert "pg-primary: left alone, owned by a DR run" in up.stdout and "froze its app" in up.stdout
+    assert pgbouncer_paused()
+    assert not DATA.joinpath("postmaster.pid").exists() or not postmaster_pid(DATA)  # not started by lab-up
+    # past max_freeze_seconds (45 s in the lab) the out-of-band guard alerts, naming the run and the next step
+    max_freeze = 45
+    frozen_at = datetime.fromisoformat(details(events, "freeze_app", "ok")[0]["frozen_at"])
+    time.sleep(max(0.0, max_freeze + 1 - (datetime.now(UTC) - frozen_at).total_seconds()))
+    before_mail = set(Path(os.environ["LAB_MAIL_DIR"]).glob("*.eml"))
+    g_state, g_run, _ = run_dag("dr_freeze_guard", {})
+    assert g_state == "success"
+    verdict = xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]
+    assert verdict["status"] == "alert" and verdict["run_id"] == run_id and not verdict["repeat"], verdict
+    assert "dr_pitr_rollback" in verdict["next_step"] and f"pitr_run_id={run_id}" in verdict["next_step"]
+    mails = [m.read_text() for m in set(Path(os.environ["LAB_MAIL_DIR"]).glob("*.eml")) - before_mail]
+    assert any(run_id in m and "FROZEN" in m and "dr_pitr_rollback" in m for m in mails), mails
+    assert pgbouncer_paused()  # the guard never unfreezes
+    # a second check within max_freeze does not page again
+    g_state, g_run, _ = run_dag("dr_freeze_guard", {})
+    assert xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]["repeat"] is True
+
     state, _, rb_tasks = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": run_id,
                                                            "confirm": "ROLLBACK pg-primary"})
     assert state == "success", rb_tasks
     assert counts() == before and primary_timeline() == tli
     assert not pgbouncer_paused()
+    # resumed by the rollback: nothing is frozen any more, the guard is quiet, the server is free again
+    g_state, g_run, _ = run_dag("dr_freeze_guard", {})
+    assert xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]["status"] == "ok"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -322,8 +322,11 @@ class BarmanHook(BaseHook):
         args += [server, backup_id, destination]
         return self.argv(*args)
 
-    def restore_job(self, job_id: str, argv: Sequence[str], *, timeout: float = 6 * 3600) -> CommandResult:
-        return self.host.run_job(self.job_dir, job_id, argv, timeout=timeout, error_cls=BarmanCommandError)
+    def restore_job(self, job_id: str, argv: Sequence[str], *, timeout: float = 6 * 3600,
+                    on_poll: Callable[[Any], None] | None = None) -> CommandResult:
+        """`barman restore` as a detached job; `on_poll` sees each status while it runs (and may raise to stop)."""
+        return self.host.run_job(self.job_dir, job_id, argv, timeout=timeout, error_cls=BarmanCommandError,
+                                 on_poll=on_poll)
 
     def delete_backup(self, server: str, backup_id: str) -> CommandResult:
         return self.run("delete", server, backup_id, timeout=600)

@@ -354,14 +354,15 @@ class RemoteHost:
                 interval = poll(interval) if poll else min(interval * 1.5, 3.0)
 
     def run_job(self, job_root: str, job_id: str, argv: Sequence[str], *, timeout: float,
-                error_cls: type[RemoteCommandError] = RemoteCommandError) -> CommandResult:
+                error_cls: type[RemoteCommandError] = RemoteCommandError,
+                on_poll: Callable[[JobStatus], None] | None = None) -> CommandResult:
         """Start (or attach to) a detached job, wait for it, and return its result."""
         start = time.monotonic()
         status = self.start_job(job_root, job_id, argv)
         if status.state == "lost":
             raise RemoteJobError(f"remote job {job_id} on {self.name} was lost; reset it before retrying")
         if not status.finished:
-            status = self.wait_job(job_root, job_id, timeout=timeout)
+            status = self.wait_job(job_root, job_id, timeout=timeout, on_poll=on_poll)
         out, err = self.job_output(job_root, job_id)
         result = CommandResult(self.name, list(argv), int(status.exit_code or 0), out, err,
                                round(time.monotonic() - start, 3))

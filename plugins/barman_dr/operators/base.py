@@ -43,6 +43,39 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat()
 
 
+#: outcomes that end a try in the audit trail (`started` opens it)
+TRY_END_OUTCOMES = frozenset({"ok", "failed", "refused", "planned", "critical"})
+
+
+def interrupted_tries(events: Sequence[dict[str, Any]], action: str, task_id: str, current_try: int | None) -> list[dict]:
+    """Earlier tries of this task that `started` and never recorded how they ended.
+
+    A try ends with an outcome event (ok, failed, refused) unless its process died first:
+    the worker or the scheduler was SIGKILLed, ran out of memory, or its host restarted.
+    Airflow then resets or fails the task instance without running any of our code, so
+    the next try is the first to know: it records the lost try in the audit trail, so a
+    crash is visible there and not only as a gap. Only tries before the current one count
+    (a mapped task's siblings run the same try number at the same time).
+    """
+    opened: dict[int, dict[str, Any]] = {}
+    ended: set[int] = set()
+    for e in events:
+        if e.get("task_id") != task_id or e.get("try_number") is None:
+            continue
+        n = int(e["try_number"])
+        if current_try is not None and n >= current_try:
+            continue
+        if e.get("action") != action:
+            continue
+        if e.get("outcome") == "started":
+            opened.setdefault(n, e)
+        elif e.get("outcome") in TRY_END_OUTCOMES or (
+                e.get("outcome") == "warning" and (e.get("details") or {}).get("interrupted_try") == n):
+            ended.add(n)
+    return [{"interrupted_try": n, "started_at": opened[n].get("event_time")}
+            for n in sorted(opened) if n not in ended]
+
+
 class DrBaseOperator(BaseOperator):
     """A DR step on one server of the inventory, audited from start to end."""
 
@@ -141,6 +174,7 @@ class DrBaseOperator(BaseOperator):
         started = time.monotonic()
         started_at = utcnow()
         try:
+            self.record_interrupted_tries(context, audit)
             audit.record(self.action, "started", server=self.audit_server(), target=self.audit_target())
         except AuditUnavailableError as exc:
             # no unaudited DR action, destructive or not: refuse, without retries
@@ -175,6 +209,25 @@ class DrBaseOperator(BaseOperator):
 
     def run(self, context: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def record_interrupted_tries(self, context: Any, audit: AuditTrail) -> list[dict[str, Any]]:
+        """Audit each earlier try of this task that died without an outcome (see `interrupted_tries`)."""
+        ti = context.get("ti")
+        try_number = getattr(ti, "try_number", None)
+        map_index = getattr(ti, "map_index", None)
+        if not isinstance(try_number, int) or try_number <= 1 or (isinstance(map_index, int) and map_index >= 0):
+            return []
+        events = audit.events(run_id=context["run_id"], dag_id=context["dag"].dag_id, limit=2000)
+        lost = interrupted_tries(events, self.action, self.task_id, try_number)
+        for item in lost:
+            self.log.warning("try %s of %s started at %s and never recorded an outcome: its worker or the scheduler "
+                             "was lost. This try picks up what it left (a running job, a stopped server, a "
+                             "directory already moved).", item["interrupted_try"], self.task_id, item["started_at"])
+            audit.record(self.action, "warning", server=self.audit_server(), target=self.audit_target(), details={
+                **item, "cause": "the try ended without an outcome: its worker or the scheduler was lost "
+                                 "(SIGKILL, out of memory, host restart)",
+                "resumed_by_try": try_number})
+        return lost
 
     # ------------------------------------------------------------- remote jobs
     def track_job(self, host: Any, job_root: str, job_id: str) -> None:

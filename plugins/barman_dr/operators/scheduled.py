@@ -28,6 +28,7 @@ from barman_dr.models import RecoveryTarget, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
 from barman_dr.operators.pitr.resolve import TargetResolver, prove_resolved, restore_target_of, target_tli_of
+from barman_dr.orphans import LIST_SCRIPT, Orphan, classify, parse_listing, recorded_paths
 from barman_dr.verification import (
     CRITICAL,
     SKIPPED,
@@ -36,6 +37,7 @@ from barman_dr.verification import (
     check_findings,
     disk_finding,
     freshness_finding,
+    orphan_findings,
     parse_df_percent,
     retention_plan,
     standby_findings,
@@ -304,12 +306,31 @@ class DailyVerificationOperator(FleetServerOperator):
             facts["disk_usage_percent"] = pct
             findings.append(disk_finding(pct, mount, bh.backup_directory, th["max_disk_usage_percent"]))
 
+        orphans = self._probe(findings, "orphans", lambda: self._orphans(context))
+        if orphans is not None:
+            findings += orphan_findings(orphans)
+            facts["orphans"] = [o.to_dict() for o in orphans]
+
         report = build_report(srv.name, findings, facts, checked_at=now.isoformat())
         self.audit(context).record("verify_report", report["status"].lower(), server=srv.name, details=report)
         log = self.log.error if report["status"] == CRITICAL else self.log.info
         log("%s: %s\n%s", srv.name, report["status"], "\n".join(report["reasons"]) or "all checks OK")
         return report
 
+
+    def _orphans(self, context: Any) -> list[Orphan]:
+        """Staging/salvage copies and their postmasters next to each data directory of the server (barman_dr.orphans)."""
+        srv = self.srv
+        holder = ServerLock(postgres_conn_id=self.audit_conn_id).holder(srv.name)
+        trail = self.audit(context)
+        recorded = recorded_paths([*trail.events(server=srv.name, action="staging_directory", limit=500),
+                                   *trail.events(server=srv.name, action="salvage_prepare", limit=200)])
+        found: list[Orphan] = []
+        for inst in (srv.primary, *srv.standbys):
+            text = self.db(inst.host).host.run(sh_argv(LIST_SCRIPT, inst.data_directory), timeout=120).stdout
+            dirs, postmasters = parse_listing(text)
+            found += classify(inst.host, dirs, postmasters, recorded, holder.run_id if holder else None)
+        return found
 
     def _wal_files_on_disk(self, server: str) -> set[str]:
         """Names of the WAL segment files in Barman's `wals/<hex16>/` directories of the server."""

@@ -6,7 +6,7 @@ import posixpath
 import time
 from typing import Any
 
-from barman_dr.exceptions import PreflightError
+from barman_dr.exceptions import BarmanDrError, PreflightError
 from barman_dr.hooks.dbhost import (
     SOCKET_PATH_MAX,
     staged_instance,
@@ -23,26 +23,55 @@ from barman_dr.recovery_proof import parse_history_file
 SEGMENT_BYTES = 16 * 1024 * 1024
 #: free space a staged restore needs beyond the backup and the WAL it copies
 STAGING_MARGIN = 0.10
+#: free space left to the live server on the shared filesystem (see `headroom_bytes`)
+HEADROOM_FRACTION, HEADROOM_MIN, HEADROOM_MAX = 0.02, 64 * 1024 * 1024, 4 * 1024**3
 
 
 def _mib(n: int) -> str:
     return f"{n / 1024 / 1024:,.0f} MiB"
 
 
+class StagingSpaceError(PreflightError):
+    """The staging filesystem cannot hold the staged restore (before the copy, or it filled up during it)."""
+
+
+def out_of_space(exc: BaseException) -> bool:
+    """Did a copy or a replay fail because its filesystem is full (ENOSPC, in any of the tools' words)?"""
+    text = " ".join(str(x) for x in (exc, getattr(exc, "stderr", ""), getattr(exc, "stdout", "")))
+    return "No space left on device" in text or ("(28)" in text and "rsync" in text)
+
+
+def headroom_bytes(fs_size_bytes: int) -> int:
+    """Free space the live server keeps on its filesystem while a staged copy grows next to it.
+
+    The staging directory shares the data directory's filesystem (the rename into place is
+    instant only there), so the copy competes with the live server's WAL: a full filesystem
+    makes PostgreSQL PANIC. 2% of the filesystem, at least 64 MiB and at most 4 GiB.
+    """
+    return int(min(max(fs_size_bytes * HEADROOM_FRACTION, HEADROOM_MIN), HEADROOM_MAX))
+
+
 def check_staging_space(host: str, free: dict[str, Any], backup_bytes: int, wal_segments: int) -> dict[str, Any]:
-    """Free space for a second copy next to the data directory: backup + WAL to replay + 10%; or a refusal."""
+    """Free space for a second copy next to the data directory: backup + WAL + 10%, plus the live headroom."""
     wal_bytes = wal_segments * SEGMENT_BYTES
     needed = int((backup_bytes + wal_bytes) * (1 + STAGING_MARGIN))
-    out = {**free, "needed_bytes": needed, "backup_bytes": backup_bytes, "wal_bytes": wal_bytes}
-    if free["available_bytes"] < needed:
-        raise PreflightError(
+    headroom = headroom_bytes(int(free.get("size_bytes") or 0))
+    out = {**free, "needed_bytes": needed, "backup_bytes": backup_bytes, "wal_bytes": wal_bytes,
+           "headroom_bytes": headroom}
+    if free["available_bytes"] < needed + headroom:
+        raise StagingSpaceError(
             f"not enough free space for a staged restore on {host}:{free['mount_point']} (the filesystem of "
             f"{free['path']}): it needs {_mib(needed)} (backup {_mib(backup_bytes)} + WAL to replay "
-            f"{_mib(wal_bytes)} + {STAGING_MARGIN:.0%} margin), {_mib(free['available_bytes'])} are available. "
+            f"{_mib(wal_bytes)} + {STAGING_MARGIN:.0%} margin) and leaves {_mib(headroom)} for the live server; "
+            f"{_mib(free['available_bytes'])} are available. "
             "Nothing was stopped. Fix: free space on that filesystem and clear this task, or trigger again with "
             "staged_restore=false (the restore then runs inside the downtime window, after the freeze; it needs "
             "about the same space, because the old data directory is kept next to the restored one)")
     return out
+
+
+class StagingFillingError(BarmanDrError):
+    """The staging copy was stopped: its filesystem fell below the live server's headroom."""
 
 
 class StageRestoreOperator(DrBaseOperator):
@@ -122,15 +151,66 @@ class StageRestoreOperator(DrBaseOperator):
             target_tli=target_tli_of(res), staging_wal_directory=wal_dir)
         self.track_job(self.barman.host, self.barman.job_dir, job_id)
         started = time.monotonic()
-        result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout)
-        seconds = max(time.monotonic() - started, 0.001)
         size = int(backup.get("size_bytes") or 0)
-        replay = self.replay_staged(db, inst, staged, res)
+        parent = posixpath.dirname(inst.data_directory.rstrip("/"))
+        headroom = space["headroom_bytes"] if space else headroom_bytes(int(db.free_space(parent)["size_bytes"]))
+
+        def watch(status: Any) -> None:
+            # every long-poll window: stop the copy before it eats the live server's headroom
+            if status.finished:
+                return
+            avail = int(db.free_space(parent)["available_bytes"])
+            if avail < headroom:
+                stopped = self.barman.host.kill_job(self.barman.job_dir, job_id)
+                raise StagingFillingError(f"{_mib(avail)} left on {inst.host}:{parent}, under the live server's "
+                                          f"headroom of {_mib(headroom)}: the copy was stopped ({stopped})")
+
+        try:
+            result = self.barman.restore_job(job_id, argv, timeout=self.restore_timeout, on_poll=watch)
+            seconds = max(time.monotonic() - started, 0.001)
+            replay = self.replay_staged(db, inst, staged, res)
+        except BarmanDrError as exc:
+            if not (isinstance(exc, StagingFillingError) or out_of_space(exc)):
+                raise
+            self.refuse_full_filesystem(context, db, inst, record, job_id, size, int(wal.get("wal_segments") or 0),
+                                        exc)
         return {"staged": True, **record, "identity": db.dir_identity(staged), "job_id": job_id, "argv": argv,
                 "replay_bytes": int(res["replay"]["bytes"]), "stop": res["stop"]["described"],
                 "space": space, "cleaned": cleaned, "restore_s": round(seconds, 3), "bytes": size,
                 "restore_bytes_per_s": int(size / seconds) if size else None, "stdout_tail": result.stdout[-2000:],
                 "replay": replay}
+
+    def refuse_full_filesystem(self, context: Any, db: Any, inst: Instance, record: dict[str, Any], job_id: str,
+                               backup_bytes: int, wal_segments: int, exc: BaseException) -> None:
+        """The staging filesystem filled up during the copy or the replay: remove our partial copy, name the shortfall.
+
+        Free space was checked before the copy, so something else took it meanwhile (another
+        writer on that filesystem, WAL growth) or the estimate was short. A retry would fill
+        it again: fail at once, before the freeze, with the numbers, and leave nothing of
+        ours behind (the failed job's record is kept for the audit).
+        """
+        staged, wal_dir = record["staging_directory"], record["wal_directory"]
+        self.barman.host.reset_if_failed(self.barman.job_dir, job_id)
+        try:
+            db.stop(staged_instance(inst, staged), mode="immediate", timeout=60)
+        except BarmanDrError as stop_exc:
+            self.log.warning("stopping the staging PostgreSQL on %s: %s", staged, stop_exc)
+        removed = db.remove_staging(inst.data_directory, staged, wal_dir)
+        free = db.free_space(posixpath.dirname(inst.data_directory.rstrip("/")))
+        needed = int((backup_bytes + wal_segments * SEGMENT_BYTES) * (1 + STAGING_MARGIN)) \
+            + headroom_bytes(int(free["size_bytes"]))
+        self.audit(context).record("staging_removed", "info", server=self.srv.name, target=self.audit_target(),
+                                   details={**record, "removed": removed, "reason": "filesystem full", "space": free})
+        why = str(exc) if isinstance(exc, StagingFillingError) else "No space left on device"
+        raise StagingSpaceError(
+            f"the staging filesystem {inst.host}:{free['mount_point']} filled up during the staged restore "
+            f"({why}). It needs {_mib(needed)} (backup {_mib(backup_bytes)} + WAL "
+            f"{_mib(wal_segments * SEGMENT_BYTES)} + {STAGING_MARGIN:.0%} + the live server's headroom); "
+            f"{_mib(free['available_bytes'])} are "
+            f"available now, after removing this run's partial copy ({', '.join(removed) or 'nothing left'}): "
+            f"a shortfall of {_mib(max(needed - free['available_bytes'], 0))}. Nothing was stopped and the app was "
+            "never frozen. Fix: free space on that filesystem (something else is writing there), then trigger "
+            "again; or trigger with staged_restore=false") from exc
 
     def replay_staged(self, db: Any, inst: Instance, staged: str, res: dict[str, Any]) -> dict[str, Any]:
         """Replay the WAL to the target in the staging copy, prove it there, and shut it down cleanly.
@@ -183,6 +263,9 @@ class StageRestoreOperator(DrBaseOperator):
                 "stop": proof.stop.get("lines", [])[:3]}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
+        if isinstance(exc, StagingSpaceError):
+            return ("Nothing was stopped and the app was never frozen; no partial copy of this run is left. Free "
+                    "space on the staging filesystem, then trigger again (or with staged_restore=false).")
         staging = context["ti"].xcom_pull(task_ids=self.task_id, key="staging") or {}
         where = f" A partial copy may be left in {staging.get('staging_directory')} (not live data)." if staging else ""
         return ("Nothing was stopped: the app runs on the original server." + where + " Clear this task to retry "
