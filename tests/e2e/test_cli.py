@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from barman_dr.api_client import incident_run_id
 from include.lab import seed_scenario
+from tests.fault_support import kill_airflow, make_lab_up
 from tests.pitr_support import counts, pgbouncer_paused
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -86,3 +89,35 @@ def test_drill_wait_runs_the_restore_drill(drill_dag):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "triggered: dr_monthly_restore_drill" in r.stdout
     assert "drill__" in r.stdout and "summary" in r.stdout and "dr_monthly_restore_drill: SUCCESS" in r.stdout
+
+
+def test_api_server_down_the_cli_retries_then_the_same_incident_reaches_one_run(api):
+    """Incident tooling triggers while the API server is down (issue 18, fault 4).
+
+    A short --api-wait gives up with exit 4 and a message that says what happened and what to
+    do; the same command with a longer wait rides out the outage (the api-server is brought
+    back by `make lab-up` meanwhile) and triggers; running it a third time follows that same
+    run. Exactly one run exists for the incident.
+    """
+    incident = f"INC-CLI-APIDOWN-{int(time.time())}"
+    target = (datetime.now(UTC) - timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    plan = ("plan", "--server", "pg-primary", "--target-time", target, "--incident", incident)
+    killed = kill_airflow("api-server")
+    assert killed
+    try:
+        r = cli("--api-wait", "4", *plan, timeout=120)
+        assert r.returncode == 4, r.stdout + r.stderr
+        assert "did not answer for" in r.stderr and "same incident id reaches the same single run" in r.stderr
+        back = threading.Timer(8, make_lab_up)
+        back.start()
+        r = cli("--api-wait", "300", *plan, "--wait", "--timeout", "600", timeout=900)
+        back.join()
+    finally:
+        make_lab_up()  # idempotent: the api-server is up whatever happened above
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "triggered:" in r.stdout and "SUCCESS" in r.stdout
+    again = cli(*plan)
+    assert again.returncode == 0 and "already exists (same incident)" in again.stdout
+    runs = api._call("GET", "/api/v2/dags/dr_pitr/dagRuns?limit=100&order_by=-start_date")["dag_runs"]
+    assert [x["dag_run_id"] for x in runs if (x.get("conf") or {}).get("incident_id") == incident] == [
+        incident_run_id("dr_pitr", incident)]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from barman_dr.hooks.dbhost import staging_paths
-from barman_dr.operators.pitr import StageRestoreOperator
+from barman_dr.operators.pitr import ResolveTargetOperator, StageRestoreOperator
 from barman_dr.pitr_request import validate_pitr_conf
 
 pytestmark = pytest.mark.integration
@@ -49,6 +49,9 @@ def test_retry_removes_only_its_own_partial_copy_then_restores(inventory, barman
     ti = Ti(run_id, {"preflight": {"backup_id": info.backup_id, "backup": info.to_dict()},
                      "wal_coverage": {"wal_segments": 1, "last_wal": info.end_wal, "server_current_wal": None}})
     context = {"ti": ti, "dag": SimpleNamespace(dag_id="dr_integration_test"), "run_id": run_id}
+    # the stop point, resolved in the WAL as the run's resolve_target step does (every later step reads it)
+    ti.upstream["resolve_target"] = ResolveTargetOperator(task_id="resolve_target", request=req.to_dict(),
+                                                          discard=False).run(context)
     job_id = f"stage-pg-primary-{tag}"
     job = f"{barman.job_dir}/{job_id}"
     # what a first attempt killed mid-copy leaves: a job record with a failed exit code, a partial copy
