@@ -159,9 +159,29 @@ class Lab:
         owners = []
         for line in out.splitlines():
             reason, dag_id, run_id, _detail, since = (line.split("\t") + [""] * 5)[:5]
+            if reason == "app_frozen" and server == BARMAN_SERVER and self.app_paused() is False:
+                continue  # someone resumed the app by hand: the freeze, and with it the ownership, is over
             what = "holds its lock" if reason == "lock" else "froze its app and has not resumed it"
             owners.append(f"{dag_id} run {run_id!r} {what} (since {since})")
         return owners
+
+    def app_paused(self) -> bool | None:
+        """PgBouncer's live `paused` state of the shop pool (None: PgBouncer is not running)."""
+        pid = read_pid(self.p("run", "pgbouncer.pid"))
+        if not (pid and pid_alive(pid)):
+            return None
+        r = run([str(PG_BIN / "psql"), "-X", "-A", "-F", "|", "-P", "footer=off", "-h", HOSTS["pg-primary"][0],
+                 "-p", str(PGBOUNCER_PORT), "-U", "pgbouncer_admin", "-d", "pgbouncer", "-c", "SHOW DATABASES"],
+                env={**os.environ, "PGPASSWORD": self.secrets()["pgbouncer_admin"]}, check=False)
+        lines = r.stdout.splitlines()
+        if r.returncode != 0 or not lines:
+            return None
+        header = lines[0].split("|")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split("|"), strict=False))
+            if row.get("name") == "shop":
+                return row.get("paused") == "1"
+        return None
 
     def claim_owned(self) -> None:
         """Which lab components a DR run owns: `up` leaves each of them exactly as it is."""

@@ -14,7 +14,8 @@ A server is owned by a DR run while
 * a run froze its application and no later event resumed it (`freeze_app` ok, and no
   later `unfreeze_app` ok or `rollback` ok in the audit trail): a run that failed inside
   the downtime window releases its lock but leaves the app frozen and the data aside for
-  the DBA, and the server stays theirs until the app is resumed.
+  the DBA, and the server stays theirs until the app is resumed (by the run, a rollback,
+  or by hand: callers that can see PgBouncer treat a pool that is serving again as resumed).
 
 Both facts live on the ops database, which no PITR rewinds. `OWNER_SQL` is the one query;
 the library (`owner_of`), the CLI (`barman-dr owner <server>`, exit 3 when owned) and the
@@ -37,7 +38,7 @@ SELECT 'app_frozen', f.dag_id, f.run_id, 'the app was frozen by this run and not
          ORDER BY event_time DESC LIMIT 1) f
  WHERE NOT EXISTS (SELECT 1 FROM audit.events u
                     WHERE u.server = %(server)s AND u.event_time > f.event_time AND u.outcome = 'ok'
-                      AND u.action IN ('unfreeze_app', 'rollback', 'app_resumed'))
+                      AND u.action IN ('unfreeze_app', 'rollback'))
 """
 
 

@@ -106,10 +106,13 @@ def test_wal_gap_is_refused_before_anything_stops(baseline):
         state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": target,
                                                    "confirm": "PITR pg-primary", "incident_id": "INC-GAP-1"})
         assert state == "failed"
-        assert tasks["wal_coverage"] == "failed" and tasks["freeze_app"] == "upstream_failed"
+        # resolving the target already reads the archive: the gap is named there (or, for a target the
+        # archive does hold, by the coverage proof), before anything is stopped
+        step = "resolve_target" if tasks["resolve_target"] == "failed" else "wal_coverage"
+        assert tasks[step] == "failed" and tasks["freeze_app"] == "upstream_failed", tasks
         events = assert_untouched(run_id, tli, before)
-        refused = [e for e in events if e["action"] == "wal_coverage" and e["outcome"] == "refused"]
-        assert refused and "WAL missing" in refused[0]["details"]
+        refused = [e for e in events if e["action"] == step and e["outcome"] == "refused"]
+        assert refused and "WAL missing" in refused[0]["details"], events
     finally:
         pause.unlink(missing_ok=True)
         subprocess.run([*barman, "cron"], check=False, capture_output=True)

@@ -77,7 +77,7 @@ def test_ownership_rows_and_description():
 
 
 def test_the_ownership_query_ends_a_freeze_only_with_a_resume():
-    for action in ("unfreeze_app", "rollback", "app_resumed"):
+    for action in ("unfreeze_app", "rollback"):
         assert f"'{action}'" in OWNER_SQL
     assert "control.server_locks" in OWNER_SQL and "'freeze_app' AND outcome = 'ok'" in OWNER_SQL
 
@@ -201,3 +201,22 @@ def test_the_space_check_is_a_staging_space_refusal():
     free = {"path": "/x", "available_bytes": 10 * 2**20, "size_bytes": 2**30, "mount_point": "/x"}
     with pytest.raises(StagingSpaceError, match="not enough free space"):
         check_staging_space("db1", free, 100 * 2**20, 1)
+
+
+# ------------------------------------------------------------------------ the seed's gap, named early
+
+
+def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
+    from types import SimpleNamespace
+
+    from barman_dr.operators.pitr.resolve import SwitchResult, archive_gap
+
+    view = SimpleNamespace(timeline=7, newest_segno=0x30)
+    stalled = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088",
+                           error="The WAL file 000000070000000000000031 has not been received in 20 seconds")
+    gap = archive_gap("pg-primary", view, stalled)
+    assert gap.startswith("WAL missing") and "ends at 000000070000000000000030" in gap and "1 segment(s)" in gap
+    assert "barman receive-wal" in gap and "Nothing was touched" in gap
+    ok = SwitchResult(True, "000000070000000000000031", "000000070000000000000031", 828, "0/31000088")
+    assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), ok) is None
+    assert archive_gap("pg-primary", view, SwitchResult(False)) is None  # server down: nothing to compare

@@ -85,6 +85,29 @@ def current_timeline(op: DrBaseOperator, srv: Any, up: bool) -> int | None:
         return None
 
 
+def archive_gap(server: str, view: ArchiveView, sw: SwitchResult) -> str | None:
+    """"WAL missing" when the running server writes a segment far past the newest Barman holds (the seed's gap).
+
+    `current_wal` is the segment the server wrote when the resolution began, and the WAL
+    switch closes it: when the switch reached Barman, Barman holds it. When it did not
+    (the switch timed out), every segment from Barman's newest up to it is missing, and a
+    target in that stretch can be neither resolved nor reached.
+    """
+    if not (sw.primary_up and sw.current_wal and view.newest_segno is not None):
+        return None
+    current = WalSegment.parse(sw.current_wal)
+    switched = sw.closed_wal is not None and not sw.error
+    missing = current.segno - view.newest_segno - (1 if switched else 0)
+    if current.timeline != view.timeline or missing <= 0:
+        return None
+    newest = WalSegment(view.timeline, view.newest_segno).name
+    why = f"switch-wal --archive: {sw.error}" if sw.error else "switch-wal --archive did not bring it"
+    return (f"WAL missing: Barman's archive of {server} ends at {newest} but the server is writing {sw.current_wal}: "
+            f"{missing} segment(s) never reached Barman ({why}). WAL streaming or archiving is stopped or lagging, "
+            "the gap the seed recovery fell into. Nothing was touched. Fix: restart it (`barman receive-wal`, `barman "
+            "cron`; dr_daily_verification shows the state), then trigger again")
+
+
 def switch_now(op: DrBaseOperator, srv: Any) -> SwitchResult:
     """One empty commit on the damaged server, then `switch-wal --force --archive` (nudged): the newest WAL archived."""
     primary = srv.primary
@@ -370,14 +393,21 @@ class TargetResolver:
             stop = StopPoint(kind="consistency", when="after", lsn=str(backup.end_lsn), timeline=backup.timeline,
                              prev_lsn=str(backup.begin_lsn) if backup.begin_lsn else None)
         else:
-            if target.kind == "time":
-                stop, _ = self._time(view, waldump, datetime.fromisoformat(str(target.value)), target.inclusive, floor)
-            elif target.kind == "xid":
-                stop = self._xid(view, waldump, int(str(target.value)), target.inclusive, floor, sw.next_xid)
-            elif target.kind == "lsn":
-                stop = self._lsn(view, waldump, Lsn.parse(str(target.value)).value, target.inclusive, sw)
-            else:
-                stop, occurrences = self._name(view, waldump, str(target.value), name_lsn, floor, reachable_from)
+            try:
+                if target.kind == "time":
+                    stop, _ = self._time(view, waldump, datetime.fromisoformat(str(target.value)), target.inclusive,
+                                         floor)
+                elif target.kind == "xid":
+                    stop = self._xid(view, waldump, int(str(target.value)), target.inclusive, floor, sw.next_xid)
+                elif target.kind == "lsn":
+                    stop = self._lsn(view, waldump, Lsn.parse(str(target.value)).value, target.inclusive, sw)
+                else:
+                    stop, occurrences = self._name(view, waldump, str(target.value), name_lsn, floor, reachable_from)
+            except ValidationError as exc:
+                gap = archive_gap(srv.name, view, sw)
+                if gap:  # the target may be fine: the WAL that would show it never reached Barman
+                    raise PreflightError(f"{gap} (resolving the target: {exc})") from exc
+                raise
             backup = self._choose(ids, stop, view, backup_id, target.time)
         res = Resolution(requested=target, stop=stop, restore_target=restore_target_for(target, stop),
                          recovery_timeline=view.timeline, backup=backup, occurrences=occurrences,
