@@ -36,7 +36,8 @@ with DAG(
     verify_ids = []
     for pool, servers in sorted(POOLS.items()):
         t = DailyVerificationOperator.partial(task_id=f"verify__{pool}", pool=pool,
-                                              execution_timeout=timedelta(minutes=20)).expand(server=servers)
+                                              execution_timeout=timedelta(minutes=20),
+                                              map_index_template="{{ task.server }}").expand(server=servers)
         verify_ids.append(f"verify__{pool}")
     summary = FleetSummaryOperator(task_id="summary", servers=sorted(s for v in POOLS.values() for s in v),
                                    report_task_ids=verify_ids, trigger_rule="all_done", retries=0)

@@ -45,9 +45,11 @@ with DAG(
     drill_ids = []
     for pool, servers in sorted(POOLS.items()):
         drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool,
-                                             target_mode="{{ params.target }}").expand(server=servers)
+                                             target_mode="{{ params.target }}",
+                                             map_index_template="{{ task.server }}").expand(server=servers)
         teardown = DrillTeardownOperator.partial(task_id=f"teardown__{pool}", trigger_rule="all_done",
-                                                 retries=2).expand(server=servers)
+                                                 retries=2,
+                                                 map_index_template="{{ task.server }}").expand(server=servers)
         drill >> teardown
         drill_ids.append(f"drill__{pool}")
     summary = FleetSummaryOperator(task_id="summary", servers=sorted(s for v in POOLS.values() for s in v),

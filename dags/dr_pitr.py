@@ -134,7 +134,8 @@ with DAG(
     unfreeze = UnfreezeAppOperator(task_id="unfreeze_app")
     discarded = DiscardedOperator(task_id="discarded", retries=0)
     to_rebuild = StandbysToRebuildOperator(task_id="list_standbys")
-    standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby").expand(standby=to_rebuild.output)
+    standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby", map_index_template="{{ task.standby }}").expand(
+        standby=to_rebuild.output)
     rebase = RebaseBarmanOperator(task_id="rebase_barman")
     report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
     main = [validate, resolve, preflight, wal, plan, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,

@@ -35,7 +35,8 @@ with DAG(
     ids = []
     for pool, servers in sorted(POOLS.items()):
         WeeklyBackupOperator.partial(task_id=f"backup__{pool}", pool=pool,
-                                     outlets=[AssetAlias(VERIFIED_BACKUP_ALIAS)]).expand(server=servers)
+                                     outlets=[AssetAlias(VERIFIED_BACKUP_ALIAS)],
+                                     map_index_template="{{ task.server }}").expand(server=servers)
         ids.append(f"backup__{pool}")
     summary = FleetSummaryOperator(task_id="summary", servers=sorted(s for v in POOLS.values() for s in v),
                                    report_task_ids=ids, action="backup_summary", trigger_rule="all_done", retries=0)

@@ -5,6 +5,7 @@ The message names the server, what failed, and what to do next.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 from email import message_from_bytes
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pitr_support import run_dag
+from tests.pitr_support import audit, run_dag
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +42,11 @@ def test_a_failed_pitr_mails_the_on_call():
     assert "target_time" in body and "is in the future" in body  # what failed
     assert "next_action:" in body                                # what to do next
     assert all("oncall@lab.invalid" in m["To"] for m in about_run)
+    # the failure summary (and the run note it writes) names the step and its error, not "FAILED at ?"
+    summary = [e for e in audit(run_id) if e["action"] == "failure_summary" and e["outcome"] == "ok"]
+    assert summary, audit(run_id)
+    errors = json.loads(summary[0]["details"])["errors"]
+    assert errors[0]["task"] == "validate_params" and "is in the future" in errors[0]["error"], errors
 
 
 def hooks() -> dict[str, dict]:

@@ -220,3 +220,22 @@ def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
     ok = SwitchResult(True, "000000070000000000000031", "000000070000000000000031", 828, "0/31000088")
     assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), ok) is None
     assert archive_gap("pg-primary", view, SwitchResult(False)) is None  # server down: nothing to compare
+
+
+# ------------------------------------------------------------------- a failed run names its step
+
+
+def test_run_failures_name_the_failing_step_and_its_error_in_order():
+    from barman_dr.operators.base import run_failures
+
+    events = [  # newest first, as the audit trail returns them
+        {"action": "failure_summary", "outcome": "failed", "task_id": "failure_summary", "details": {"error": "x"}},
+        {"action": "notify", "outcome": "failed", "task_id": "validate_params", "details": {"error": "y"}},
+        {"action": "task_failed", "outcome": "failed", "task_id": "validate_params", "details": {}},
+        {"action": "validate", "outcome": "refused", "task_id": "validate_params",
+         "details": {"error": "ValidationError: target_time: invalid value '2027-01-01': is in the future\nmore"}},
+        {"action": "validate", "outcome": "started", "task_id": "validate_params", "details": {}},
+    ]
+    assert run_failures(events) == [
+        {"task": "validate_params", "error": "target_time: invalid value '2027-01-01': is in the future"}]
+    assert run_failures([]) == []

@@ -76,6 +76,32 @@ def interrupted_tries(events: Sequence[dict[str, Any]], action: str, task_id: st
             for n in sorted(opened) if n not in ended]
 
 
+#: audit actions that report a failure without being a step's own (the notifier, Airflow's listener, summaries)
+NOT_A_STEP = frozenset({"notify", "task_failed", "failure_summary", "freeze_guard"})
+
+
+def run_failures(events: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """The run's failed or refused steps, in the order they failed, each with the first line of its error.
+
+    From the audit trail (newest first, as `AuditTrail.events` returns it), not from Airflow's
+    task states: a failure summary must name the step even where the task SDK gives a task
+    no view of its siblings.
+    """
+    out, seen = [], set()
+    for e in reversed(list(events)):
+        if e.get("outcome") not in ("failed", "refused") or e.get("action") in NOT_A_STEP:
+            continue
+        task = str(e.get("task_id") or e.get("action"))
+        if task in seen:
+            continue
+        seen.add(task)
+        raw = str((e.get("details") or {}).get("error") or e.get("outcome"))
+        first = raw.strip().splitlines()[0] if raw.strip() else str(e.get("outcome"))
+        out.append({"task": task, "error": first.split(": ", 1)[1] if first.startswith(("ValidationError: ",
+                    "PreflightError: ", "BarmanDrError: ")) else first})
+    return out
+
+
 class DrBaseOperator(BaseOperator):
     """A DR step on one server of the inventory, audited from start to end."""
 
@@ -209,6 +235,15 @@ class DrBaseOperator(BaseOperator):
 
     def run(self, context: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def run_failures(self, context: Any) -> list[dict[str, str]]:
+        """This run's failed steps and their errors, from the audit trail (best effort: [] when unreadable)."""
+        try:
+            return run_failures(self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                                           limit=2000))
+        except Exception as exc:  # noqa: BLE001 - a summary must not fail on this
+            self.log.warning("could not read this run's failures from the audit trail: %s", exc)
+            return []
 
     def record_interrupted_tries(self, context: Any, audit: AuditTrail) -> list[dict[str, Any]]:
         """Audit each earlier try of this task that died without an outcome (see `interrupted_tries`)."""

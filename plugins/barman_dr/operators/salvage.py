@@ -576,11 +576,8 @@ class SalvageFailureSummaryOperator(SalvageMixin, DrBaseOperator):
     action = "failure_summary"
 
     def run(self, context: Any) -> dict[str, Any]:
-        failed = []
-        try:
-            failed = [ti.task_id for ti in context["dag_run"].get_task_instances(state=["failed", "upstream_failed"])]
-        except Exception:  # noqa: BLE001 - best effort across Airflow versions
-            failed = []
+        failures = self.run_failures(context)
+        failed = [f["task"] for f in failures]
         applied = False
         try:
             applied = any(e["outcome"] == "ok" for e in self.audit(context).events(
@@ -592,7 +589,8 @@ class SalvageFailureSummaryOperator(SalvageMixin, DrBaseOperator):
         summary = {"failed_tasks": failed, "live": live,
                    "next_action": "read the failed task's log; the teardown removed the copy; fix and trigger again"}
         set_run_note(context["dag"].dag_id, context["run_id"],
-                     f"SALVAGE FAILED at {', '.join(failed) or '?'}; {live}; next: {summary['next_action']}")
+                     f"SALVAGE FAILED at {failures[0]['task'] + ': ' + failures[0]['error'][:600] if failures else '?'}; "
+                     f"{live}; next: {summary['next_action']}")
         return summary
 
     def execute(self, context: Any) -> Any:

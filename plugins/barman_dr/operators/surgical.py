@@ -476,11 +476,8 @@ class SurgicalFailureSummaryOperator(DrBaseOperator):
     action = "failure_summary"
 
     def run(self, context: Any) -> dict[str, Any]:
-        failed = []
-        try:
-            failed = [ti.task_id for ti in context["dag_run"].get_task_instances(state=["failed", "upstream_failed"])]
-        except Exception:  # noqa: BLE001 - best effort across Airflow versions
-            failed = []
+        failures = self.run_failures(context)
+        failed = [f["task"] for f in failures]
         applied = False
         try:
             applied = any(e["outcome"] == "ok" for e in self.audit(context).events(
@@ -492,7 +489,8 @@ class SurgicalFailureSummaryOperator(DrBaseOperator):
         summary = {"failed_tasks": failed, "live": live,
                    "next_action": "read the failed task's log; the teardown stopped nonprod; fix and trigger again"}
         set_run_note(context["dag"].dag_id, context["run_id"],
-                     f"SURGICAL FAILED at {', '.join(failed) or '?'}; {live}; next: {summary['next_action']}")
+                     f"SURGICAL FAILED at {failures[0]['task'] + ': ' + failures[0]['error'][:600] if failures else '?'}; "
+                     f"{live}; next: {summary['next_action']}")
         return summary
 
     def execute(self, context: Any) -> Any:

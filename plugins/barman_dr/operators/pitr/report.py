@@ -39,7 +39,9 @@ class PitrReportOperator(DrBaseOperator):
         x = {t: self.upstream(context, t) or {} for t in
              ("validate_params", "resolve_target", "preflight", "wal_coverage", "plan", "stage_restore", *self.PHASES,
               "discarded", "rebase_barman")}
-        phases = {p: x[p].get("duration_s") for p in self.PHASES}
+        # in the order they ran (the runbook's order, unless a retry or a clear changed it)
+        ran = sorted((p for p in self.PHASES if x[p]), key=lambda p: str(x[p].get("started_at") or ""))
+        phases = {p: x[p].get("duration_s") for p in ran}
         frozen_at = x["freeze_app"].get("frozen_at") or x["freeze_app"].get("started_at")
         resumed_at = x["unfreeze_app"].get("resumed_at") or x["unfreeze_app"].get("ended_at")
         rto = None
@@ -112,13 +114,8 @@ class PitrFailureSummaryOperator(DrBaseOperator):
     action = "failure_summary"
 
     def run(self, context: Any) -> dict[str, Any]:
-        dag_run = context["dag_run"]
-        failed = []
-        try:
-            for ti in dag_run.get_task_instances(state=["failed", "upstream_failed"]):
-                failed.append(ti.task_id)
-        except Exception:  # noqa: BLE001 - best effort across Airflow versions
-            failed = []
+        failures = self.run_failures(context)
+        failed = [f["task"] for f in failures]
         freeze = self.upstream(context, "freeze_app") or {}
         unfreeze = self.upstream(context, "unfreeze_app") or {}
         aside = self.upstream(context, "move_aside") or {}
@@ -131,11 +128,13 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         if leftover:
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")
-        summary = {"failed_tasks": failed, "app": app_state, "old_data_directory": aside.get("moved_to"),
-                   "staging_leftover": leftover, "staging_host": staging.get("host"), "next_action": next_action}
+        summary = {"failed_tasks": failed, "errors": failures, "app": app_state,
+                   "old_data_directory": aside.get("moved_to"), "staging_leftover": leftover,
+                   "staging_host": staging.get("host"), "next_action": next_action}
+        first = f"{failures[0]['task']}: {failures[0]['error'][:600]}" if failures else "an unrecorded step"
         set_run_note(context["dag"].dag_id, context["run_id"],
-                     f"PITR FAILED at {', '.join(failed) or '?'}; app {app_state}; old data: "
-                     f"{aside.get('moved_to') or 'untouched'}; next: {summary['next_action']}")
+                     f"PITR FAILED at {first}\napp {app_state}; old data: {aside.get('moved_to') or 'untouched'}; "
+                     f"next: {summary['next_action']}")
         return summary
 
     def execute(self, context: Any) -> Any:
