@@ -17,8 +17,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import Depends, FastAPI, Query
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import HTMLResponse, PlainTextResponse
 
 try:  # the API server's dependency; absent in unit tests that only render
     from airflow.api_fastapi.core_api.security import get_user
@@ -240,4 +240,28 @@ def create_app() -> FastAPI:
     def api_summary(user: Any = Depends(get_user)) -> dict[str, Any]:  # noqa: B008
         return summary()
 
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
+        """Prometheus scrapes this with the read-only bearer token of connection `dr_metrics` (not Airflow auth)."""
+        from barman_dr.metrics import gather, token_ok
+
+        expected = metrics_token()
+        if not expected:
+            return PlainTextResponse("metrics disabled: create the Airflow connection dr_metrics (its password is the "
+                                     "bearer token Prometheus sends)\n", status_code=503)
+        if not token_ok(authorization, expected):
+            return PlainTextResponse("unauthorized: send Authorization: Bearer <dr_metrics password>\n",
+                                     status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return PlainTextResponse(gather(datetime.now(UTC)), media_type="text/plain; version=0.0.4; charset=utf-8")
+
     return app
+
+
+def metrics_token(conn_id: str = "dr_metrics") -> str | None:
+    """The bearer token for /barman-dr/metrics: the password of an Airflow connection (None: not configured)."""
+    try:
+        from airflow.sdk import BaseHook
+
+        return BaseHook.get_connection(conn_id).password or None
+    except Exception:  # noqa: BLE001 - an absent connection disables the endpoint
+        return None

@@ -265,6 +265,10 @@ class DailyVerificationOperator(FleetServerOperator):
             findings.append(freshness_finding(backups, now, th["max_backup_age_hours"]))
             done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
             facts["done_backups"] = [b.backup_id for b in done]
+            ends = sorted(b.end_time for b in done if b.end_time)
+            # what /barman-dr/metrics exports, without running Barman again
+            facts["newest_backup_end"] = ends[-1].isoformat() if ends else None
+            facts["oldest_backup_end"] = ends[0].isoformat() if ends else None
             if done:
                 info = self._probe(findings, "show_backup", lambda: self.barman.show_backup(srv.name, done[0].backup_id))
                 oldest_begin = info.begin_wal if info else None
@@ -274,6 +278,9 @@ class DailyVerificationOperator(FleetServerOperator):
         catalog = self._probe(findings, "wal_catalog", lambda: self.barman.wal_catalog(srv.name))
         # the catalogue alone would not see a segment file deleted by hand: list the files too
         on_disk = self._probe(findings, "wal_files", lambda: self._wal_files_on_disk(srv.name))
+        if catalog:
+            times = [e.time for e in catalog if is_wal_segment_name(e.name) and e.time]
+            facts["newest_wal_time"] = datetime.fromtimestamp(max(times), UTC).isoformat() if times else None
         if catalog is not None and backups is not None:
             wal_f, wal_facts = wal_continuity_findings([e.name for e in catalog if is_wal_segment_name(e.name)],
                                                        oldest_begin, current, th["max_wal_lag_files"],
