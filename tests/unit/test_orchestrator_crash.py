@@ -215,7 +215,8 @@ def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
     stalled = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088",
                            error="The WAL file 000000070000000000000031 has not been received in 20 seconds")
     gap = archive_gap("pg-primary", view, stalled)
-    assert gap.startswith("WAL missing") and "ends at 000000070000000000000030" in gap and "1 segment(s)" in gap
+    assert gap.startswith("WAL missing") and "ends at 000000070000000000000030" in gap
+    assert "never reached Barman (switch-wal --archive: The WAL file" in gap
     assert "barman receive-wal" in gap and "Nothing was touched" in gap
     ok = SwitchResult(True, "000000070000000000000031", "000000070000000000000031", 828, "0/31000088")
     assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), ok) is None

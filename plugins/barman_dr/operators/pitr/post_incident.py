@@ -212,6 +212,19 @@ def _sql_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
+#: on the barman host: $1 = the destination in Barman's streaming directory, $2 = the segment on the db host,
+#: the rest = the argv that logs in to the db host. Only a whole segment is renamed into place.
+BACKFILL_SCRIPT = r"""
+dest="$1"; src="$2"; shift 2
+[ -e "$dest" ] && { echo "exists $dest"; exit 0; }
+tmp="$dest.backfill.$$"
+"$@" cat -- "$src" > "$tmp" || { rm -f -- "$tmp"; exit 1; }
+if [ "$(stat -c %s -- "$tmp")" != 16777216 ]; then rm -f -- "$tmp"; echo "short copy of $src" >&2; exit 1; fi
+mv -- "$tmp" "$dest"
+echo "copied $dest"
+"""
+
+
 class RebaseBarmanOperator(DrBaseOperator):
     """Step 14: Barman streams from the new timeline again, then a fresh full backup.
 
@@ -294,6 +307,57 @@ class RebaseBarmanOperator(DrBaseOperator):
                     if f.endswith(".partial") and is_wal_segment_name(f[:24])]
         return any(int(p[:8], 16) < int(new_tli) and int(p[8:], 16) > int(fork[8:], 16) for p in partials)
 
+    def backfill_new_timeline(self, context: Any, closed: str | None) -> dict[str, Any]:
+        """Every segment of the new timeline, from the fork to the one just closed, in Barman's archive.
+
+        Streaming can leave a hole at the start of the new timeline: pg_receivewal interrupted
+        in the fork segment (a cron restart, a server killed and started again during
+        recovery, which a hot standby streams from), its `.partial` archived as such, and the
+        restart taken at the server's *current* segment. A PITR to a point of the new timeline
+        between the fork and the new backup would then be impossible (the daily verification
+        reports it as WAL missing). The new primary still has those segments in `pg_wal`
+        (`wal_keep_size`): each complete one missing from the catalogue is copied, by the
+        barman host over its own SSH to the db host, into Barman's streaming directory, where
+        `barman archive-wal` archives it like any streamed segment. Only whole 16 MiB files
+        are handed over; the segment being written is never copied.
+        """
+        verify = self.upstream(context, "verify_target") or {}
+        switch_lsn, new_tli = verify.get("switch_lsn"), verify.get("new_timeline")
+        if not (switch_lsn and new_tli and closed and is_wal_segment_name(closed[:24])):
+            return {"checked": False}
+        srv, inst = self.srv, self.target_instance
+        fork = WalSegment.from_lsn(int(new_tli), Lsn.parse(switch_lsn))
+        last = WalSegment.parse(closed[:24])
+        if last.timeline != int(new_tli) or last.segno < fork.segno:
+            return {"checked": False}
+        wanted = [WalSegment(int(new_tli), n).name for n in range(fork.segno, last.segno + 1)]
+        archived = {e.name for e in self.barman.wal_catalog(srv.name)}
+        missing = [w for w in wanted if w not in archived]
+        if not missing:
+            return {"checked": True, "missing": []}
+        db = self.db(inst.host)
+        current = db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+        in_pg_wal = set(db.psql(inst, "SELECT name FROM pg_ls_waldir() WHERE size = 16777216").split())
+        stream_dir = self.barman.show_server(srv.name).get("streaming_wals_directory")
+        ssh = list(self.inventory.db_host(inst.host).restore_ssh_command)
+        copied, lost = [], []
+        for seg in missing:
+            if seg >= current or seg not in in_pg_wal or not stream_dir:
+                lost.append(seg)
+                continue
+            self.barman.host.run(sh_argv(BACKFILL_SCRIPT, f"{stream_dir}/{seg}", f"{inst.data_directory}/pg_wal/{seg}",
+                                         *ssh), timeout=300)
+            copied.append(seg)
+        if copied:
+            self.barman.run("archive-wal", srv.name, json_output=False, timeout=300)
+            archived = {e.name for e in self.barman.wal_catalog(srv.name)}
+            lost += [c for c in copied if c not in archived]
+        out = {"checked": True, "missing": missing, "backfilled": [c for c in copied if c not in lost], "lost": lost}
+        if lost:
+            self.log.warning("new timeline segments Barman could not get: %s (the new full backup covers the WAL "
+                             "after it; a PITR into that stretch is impossible)", lost)
+        return out
+
     def run(self, context: Any) -> dict[str, Any]:
         srv = self.srv
         # pg_receivewal follows a timeline switch when its position is before the fork; past the
@@ -308,6 +372,11 @@ class RebaseBarmanOperator(DrBaseOperator):
         if closed is None:
             raise BarmanDrError(f"Barman WAL streaming for {srv.name} did not resume on the new timeline "
                                 f"within {self.stream_timeout:.0f}s: see the barman log")
+        try:
+            backfill = self.backfill_new_timeline(context, closed)
+        except BarmanDrError as exc:  # reported; the new backup below still protects what follows
+            self.log.warning("could not check the new timeline's first segments: %s", exc)
+            backfill = {"checked": False, "error": str(exc)[:500]}
         backup = None
         if self.take_backup:
             job_id = f"backup-{srv.name}-{self.run_tag(context)}"
@@ -315,7 +384,7 @@ class RebaseBarmanOperator(DrBaseOperator):
             self.barman.backup_job(srv.name, job_id, wait_timeout=300)
             latest = max((b for b in self.barman.list_backups(srv.name) if b.is_done), key=lambda b: b.backup_id)
             backup = self.barman.show_backup(srv.name, latest.backup_id).to_dict()
-        return {"streaming": True, "fork": fork, "closed_wal": closed,
+        return {"streaming": True, "fork": fork, "closed_wal": closed, "backfill": backfill,
                 "new_backup_id": backup["backup_id"] if backup else None,
                 "new_backup_timeline": backup["timeline"] if backup else None}
 

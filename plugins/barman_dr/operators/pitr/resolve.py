@@ -93,19 +93,21 @@ def archive_gap(server: str, view: ArchiveView, sw: SwitchResult) -> str | None:
     (the switch timed out), every segment from Barman's newest up to it is missing, and a
     target in that stretch can be neither resolved nor reached.
     """
-    if not (sw.primary_up and sw.current_wal and view.newest_segno is not None):
+    if not (sw.primary_up and sw.current_wal):
         return None
     current = WalSegment.parse(sw.current_wal)
-    switched = sw.closed_wal is not None and not sw.error
-    missing = current.segno - view.newest_segno - (1 if switched else 0)
-    if current.timeline != view.timeline or missing <= 0:
-        return None
-    newest = WalSegment(view.timeline, view.newest_segno).name
-    why = f"switch-wal --archive: {sw.error}" if sw.error else "switch-wal --archive did not bring it"
-    return (f"WAL missing: Barman's archive of {server} ends at {newest} but the server is writing {sw.current_wal}: "
-            f"{missing} segment(s) never reached Barman ({why}). WAL streaming or archiving is stopped or lagging, "
-            "the gap the seed recovery fell into. Nothing was touched. Fix: restart it (`barman receive-wal`, `barman "
-            "cron`; dr_daily_verification shows the state), then trigger again")
+    newest = WalSegment(view.timeline, view.newest_segno).name if view.newest_segno is not None else "nothing"
+    if sw.error:  # the server is up and its newest WAL could not be archived: it is missing, whatever else is
+        how = f"the WAL switch of {sw.current_wal} never reached Barman (switch-wal --archive: {sw.error})"
+    else:
+        missing = current.segno - (view.newest_segno if view.newest_segno is not None else -1) - 1
+        if current.timeline != view.timeline or missing <= 0:
+            return None
+        how = f"{missing} segment(s) before {sw.current_wal} never reached Barman"
+    return (f"WAL missing: Barman's archive of {server} ends at {newest} while the server writes {sw.current_wal}: "
+            f"{how}. WAL streaming or archiving is stopped or lagging, the gap the seed recovery fell into. Nothing "
+            "was touched. Fix: restart it (`barman receive-wal`, `barman cron`; dr_daily_verification shows the "
+            "state), then trigger again")
 
 
 def switch_now(op: DrBaseOperator, srv: Any) -> SwitchResult:
