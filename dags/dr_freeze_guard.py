@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG
 
 from barman_dr.fleet import schedule_for
+from barman_dr.notifications import DrNotifier
 from barman_dr.operators.guard import FreezeGuardOperator
 
 with DAG(
@@ -28,6 +29,7 @@ with DAG(
     max_active_runs=1,
     tags=["dr", "guard", "scheduled"],
     doc_md=__doc__,
-    default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=20)},
+    default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=20),
+                  "on_failure_callback": DrNotifier()},
 ) as dag:
     FreezeGuardOperator(task_id="check_frozen_apps", execution_timeout=timedelta(minutes=4))

@@ -236,7 +236,7 @@ class FillWhenStaging:
     """A `pre_execute` hook for stage_restore: once the staging copy appears on `mount`, another writer
     fills that filesystem, leaving `leave_bytes` free (a real file, fallocate'd)."""
 
-    def __init__(self, mount: Path, leave_bytes: int = 2 * 1024 * 1024) -> None:
+    def __init__(self, mount: Path, leave_bytes: int = 32 * 1024 * 1024) -> None:
         self.mount, self.leave_bytes = mount, leave_bytes
         self.filler = mount / "another-writer.fill"
         self.fired = threading.Event()

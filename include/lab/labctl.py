@@ -472,11 +472,15 @@ class Lab:
         img = self.p("disks", f"{name}.img")
         img.parent.mkdir(exist_ok=True)
         mnt.mkdir(parents=True, exist_ok=True)
-        if not img.exists():
+        new = not img.exists()
+        if new:
             run(["truncate", "-s", f"{size}M", str(img)])  # sparse: only what is written takes disk space
             run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", f"lab-{name}"[:16], str(img)])
         how = "loop-mounted ext4"
         if run(["mount", "-o", "loop", str(img), str(mnt)], check=False).returncode != 0:
+            if not new:  # the image holds the cluster: an empty tmpfs over it would get a fresh initdb
+                raise SystemExit(f"[lab] {name}: could not loop-mount {img}, which holds its data. Nothing was "
+                                 f"changed. Fix: `losetup -f` must find a free loop device, then `make lab-up` again")
             how = "tmpfs"
             if run(["mount", "-t", "tmpfs", "-o", f"size={size}m,mode=0755", "tmpfs", str(mnt)],
                    check=False).returncode != 0:
@@ -488,10 +492,11 @@ class Lab:
 
     def setup_primary2(self) -> None:
         """A second, small primary: database `shop` with a few critical_orders, its own Barman server."""
+        # mounting changes nothing of the server, and without it an owned server's data would be hidden
+        self.mount_small_fs("pg-primary2")
         if self.leave_alone("pg-primary2"):
             return
         s = self.secrets()
-        self.mount_small_fs("pg-primary2")
         # little WAL kept: its data shares a small filesystem with the staging copies of its restores
         fresh = self.initdb("pg-primary2", ["archive_mode = off", "max_connections = 50", "wal_keep_size = 64MB",
                                             "max_wal_size = 256MB", "min_wal_size = 64MB"])

@@ -76,6 +76,7 @@ class AirflowApi:
         url = self.base_url.rstrip("/") + path
         delays = backoff_delays(self.retry_for)
         start, attempts = time.monotonic(), 0
+        deadline = start + self.retry_for  # each attempt's own timeout counts against the window too
         while True:
             attempts += 1
             try:
@@ -87,9 +88,10 @@ class AirflowApi:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
                 reason = getattr(exc, "reason", exc)
                 last = f"{type(reason).__name__}: {reason}"
-            if not delays:
+            remaining = deadline - time.monotonic()
+            if not delays or remaining <= 0:
                 raise ApiUnavailableError(self.base_url, time.monotonic() - start, attempts, last) from None
-            time.sleep(delays.pop(0))
+            time.sleep(min(delays.pop(0), remaining))
 
     def _once(self, method: str, url: str, body: Any, auth: bool) -> Any:
         headers = {"Content-Type": "application/json", "Accept": "application/json"}

@@ -204,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.api_wait < 0:
-        print(f"barman-dr: --api-wait {args.api_wait}: use a number of seconds >= 0, e.g. 120", file=sys.stderr)
+    if not 0 <= args.api_wait <= 86400:  # also refuses inf and nan
+        print(f"barman-dr: --api-wait {args.api_wait}: use a number of seconds from 0 to 86400, e.g. 120",
+              file=sys.stderr)
         return 2
     try:
         if args.command == "pitr":

@@ -82,13 +82,19 @@ def assess(server: str, *, paused: bool | None, frozen_by: Owner | None, lock: O
     console unreachable); `frozen_by` the run that froze the app and has not resumed it
     (barman_dr.ownership); `lock` the server lock's holder.
     """
+    repeat = bool(last_alert_at and (now - _parse(last_alert_at)).total_seconds() < max_freeze_s)
     if frozen_by is None:
+        if paused and lock is not None:
+            # PAUSE waits for in-flight transactions before freeze_app records it: that run is freezing
+            return FreezeVerdict(server, FROZEN, f"{server}: paused while {lock.dag_id} run {lock.run_id!r} holds the "
+                                 "lock (freezing)", paused=True, run_id=lock.run_id, dag_id=lock.dag_id,
+                                 max_freeze_s=max_freeze_s)
         if paused:
             return FreezeVerdict(
                 server, ALERT, f"{server}: the app is paused in PgBouncer, but no barman-dr run froze it (no "
                 "freeze_app event without a later resume in the audit trail)", paused=True, max_freeze_s=max_freeze_s,
                 next_step="Someone paused it by hand or with another tool: find out who before you RESUME it on "
-                          "the PgBouncer console. barman-dr does not unfreeze it.")
+                          "the PgBouncer console. barman-dr does not unfreeze it.", repeat=repeat)
         return FreezeVerdict(server, OK, f"{server}: the app is not frozen", paused=paused)
     if paused is False:
         return FreezeVerdict(
@@ -120,7 +126,6 @@ def assess(server: str, *, paused: bool | None, frozen_by: Owner | None, lock: O
                f"before the PITR, trigger dr_pitr_rollback with server={server}, pitr_run_id={frozen_by.run_id}, "
                f"confirm='ROLLBACK {server}'. To keep the recovered data, fix the cause and clear the failed task. "
                "barman-dr never unfreezes on its own.")
-    repeat = bool(last_alert_at and (now - _parse(last_alert_at)).total_seconds() < max_freeze_s)
     return FreezeVerdict(
         server, ALERT, f"{server}: the app has been FROZEN for {frozen_for:.0f}s (max_freeze_seconds={max_freeze_s}) "
         f"by {frozen_by.dag_id} run {frozen_by.run_id!r}, frozen at {frozen_by.since}. {state}", next_step=nxt,

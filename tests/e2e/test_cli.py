@@ -110,10 +110,13 @@ def test_api_server_down_the_cli_retries_then_the_same_incident_reaches_one_run(
         assert "did not answer for" in r.stderr and "same incident id reaches the same single run" in r.stderr
         back = threading.Timer(8, make_lab_up)
         back.start()
-        r = cli("--api-wait", "300", *plan, "--wait", "--timeout", "600", timeout=900)
-        back.join()
+        try:
+            r = cli("--api-wait", "300", *plan, "--wait", "--timeout", "600", timeout=900)
+        finally:
+            back.cancel()
+            back.join()
     finally:
-        make_lab_up()  # idempotent: the api-server is up whatever happened above
+        make_lab_up()  # idempotent: the api-server is up whatever happened above (never two lab-ups at once)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "triggered:" in r.stdout and "SUCCESS" in r.stdout
     again = cli(*plan)

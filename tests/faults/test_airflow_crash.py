@@ -58,8 +58,31 @@ def staging_postmasters() -> list[str]:
     return [line for line in out.splitlines() if "pgrep" not in line]
 
 
+@pytest.fixture
+def lab_back_on_failure(api):
+    """If a crash test fails midway: the scheduler back, its run ended, the app resumed (later suites need them)."""
+    runs: list[str] = []
+    yield runs
+    if not runs:
+        return
+    run_id = runs[0]
+    with contextlib.suppress(Exception):
+        if api.get_run("dr_pitr", run_id).get("state") not in ("success", "failed"):
+            make_lab_up()
+            try:
+                api.wait("dr_pitr", run_id, timeout=600)
+            except TimeoutError:
+                api._call("PATCH", f"/api/v2/dags/dr_pitr/dagRuns/{run_id}", {"state": "failed"})
+    with contextlib.suppress(Exception):
+        if pgbouncer_paused():
+            from barman_dr.appfreeze import PgBouncerAdmin
+            from barman_dr.inventory import load_inventory
+
+            PgBouncerAdmin(load_inventory().server("pg-primary").app_freeze).resume()
+
+
 @pytest.mark.parametrize("point", list(CRASH_POINTS))
-def test_scheduler_and_workers_killed_mid_pitr_the_run_converges(api, point):
+def test_scheduler_and_workers_killed_mid_pitr_the_run_converges(api, point, lab_back_on_failure):
     staged, task, reached_state = CRASH_POINTS[point]
     scenario = seed_scenario.play()
     sysid = system_identifier()
@@ -72,6 +95,7 @@ def test_scheduler_and_workers_killed_mid_pitr_the_run_converges(api, point):
     throttle = barman_bandwidth_limit(1500) if copying else contextlib.nullcontext()
     with throttle:
         api.trigger("dr_pitr", conf, run_id=run_id)
+        lab_back_on_failure.append(run_id)
 
         def reached() -> bool:
             states = {t["task_id"]: t["state"] for t in api.task_instances("dr_pitr", run_id)}
@@ -108,6 +132,7 @@ def test_scheduler_and_workers_killed_mid_pitr_the_run_converges(api, point):
     if reached_state == "running":
         # the crash is in the audit trail: the next try recorded the one that died without an outcome
         assert lost and "worker or the scheduler was lost" in lost[0]["cause"], events
+    lab_back_on_failure.clear()  # converged: nothing to clean up
     if staged:
         # the retry left no staging copy or staging postmaster behind
         left = [p for p in glob.glob(f"{DATA}.staged-*") if not p.endswith("-run")]  # -run: the staging log

@@ -109,15 +109,18 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
         summary = details(events, "failure_summary", "ok")
         assert summary and any(".staged-" in p for p in summary[0]["staging_leftover"]), summary
         # ... and the daily verification reports it, with the run that left it, until someone removes it
-        leftover = [p for p in summary[0]["staging_leftover"] if p.endswith(tuple("0123456789abcdef"))]
-        with orphan_postmaster() as (orphan_dir, orphan_pid):
-            report = verification_report("pg-primary")
-        orphans = [f for f in report["findings"] if f["check"] == "orphans"]
-        text = json.dumps(orphans)
-        assert all(f["status"] == "WARNING" for f in orphans) and run_id in text and leftover[0] in text, orphans
-        assert orphan_dir in text and f"pid {orphan_pid}" in text  # a postmaster no run recorded
-        for path in summary[0]["staging_leftover"]:  # the DBA's decision: they are not live data
-            shutil.rmtree(path, ignore_errors=True)
+        try:
+            leftover = [p for p in summary[0]["staging_leftover"] if p.endswith(tuple("0123456789abcdef"))]
+            assert leftover, summary
+            with orphan_postmaster() as (orphan_dir, orphan_pid):
+                report = verification_report("pg-primary")
+            orphans = [f for f in report["findings"] if f["check"] == "orphans"]
+            text = json.dumps(orphans)
+            assert all(f["status"] == "WARNING" for f in orphans) and run_id in text and leftover[0] in text, orphans
+            assert orphan_dir in text and f"pid {orphan_pid}" in text  # a postmaster no run recorded
+        finally:
+            for path in summary[0]["staging_leftover"]:  # the DBA's decision: they are not live data
+                shutil.rmtree(path, ignore_errors=True)
         return
     assert tasks["barman_restore"] == "success"
     assert tasks["start_recovery"] == "failed" and tasks["unfreeze_app"] == "upstream_failed"
@@ -129,7 +132,22 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
     moved = details(events, "move_aside", "ok")[0]["moved_to"]
     assert Path(moved, "PG_VERSION").exists()
 
-    # the app frozen with nobody watching: the run is over (lock released) but left the app frozen
+    try:
+        frozen_app_guarded(run_id)
+    finally:  # whatever happened above, the next suites need pg-primary back and the app resumed
+        state, _, rb_tasks = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": run_id,
+                                                               "confirm": "ROLLBACK pg-primary"})
+    assert state == "success", rb_tasks
+    assert counts() == before and primary_timeline() == tli
+    assert not pgbouncer_paused()
+    # resumed by the rollback: nothing is frozen any more, the guard is quiet, the server is free again
+    _, g_run, _ = run_dag("dr_freeze_guard", {})
+    assert xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]["status"] == "ok"
+
+
+def frozen_app_guarded(run_id: str) -> None:
+    """A run ended with the app frozen: lab-up leaves the server alone, dr_freeze_guard pages past max_freeze."""
+    # the run is over (its lock released) but left the app frozen
     assert not sql("LAB_AUDIT_DSN", "SELECT 1 FROM control.server_locks WHERE server = 'pg-primary'")
     # `make lab-up` still leaves the server alone: the run froze its app and nothing resumed it
     up = make_lab_up()
@@ -138,9 +156,9 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
     assert pgbouncer_paused()
     assert not DATA.joinpath("postmaster.pid").exists() or not postmaster_pid(DATA)  # not started by lab-up
     # past max_freeze_seconds (45 s in the lab) the out-of-band guard alerts, naming the run and the next step
-    max_freeze = 45
-    frozen_at = datetime.fromisoformat(details(events, "freeze_app", "ok")[0]["frozen_at"])
-    time.sleep(max(0.0, max_freeze + 1 - (datetime.now(UTC) - frozen_at).total_seconds()))
+    frozen_at = sql("LAB_AUDIT_DSN", "SELECT max(event_time) FROM audit.events WHERE run_id = %s AND "
+                                     "action = 'freeze_app' AND outcome = 'ok'", (run_id,))[0][0]
+    time.sleep(max(0.0, 45 + 2 - (datetime.now(UTC) - frozen_at).total_seconds()))
     before_mail = set(Path(os.environ["LAB_MAIL_DIR"]).glob("*.eml"))
     g_state, g_run, _ = run_dag("dr_freeze_guard", {})
     assert g_state == "success"
@@ -153,12 +171,3 @@ def test_wal_removed_after_preflight_recovery_ends_before_target(staged):
     # a second check within max_freeze does not page again
     g_state, g_run, _ = run_dag("dr_freeze_guard", {})
     assert xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]["repeat"] is True
-
-    state, _, rb_tasks = run_dag("dr_pitr_rollback", {"server": "pg-primary", "pitr_run_id": run_id,
-                                                           "confirm": "ROLLBACK pg-primary"})
-    assert state == "success", rb_tasks
-    assert counts() == before and primary_timeline() == tli
-    assert not pgbouncer_paused()
-    # resumed by the rollback: nothing is frozen any more, the guard is quiet, the server is free again
-    g_state, g_run, _ = run_dag("dr_freeze_guard", {})
-    assert xcom("dr_freeze_guard", g_run, "check_frozen_apps")["servers"]["pg-primary"]["status"] == "ok"

@@ -53,7 +53,7 @@ def test_the_current_try_and_other_tasks_do_not_count():
 
 def test_a_lost_try_is_reported_once():
     """Try 3 does not report try 1 again when try 2 already did."""
-    events = [ev("barman_restore", "started", 1), ev("barman_restore", "warning", 1, interrupted_try=1),
+    events = [ev("barman_restore", "started", 1), ev("barman_restore", "warning", 2, interrupted_try=1),
               ev("barman_restore", "started", 2)]
     assert [t["interrupted_try"] for t in interrupted_tries(events, "barman_restore", "barman_restore", 3)] == [2]
 
@@ -240,3 +240,34 @@ def test_run_failures_name_the_failing_step_and_its_error_in_order():
     assert run_failures(events) == [
         {"task": "validate_params", "error": "target_time: invalid value '2027-01-01': is in the future"}]
     assert run_failures([]) == []
+
+
+def test_a_pause_while_a_run_holds_the_lock_is_that_run_freezing_not_an_alert():
+    v = assess("pg-primary", paused=True, frozen_by=None, lock=owner("lock"), run_events=[], last_alert_at=None,
+               now=NOW, max_freeze_s=60)
+    assert v.status == FROZEN and "freezing" in v.message
+
+
+def test_an_unowned_pause_repeats_once_per_max_freeze_too():
+    v = assess("pg-primary", paused=True, frozen_by=None, lock=None, run_events=[], now=NOW, max_freeze_s=60,
+               last_alert_at=(NOW - timedelta(seconds=30)).isoformat())
+    assert v.status == ALERT and v.repeat
+
+
+def test_no_gap_when_barman_holds_the_segment_after_all():
+    from types import SimpleNamespace
+
+    from barman_dr.operators.pitr.resolve import SwitchResult, archive_gap
+
+    late = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088", error="not received in 20 seconds")
+    assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), late) is None
+
+
+def test_cli_backoff_is_bounded():
+    from barman_dr.api_client import backoff_delays
+    from barman_dr.cli import main
+
+    assert backoff_delays(0) == []
+    assert backoff_delays(20) == [1.0, 2.0, 4.0, 8.0, 5.0]
+    assert sum(backoff_delays(120)) == pytest.approx(120)
+    assert main(["--api-wait", "inf", "status", "--incident", "X"]) == 2

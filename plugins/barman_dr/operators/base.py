@@ -60,17 +60,17 @@ def interrupted_tries(events: Sequence[dict[str, Any]], action: str, task_id: st
     opened: dict[int, dict[str, Any]] = {}
     ended: set[int] = set()
     for e in events:
-        if e.get("task_id") != task_id or e.get("try_number") is None:
+        if e.get("task_id") != task_id or e.get("try_number") is None or e.get("action") != action:
             continue
+        reported = (e.get("details") or {}).get("interrupted_try") if e.get("outcome") == "warning" else None
+        if reported is not None:  # a later try already recorded that one (under its own try number)
+            ended.add(int(reported))
         n = int(e["try_number"])
         if current_try is not None and n >= current_try:
             continue
-        if e.get("action") != action:
-            continue
         if e.get("outcome") == "started":
             opened.setdefault(n, e)
-        elif e.get("outcome") in TRY_END_OUTCOMES or (
-                e.get("outcome") == "warning" and (e.get("details") or {}).get("interrupted_try") == n):
+        elif e.get("outcome") in TRY_END_OUTCOMES:
             ended.add(n)
     return [{"interrupted_try": n, "started_at": opened[n].get("event_time")}
             for n in sorted(opened) if n not in ended]
@@ -210,7 +210,7 @@ class DrBaseOperator(BaseOperator):
             result = self.run(context)
         except AirflowSkipException:
             raise
-        except Exception as exc:
+        except BaseException as exc:  # also a timeout or a kill (BaseException in the task SDK): the try has an end
             details = {"error": f"{type(exc).__name__}: {exc}"[:8000], "next_action": self.next_action(context, exc)}
             try:
                 audit.record(self.action, "refused" if isinstance(exc, NON_RETRYABLE) else "failed",

@@ -43,28 +43,39 @@ class FreezeGuardOperator(BaseOperator):
         inventory = load_inventory(self.inventory_path)
         audit = AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context))
         now = datetime.now(UTC)
-        verdicts = {}
+        verdicts: dict[str, Any] = {}
+        errors = {}
         for name in inventory.server_names:
-            srv = inventory.server(name)
-            owners = owner_of(name, postgres_conn_id=self.audit_conn_id)
-            frozen_by = next((o for o in owners if o.reason == "app_frozen"), None)
-            lock = next((o for o in owners if o.reason == "lock"), None)
-            run_events = audit.events(run_id=frozen_by.run_id, dag_id=frozen_by.dag_id, limit=300) if frozen_by else []
-            verdict = assess(name, paused=self.paused(srv), frozen_by=frozen_by, lock=lock, run_events=run_events,
-                             last_alert_at=self.last_alert(audit, name, frozen_by), now=now,
-                             max_freeze_s=srv.max_freeze_seconds)
-            verdicts[name] = verdict.to_dict()
-            self.log.log(40 if verdict.status == ALERT else 20, "%s%s", verdict.message,
-                         f"\nNEXT: {verdict.next_step}" if verdict.next_step else "")
-            if verdict.status == ALERT and not verdict.repeat:
-                audit.record("freeze_guard", "critical", server=name, details=verdict.to_dict())
-                DrNotifier().deliver(context, {
-                    "message": f"{name}: app frozen for {verdict.frozen_for_s or 0:.0f}s by "
-                               f"{verdict.dag_id or '?'} run {verdict.run_id or '?'}",
-                    "server": name, "error": verdict.message, "next_action": verdict.next_step,
-                    "run_id_frozen": verdict.run_id}, outcome="critical")
+            try:
+                verdicts[name] = self.check(context, audit, inventory.server(name), now)
+            except Exception as exc:  # one server's broken check must not hide the others
+                self.log.exception("%s: the freeze check failed", name)
+                errors[name] = f"{type(exc).__name__}: {exc}"[:500]
+        if errors:  # after every server was checked: the run fails, DrNotifier pages that the guard is blind
+            raise RuntimeError(f"dr_freeze_guard could not check {sorted(errors)}: {errors}")
         return {"checked_at": now.isoformat(), "servers": verdicts,
                 "alerts": sorted(n for n, v in verdicts.items() if v["status"] == ALERT)}
+
+    def check(self, context: Any, audit: AuditTrail, srv: Server, now: datetime) -> dict[str, Any]:
+        """One server: frozen? by which run? past max_freeze? Alert (once per max_freeze) when it is."""
+        name = srv.name
+        owners = owner_of(name, postgres_conn_id=self.audit_conn_id)
+        frozen_by = next((o for o in owners if o.reason == "app_frozen"), None)
+        lock = next((o for o in owners if o.reason == "lock"), None)
+        run_events = audit.events(run_id=frozen_by.run_id, dag_id=frozen_by.dag_id, limit=300) if frozen_by else []
+        verdict = assess(name, paused=self.paused(srv), frozen_by=frozen_by, lock=lock, run_events=run_events,
+                         last_alert_at=self.last_alert(audit, name, frozen_by), now=now,
+                         max_freeze_s=srv.max_freeze_seconds)
+        self.log.log(40 if verdict.status == ALERT else 20, "%s%s", verdict.message,
+                     f"\nNEXT: {verdict.next_step}" if verdict.next_step else "")
+        if verdict.status == ALERT and not verdict.repeat:
+            audit.record("freeze_guard", "critical", server=name, details=verdict.to_dict())
+            DrNotifier().deliver(context, {
+                "message": f"{name}: app frozen for {verdict.frozen_for_s or 0:.0f}s by "
+                           f"{verdict.dag_id or '?'} run {verdict.run_id or '?'}",
+                "server": name, "error": verdict.message, "next_action": verdict.next_step,
+                "run_id_frozen": verdict.run_id}, outcome="critical")
+        return verdict.to_dict()
 
     @staticmethod
     def last_alert(audit: AuditTrail, server: str, frozen_by: Owner | None) -> str | None:

@@ -75,6 +75,10 @@ class PitrRollbackOperator(DrBaseOperator):
             if not db.path_exists(d["moved_to"]):
                 raise PreflightError(f"{d['moved_to']} no longer exists on {instance.host}")
             freeze = freeze_app(self)
+            if freeze.get("frozen"):
+                # the rollback owns the server until its own "rollback ok": a failure after this leaves the app
+                # frozen, and the ownership rule and dr_freeze_guard must see who froze it
+                self.audit(context).record("freeze_app", "ok", server=srv.name, details={**freeze, "by": "rollback"})
             db.stop(instance)
             out = db.move_back(instance.data_directory, d["moved_to"], f"rollback-{self.run_tag(context)}")
             db.start(instance, wait=False)

@@ -97,6 +97,9 @@ def archive_gap(server: str, view: ArchiveView, sw: SwitchResult) -> str | None:
         return None
     current = WalSegment.parse(sw.current_wal)
     newest = WalSegment(view.timeline, view.newest_segno).name if view.newest_segno is not None else "nothing"
+    if (view.newest_segno is not None and current.timeline == view.timeline
+            and view.newest_segno >= current.segno):
+        return None  # Barman holds it after all (it arrived after the switch timed out)
     if sw.error:  # the server is up and its newest WAL could not be archived: it is missing, whatever else is
         how = f"the WAL switch of {sw.current_wal} never reached Barman (switch-wal --archive: {sw.error})"
     else:

@@ -25,6 +25,8 @@ SEGMENT_BYTES = 16 * 1024 * 1024
 STAGING_MARGIN = 0.10
 #: free space left to the live server on the shared filesystem (see `headroom_bytes`)
 HEADROOM_FRACTION, HEADROOM_MIN, HEADROOM_MAX = 0.02, 64 * 1024 * 1024, 4 * 1024**3
+#: consecutive long-poll windows without a free-space reading before the staging copy is stopped
+WATCH_MISSES = 4
 
 
 def _mib(n: int) -> str:
@@ -155,11 +157,25 @@ class StageRestoreOperator(DrBaseOperator):
         parent = posixpath.dirname(inst.data_directory.rstrip("/"))
         headroom = space["headroom_bytes"] if space else headroom_bytes(int(db.free_space(parent)["size_bytes"]))
 
+        unmeasured = [0]
+
         def watch(status: Any) -> None:
             # every long-poll window: stop the copy before it eats the live server's headroom
             if status.finished:
                 return
-            avail = int(db.free_space(parent)["available_bytes"])
+            try:
+                avail = int(db.free_space(parent)["available_bytes"])
+                unmeasured[0] = 0
+            except BarmanDrError as exc:  # an SSH hiccup: the copy goes on, but not for long unwatched
+                unmeasured[0] += 1
+                self.log.warning("free space of %s:%s not measured (%s in a row): %s", inst.host, parent,
+                                 unmeasured[0], exc)
+                if unmeasured[0] < WATCH_MISSES:
+                    return
+                stopped = self.barman.host.kill_job(self.barman.job_dir, job_id)
+                raise StagingFillingError(f"the free space of {inst.host}:{parent} could not be measured "
+                                          f"{WATCH_MISSES} times in a row: the copy was stopped ({stopped}) rather "
+                                          "than left to fill the live server's filesystem unwatched") from exc
             if avail < headroom:
                 stopped = self.barman.host.kill_job(self.barman.job_dir, job_id)
                 raise StagingFillingError(f"{_mib(avail)} left on {inst.host}:{parent}, under the live server's "
