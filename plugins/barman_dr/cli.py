@@ -5,13 +5,14 @@
                      --expect orders_total=10500 --confirm --wait
     barman-dr status --incident INC-123
     barman-dr drill  --wait
+    barman-dr servers [--json]
 
 The run id is derived from the incident id, so calling `pitr` twice for one incident
 follows the existing run instead of starting a second PITR. While the API server does not
 answer (a restart, an outage of the Airflow host), every call is retried with backoff for
 `--api-wait` seconds (default 120); then the command stops with exit code 4 and says so, and
 running it again with the same incident id reaches the same single run. Exit codes: 0
-success, 1 the run failed, 2 bad usage or the API refused the request, 3 timeout, 4 the API
+success, 1 the run failed (`servers`: a server is CRITICAL), 2 bad usage or the API refused the request, 3 timeout, 4 the API
 server did not answer.
 Credentials: BARMAN_DR_API_URL / BARMAN_DR_API_USER / BARMAN_DR_API_PASSWORD (the lab's
 LAB_AIRFLOW_URL / LAB_AIRFLOW_USER / LAB_AIRFLOW_PASSWORD are used when those are unset).
@@ -147,6 +148,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if run["state"] in ("success", "running", "queued") else 1
 
 
+def cmd_servers(args: argparse.Namespace) -> int:
+    """The fleet at a glance: each server's last verification, backup, drill and PITR (the DR page's summary)."""
+    api = api_from_env(args.api_wait)
+    try:
+        data = api._call("GET", "/barman-dr/api/summary")
+    except ApiError as exc:
+        print(f"barman-dr: the DR page's summary is not available (HTTP {exc.status}): {exc.body[:300]}",
+              file=sys.stderr)
+        return 2
+    servers = data.get("servers") or []
+    if args.json:
+        print(json.dumps(servers, indent=2, default=str))
+    else:
+        print(f"{'server':<16} {'verification':<13} {'last backup':<26} {'last drill':<22} last PITR")
+        for s in servers:
+            ver = (s.get("verification") or {}).get("status") or "-"
+            bk = s.get("last_backup") or {}
+            backup = f"{bk.get('backup_id', '-')} ({bk.get('age', '-')})" if bk else "-"
+            dr = s.get("last_drill") or {}
+            drill = f"{dr.get('outcome', '-')} rto {dr.get('rto_s')}s" if dr else "-"
+            pt = s.get("last_pitr") or {}
+            pitr = f"{pt.get('outcome', '-')} rto {pt.get('rto_s')}s {pt.get('run_id', '')}" if pt else "-"
+            print(f"{s.get('server', '?'):<16} {ver:<13} {backup:<26} {drill:<22} {pitr}")
+    critical = [s.get("server") for s in servers if (s.get("verification") or {}).get("status") == "CRITICAL"]
+    return 1 if critical else 0
+
+
 def cmd_drill(args: argparse.Namespace) -> int:
     api = api_from_env(args.api_wait)
     ensure_unpaused(api, DRILL_DAG)
@@ -196,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--incident")
     g.add_argument("--run-id")
+    s = sub.add_parser("servers", help="the fleet: last verification, backup, drill and PITR of each server "
+                                       "(exit 1 when one is CRITICAL)")
+    s.add_argument("--json", action="store_true", help="the servers as JSON (the DR page's summary)")
     s = sub.add_parser("drill", help="trigger the restore drill now")
     s.add_argument("--wait", action="store_true")
     s.add_argument("--timeout", type=float, default=3600)
@@ -215,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_trigger(args, confirm=False)
         if args.command == "status":
             return cmd_status(args)
+        if args.command == "servers":
+            return cmd_servers(args)
         return cmd_drill(args)
     except ApiUnavailableError as exc:
         print(f"barman-dr: {exc}", file=sys.stderr)

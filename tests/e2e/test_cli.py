@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import threading
 import time
@@ -124,3 +125,16 @@ def test_api_server_down_the_cli_retries_then_the_same_incident_reaches_one_run(
     runs = api._call("GET", "/api/v2/dags/dr_pitr/dagRuns?limit=100&order_by=-start_date")["dag_runs"]
     assert [x["dag_run_id"] for x in runs if (x.get("conf") or {}).get("incident_id") == incident] == [
         incident_run_id("dr_pitr", incident)]
+
+
+def test_servers_shows_the_fleet(api):
+    """`barman-dr servers`: every server of the inventory, from the DR page's summary; `--json` for tooling."""
+    r = cli("servers", "--json")
+    assert r.returncode in (0, 1), r.stdout + r.stderr  # 1: a server is CRITICAL (the lab's tests break some)
+    servers = {s["server"]: s for s in json.loads(r.stdout)}
+    assert {"pg-primary", "pg-primary2"} <= set(servers)
+    assert servers["pg-primary"]["rto_objective_s"] == 900
+    table = cli("servers")
+    assert table.returncode == r.returncode
+    assert table.stdout.splitlines()[0].split()[:2] == ["server", "verification"]
+    assert any(line.startswith("pg-primary2 ") for line in table.stdout.splitlines())
