@@ -118,3 +118,30 @@ def xcom(dag_id: str, run_id: str, task_id: str) -> Any:
     import json
 
     return json.loads(value) if isinstance(value, str) else value
+
+
+def stop_wal_stream(server: str, timeout: float = 60) -> None:
+    """Pause the lab's `barman cron` loop and stop `receive-wal` for `server`, and make sure it stays stopped.
+
+    A `barman cron` already running when the pause file appears restarts receive-wal after a
+    plain `--stop` (seen once in CI): wait for that cron to end, then stop, then confirm.
+    """
+    import re
+    import subprocess
+    import time
+    from pathlib import Path
+
+    Path(os.environ["LAB_DIR"], "run", "barman-cron.paused").touch()
+    barman = os.environ["LAB_BARMAN"].split()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        mine = rf"bin/barman -c {re.escape(os.environ['LAB_DIR'])}/[^ ]*barman\.conf cron"  # this lab's only
+        crons = subprocess.run(["pgrep", "-f", mine], check=False, capture_output=True, text=True).stdout
+        if not crons.strip():
+            subprocess.run([*barman, "receive-wal", "--stop", server], check=False, capture_output=True)
+            time.sleep(1)
+            procs = subprocess.run([*barman, "list-processes", server], check=False, capture_output=True, text=True).stdout
+            if "receive-wal" not in procs:
+                return
+        time.sleep(1)
+    raise AssertionError(f"receive-wal of {server} would not stay stopped within {timeout}s")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, run_dag, sql
+from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, run_dag, sql, stop_wal_stream
 
 pytestmark = pytest.mark.integration
 
@@ -96,10 +96,8 @@ def test_wal_gap_is_refused_before_anything_stops(baseline):
     lab = Path(os.environ["LAB_DIR"])
     pause = lab / "run" / "barman-cron.paused"
     barman = os.environ["LAB_BARMAN"].split()
-    pause.touch()
     try:
-        subprocess.run([*barman, "receive-wal", "--stop", "pg-primary"], check=False, capture_output=True)
-        time.sleep(2)
+        stop_wal_stream("pg-primary")
         for _ in range(3):  # WAL the archive will not see: a gap before the target
             sql("LAB_PRIMARY_DSN", "SELECT pg_switch_wal() FROM (SELECT pg_current_xact_id()) x")
         target = now_iso(-0.5)

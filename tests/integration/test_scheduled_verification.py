@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pitr_support import run_dag, sql
+from pitr_support import run_dag, sql, stop_wal_stream
 from scheduled_support import temp_inventory, xcom_for
 
 pytestmark = pytest.mark.integration
@@ -83,14 +83,8 @@ def test_healthy_lab_is_ok():
 
 def test_receive_wal_stopped_is_critical_with_hint():
     paused = Path(os.environ["LAB_DIR"], "run", "barman-cron.paused")
-    paused.touch()
     try:
-        time.sleep(1)
-        barman("receive-wal", "--stop", os.environ["LAB_BARMAN_SERVER"], check=False)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and "receive-wal" in barman(
-                "list-processes", os.environ["LAB_BARMAN_SERVER"], check=False).stdout:
-            time.sleep(1)
+        stop_wal_stream(os.environ["LAB_BARMAN_SERVER"])
         state, run_id, states = run_dag(DAG_ID, {})
         rep = report_of(run_id)
         assert rep["status"] == "CRITICAL"

@@ -206,12 +206,18 @@ def test_the_space_check_is_a_staging_space_refusal():
 # ------------------------------------------------------------------------ the seed's gap, named early
 
 
-def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
+def archive(newest: int, *, partial_newest: bool = False):
+    """An ArchiveView stand-in: segments 0x2E..newest on timeline 7, the newest maybe a streaming `.partial`."""
     from types import SimpleNamespace
 
+    files = {segno: SimpleNamespace(partial=partial_newest and segno == newest) for segno in range(0x2E, newest + 1)}
+    return SimpleNamespace(timeline=7, newest_segno=newest, files=SimpleNamespace(files=files))
+
+
+def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
     from barman_dr.operators.pitr.resolve import SwitchResult, archive_gap
 
-    view = SimpleNamespace(timeline=7, newest_segno=0x30)
+    view = archive(0x30)
     stalled = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088",
                            error="The WAL file 000000070000000000000031 has not been received in 20 seconds")
     gap = archive_gap("pg-primary", view, stalled)
@@ -219,7 +225,7 @@ def test_a_switch_that_never_reached_barman_is_named_as_missing_wal():
     assert "never reached Barman (switch-wal --archive: The WAL file" in gap
     assert "barman receive-wal" in gap and "Nothing was touched" in gap
     ok = SwitchResult(True, "000000070000000000000031", "000000070000000000000031", 828, "0/31000088")
-    assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), ok) is None
+    assert archive_gap("pg-primary", archive(0x31), ok) is None
     assert archive_gap("pg-primary", view, SwitchResult(False)) is None  # server down: nothing to compare
 
 
@@ -255,12 +261,19 @@ def test_an_unowned_pause_repeats_once_per_max_freeze_too():
 
 
 def test_no_gap_when_barman_holds_the_segment_after_all():
-    from types import SimpleNamespace
-
     from barman_dr.operators.pitr.resolve import SwitchResult, archive_gap
 
     late = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088", error="not received in 20 seconds")
-    assert archive_gap("pg-primary", SimpleNamespace(timeline=7, newest_segno=0x31), late) is None
+    assert archive_gap("pg-primary", archive(0x31), late) is None
+
+
+def test_a_streaming_partial_is_not_the_segment_archived():
+    """receive-wal still streams but nothing archives (barman cron stopped): the `.partial` is no proof."""
+    from barman_dr.operators.pitr.resolve import SwitchResult, archive_gap
+
+    late = SwitchResult(True, None, "000000070000000000000031", 828, "0/31000088", error="not received in 20 seconds")
+    gap = archive_gap("pg-primary", archive(0x31, partial_newest=True), late)
+    assert gap and gap.startswith("WAL missing") and "never reached Barman" in gap
 
 
 def test_cli_backoff_is_bounded():

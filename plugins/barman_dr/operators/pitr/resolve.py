@@ -91,15 +91,17 @@ def archive_gap(server: str, view: ArchiveView, sw: SwitchResult) -> str | None:
     `current_wal` is the segment the server wrote when the resolution began, and the WAL
     switch closes it: when the switch reached Barman, Barman holds it. When it did not
     (the switch timed out), every segment from Barman's newest up to it is missing, and a
-    target in that stretch can be neither resolved nor reached.
+    target in that stretch can be neither resolved nor reached. A `.partial` in the
+    streaming directory does not count: receive-wal may be running while nothing archives
+    (`barman cron` stopped), and `barman recover` does not read the streaming directory.
     """
     if not (sw.primary_up and sw.current_wal):
         return None
     current = WalSegment.parse(sw.current_wal)
     newest = WalSegment(view.timeline, view.newest_segno).name if view.newest_segno is not None else "nothing"
-    if (view.newest_segno is not None and current.timeline == view.timeline
-            and view.newest_segno >= current.segno):
-        return None  # Barman holds it after all (it arrived after the switch timed out)
+    if current.timeline == view.timeline and any(
+            segno >= current.segno and not f.partial for segno, f in view.files.files.items()):
+        return None  # Barman holds it whole after all (it arrived after the switch timed out)
     if sw.error:  # the server is up and its newest WAL could not be archived: it is missing, whatever else is
         how = f"the WAL switch of {sw.current_wal} never reached Barman (switch-wal --archive: {sw.error})"
     else:
