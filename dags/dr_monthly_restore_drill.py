@@ -21,6 +21,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
+from barman_dr.deadlines import rto_deadlines
 from barman_dr.fleet import schedule_for, servers_by_pool
 from barman_dr.notifications import DrNotifier
 from barman_dr.operators.scheduled import DrillTeardownOperator, FleetSummaryOperator, RestoreDrillOperator
@@ -36,6 +37,8 @@ with DAG(
     max_active_runs=1,
     tags=["dr", "barman", "drill", "scheduled"],
     doc_md=__doc__,
+    # pages (DrNotifier) when a drill is still running past a drilled server's RTO objective
+    deadline=rto_deadlines("drill"),
     default_args={"owner": "dba-oncall", "retries": 1, "retry_delay": timedelta(seconds=30),
                   "on_failure_callback": DrNotifier()},
     params={"target": Param("random", type="string", enum=["random", "immediate"], title="Drill target",

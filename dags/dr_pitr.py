@@ -7,7 +7,10 @@ directory while the app still runs) -> execute (freeze app, stop, move aside, re
 staged restore into place -- or restore now when staged_restore is off -- start) ->
 verify (the exact stop point reached, data) -> post-incident (unfreeze, what was discarded,
 standbys, Barman, report).
-Without `confirm` = "PITR <server>" the run stops after the plan and touches nothing.
+After the plan comes the approval step: without `confirm` = "PITR <server>" (or on a server
+with `require_approval: true`) the plan waits in Required Actions for a second person, one of
+the server's approvers and never the requester; Reject or no answer in time touches nothing.
+`plan_only` stops after the plan and asks nobody.
 The logic lives in plugins/barman_dr/operators/pitr/ (one module per phase); this file only declares.
 """
 
@@ -17,8 +20,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
+from barman_dr.deadlines import rto_deadlines
 from barman_dr.inventory import server_names_for_dags, standby_names_for_dags
 from barman_dr.notifications import DrNotifier
+from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.pitr import (
     BarmanRestoreOperator,
     DiscardedOperator,
@@ -100,9 +105,14 @@ params = {
                                         "writing while the copy is prepared: those writes are discarded too (the "
                                         "report lists them; dr_salvage can put their new rows back). Off: the "
                                         "restore runs inside the downtime window, after the freeze."),
-    "confirm": Param(None, type=OPT_STR, title="Confirm",
-                     description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE. Leave empty for a "
-                                 "plan-only run that changes nothing and writes the plan to the run note."),
+    "plan_only": Param(False, type="boolean", title="Plan only (preview)",
+                       description="On: stop after the plan, ask nobody, touch nothing (a preview). Off (default): "
+                                   "without confirm, the plan waits in Required Actions for a second person "
+                                   "(the server's approvers, never you) to approve or reject it."),
+    "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
+                     description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE without waiting for "
+                                 "a second person (pre-approved automation; ignored on a server with "
+                                 "require_approval). Leave empty: the plan waits for an approver."),
 }
 
 with DAG(
@@ -115,6 +125,8 @@ with DAG(
     tags=["dr", "pitr", "barman"],
     params=params,
     doc_md=__doc__,
+    # pages (DrNotifier) when a run is still unfinished past its server's RTO objective (trigger -> now)
+    deadline=rto_deadlines("pitr"),
     default_args={"owner": "dba-oncall", "retries": 2, "retry_delay": timedelta(seconds=10),
                   "on_failure_callback": DrNotifier()},
 ) as dag:
@@ -123,6 +135,7 @@ with DAG(
     preflight = PitrPreflightOperator(task_id="preflight", retries=1)
     wal = WalCoverageOperator(task_id="wal_coverage", retries=1)
     plan = PlanGateOperator(task_id="plan", retries=0)
+    approve = FourEyesApprovalOperator(task_id="approve", noun="PITR", lock_purpose="pitr", retries=0)
     stage = StageRestoreOperator(task_id="stage_restore", retries=2, retry_delay=timedelta(seconds=15))
     freeze = FreezeAppOperator(task_id="freeze_app")
     stop = StopPostgresOperator(task_id="stop_postgres")
@@ -138,13 +151,13 @@ with DAG(
         standby=to_rebuild.output)
     rebase = RebaseBarmanOperator(task_id="rebase_barman")
     report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
-    main = [validate, resolve, preflight, wal, plan, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,
+    main = [validate, resolve, preflight, wal, plan, approve, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,
             discarded, to_rebuild, standbys, rebase, report]
     # a leaf that fails when anything failed: the run's state is the PITR's state
     failure = PitrFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
     release = ReleaseLockOperator(task_id="release_lock", trigger_rule="all_done", retries=2)
 
-    validate >> resolve >> preflight >> wal >> plan >> stage >> freeze >> stop >> aside >> restore >> start >> verify
+    validate >> resolve >> preflight >> wal >> plan >> approve >> stage >> freeze >> stop >> aside >> restore >> start >> verify
     verify >> data >> unfreeze >> discarded >> rebase >> report
     data >> to_rebuild >> standbys >> report
     main >> failure

@@ -9,7 +9,8 @@ finds the rows those transactions wrote; it re-inserts the ones the recovered se
 lacks, by primary key, `ON CONFLICT DO NOTHING`, in one verified transaction. Rows
 updated after the target, and keys the app re-used since, are conflicts: reported, never
 overwritten. Rows deleted after the target stay deleted. Without `confirm` =
-"SALVAGE <server>" it only plans. Logic: plugins/barman_dr/operators/salvage.py.
+"SALVAGE <server>" the plan waits for a second person to approve it (`plan_only`: it only
+plans). Logic: plugins/barman_dr/operators/salvage.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
 from barman_dr.notifications import DrNotifier
+from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.salvage import (
     PrepareCopyOperator,
     SalvageApplyOperator,
@@ -49,9 +51,14 @@ params = {
                                       "incident itself, is always left out."),
     "incident_id": Param(None, type=OPT_STR, title="Incident id", description="Your incident ticket, e.g. INC-123."),
     "reason": Param(None, type=OPT_STR, title="Reason", description="Why this runs (shown in the audit trail)."),
-    "confirm": Param(None, type=OPT_STR, title="Confirm",
-                     description="Type exactly: SALVAGE <server> (e.g. 'SALVAGE pg-primary') to re-insert the rows. "
-                                 "Empty: plan only (the rows are found and diffed; nothing is changed)."),
+    "plan_only": Param(False, type="boolean", title="Plan only (preview)",
+                       description="On: stop after the plan, ask nobody, touch nothing (a preview). Off (default): "
+                                   "without confirm, the plan waits in Required Actions for a second person "
+                                   "(the server's approvers, never you) to approve or reject it."),
+    "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
+                     description="Type exactly: SALVAGE <server> (e.g. 'SALVAGE pg-primary') to re-insert the rows "
+                                 "without waiting for a second person. Empty: the rows are found and diffed, and the "
+                                 "plan waits for an approver in Required Actions."),
 }
 
 with DAG(
@@ -70,12 +77,13 @@ with DAG(
     validate = ValidateSalvageOperator(task_id="validate_params", retries=0)
     prepare = PrepareCopyOperator(task_id="prepare_copy", retries=2, retry_delay=timedelta(seconds=15))
     plan = SalvagePlanOperator(task_id="plan", retries=0)
+    approve = FourEyesApprovalOperator(task_id="approve", noun="SALVAGE", lock_purpose="salvage", retries=0)
     apply = SalvageApplyOperator(task_id="apply")
-    main = [validate, prepare, plan, apply]
+    main = [validate, prepare, plan, approve, apply]
     teardown = SalvageTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)
     # a leaf that fails when anything failed: the run's state is the salvage's state
     failure = SalvageFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
 
-    validate >> prepare >> plan >> apply
+    validate >> prepare >> plan >> approve >> apply
     main >> teardown
     main >> failure

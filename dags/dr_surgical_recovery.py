@@ -5,7 +5,8 @@ the incident. This DAG restores the backup to the target on the server's **nonpr
 instance, side by side with the live primary (which keeps serving: no freeze, no stop),
 compares the named tables by primary key, and writes the diff (rows missing in live,
 rows changed since, rows new in live) with a sample to the audit trail and the run note.
-Without `confirm` = "SURGICAL <server>" it stops there. Confirmed, it re-inserts the
+Without `confirm` = "SURGICAL <server>" the plan waits for a second person (`plan_only`: it
+stops there). Approved or confirmed, it re-inserts the
 missing rows into live in ONE transaction (and, with `restore_changed`, puts back the
 restored version of changed rows; otherwise those conflicts are only reported), verifies
 the counts, and audits the applied diff. The teardown always stops the nonprod instance
@@ -21,6 +22,7 @@ from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
 from barman_dr.notifications import DrNotifier
+from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.surgical import (
     RestoreNonprodOperator,
     SurgicalApplyOperator,
@@ -57,9 +59,14 @@ params = {
                                          "version. Off (default): they are reported as conflicts and left alone."),
     "incident_id": Param(None, type=OPT_STR, title="Incident id", description="Your incident ticket, e.g. INC-123."),
     "reason": Param(None, type=OPT_STR, title="Reason", description="Why this runs (shown in the audit trail)."),
-    "confirm": Param(None, type=OPT_STR, title="Confirm",
+    "plan_only": Param(False, type="boolean", title="Plan only (preview)",
+                       description="On: stop after the plan, ask nobody, touch nothing (a preview). Off (default): "
+                                   "without confirm, the plan waits in Required Actions for a second person "
+                                   "(the server's approvers, never you) to approve or reject it."),
+    "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
                      description="Type exactly: SURGICAL <server> (e.g. 'SURGICAL pg-primary') to APPLY the diff to "
-                                 "live. Empty: plan only (the diff is computed and shown, live is not changed)."),
+                                 "live without waiting for a second person. Empty: the diff is computed and shown, and waits "
+                                 "for an approver in Required Actions."),
 }
 
 with DAG(
@@ -81,12 +88,14 @@ with DAG(
     wal = SurgicalWalCoverageOperator(task_id="wal_coverage")
     restore = RestoreNonprodOperator(task_id="restore_nonprod", retries=2, retry_delay=timedelta(seconds=15))
     plan = SurgicalPlanOperator(task_id="plan", retries=0)
+    approve = FourEyesApprovalOperator(task_id="approve", noun="SURGICAL recovery", lock_purpose="surgical",
+                                       retries=0)
     apply = SurgicalApplyOperator(task_id="apply")
-    main = [validate, resolve, preflight, wal, restore, plan, apply]
+    main = [validate, resolve, preflight, wal, restore, plan, approve, apply]
     teardown = SurgicalTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)
     # a leaf that fails when anything failed: the run's state is the recovery's state
     failure = SurgicalFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
 
-    validate >> resolve >> preflight >> wal >> restore >> plan >> apply
+    validate >> resolve >> preflight >> wal >> restore >> plan >> approve >> apply
     main >> teardown
     main >> failure

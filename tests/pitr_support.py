@@ -91,6 +91,10 @@ def run_dag(dag_id: str, conf: dict[str, Any], before: dict[str, Any] | None = N
     produce on its own.
     """
     dag = dagbag().dags[dag_id]
+    if "approve" in dag.task_dict and not conf.get("confirm") and "plan_only" not in conf:
+        # an unconfirmed run waits for a second person, which an in-process run cannot be: a preview
+        # (the approval flow itself runs through the scheduler: tests/e2e/test_approval.py)
+        conf = {**conf, "plan_only": True}
     for task_id, hook in (before or {}).items():
         dag.get_task(task_id)._pre_execute_hook = hook
     for task_id, attrs in (patch or {}).items():

@@ -249,7 +249,7 @@ class Lab:
     def secrets(self) -> dict[str, str]:
         names = ("dr_admin", "barman", "streaming_barman", "replicator", "app", "pgbouncer_admin",
                  "airflow", "dr_audit_owner", "dr_audit_writer", "airflow_admin_ui", "jwt", "webhook_token",
-                 "metrics_token")
+                 "metrics_token", "airflow_approver_ui")
         data = json.loads(self.secrets_file.read_text()) if self.secrets_file.exists() else {}
         if all(n in data for n in names):
             return data
@@ -695,7 +695,9 @@ class Lab:
         env = self.airflow_env()
         home = Path(env["AIRFLOW_HOME"])
         home.mkdir(parents=True, exist_ok=True)
-        (home / "simple_auth_manager_passwords.json").write_text(json.dumps({"admin": self.secrets()["airflow_admin_ui"]}))
+        # two people: `admin` requests DR runs, `approver` (role op) is the second pair of eyes
+        (home / "simple_auth_manager_passwords.json").write_text(json.dumps(
+            {"admin": self.secrets()["airflow_admin_ui"], "approver": self.secrets()["airflow_approver_ui"]}))
         os.chmod(home / "simple_auth_manager_passwords.json", 0o600)
         airflow = str(self.venv / "bin" / "airflow")
         stamp = home / ".migrated"
@@ -801,7 +803,7 @@ class Lab:
             "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,approver:op",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "simple_auth_manager_passwords.json"),
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://{OPS}:{AIRFLOW_API_PORT}/execution/",
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://airflow:{s['airflow']}@{OPS}:{PG_PORT}/airflow",
@@ -830,6 +832,8 @@ class Lab:
             "LAB_AIRFLOW_URL": f"http://{OPS}:{AIRFLOW_API_PORT}",
             "LAB_AIRFLOW_USER": "admin",
             "LAB_AIRFLOW_PASSWORD": s["airflow_admin_ui"],
+            "LAB_APPROVER_USER": "approver",
+            "LAB_APPROVER_PASSWORD": s["airflow_approver_ui"],
             "LAB_PRIMARY_DSN": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
             "LAB_APP_DSN": f"host={HOSTS['pg-primary'][0]} port={PGBOUNCER_PORT} dbname=shop user=app password={s['app']}",
             "LAB_STANDBY_DSN": f"host={HOSTS['pg-standby'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",

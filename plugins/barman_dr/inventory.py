@@ -23,6 +23,8 @@ from barman_dr.exceptions import InventoryError
 DEFAULT_INVENTORY = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 #: `schema.table`, each part a plain SQL identifier (taken literally: quoted, case-sensitive, never parsed further)
+#: an Airflow user name, or `role:<role>`
+APPROVER_RE = re.compile(r"^(role:)?[A-Za-z0-9][A-Za-z0-9._@-]{0,127}\Z")
 QUALIFIED_TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}\.[A-Za-z_][A-Za-z0-9_$]{0,62}\Z")
 _VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FREEZE_METHODS = ("pgbouncer", "command", "none")
@@ -149,6 +151,12 @@ class Server:
     surgical_tables: tuple[str, ...] = ()
     #: the longest the app may stay frozen by a DR run before dr_freeze_guard alerts (never unfreezes)
     max_freeze_seconds: int = 1800
+    #: four-eyes: true ignores `confirm`, every destructive run waits for a second person
+    require_approval: bool = False
+    #: who may approve: Airflow user names, or `role:<name>` (every user of that role); never the requester
+    approvers: tuple[str, ...] = ()
+    #: how long a run waits for the approval before it ends with nothing touched
+    approval_timeout_seconds: int = 1800
 
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
@@ -208,6 +216,27 @@ def _positive_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InventoryError(f"{where}: {value!r} is not a positive integer (seconds), e.g. 1800")
     return value
+
+
+def _bool(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise InventoryError(f"{where}: {value!r} must be true or false")
+    return value
+
+
+def _approvers(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and APPROVER_RE.match(v) for v in value):
+        raise InventoryError(f"{where}: {value!r} must be a list of Airflow user names or `role:<role>` entries "
+                             "(letters, digits, . _ @ -), e.g. [alice, role:op]")
+    return tuple(dict.fromkeys(value))
+
+
+def _approval_timeout(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 7 * 24 * 60:
+        raise InventoryError(f"{where}: {value!r} must be minutes between 0 and 10080 (a week), e.g. 30")
+    return max(1, round(value * 60))
 
 
 def _tables(value: Any, where: str) -> tuple[str, ...]:
@@ -303,6 +332,10 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             switch_wal_timeout_seconds=int(d.get("switch_wal_timeout_seconds", 60)),
             surgical_tables=_tables(d.get("surgical_tables"), f"{w}.surgical_tables"),
             max_freeze_seconds=_positive_int(d.get("max_freeze_seconds", 1800), f"{w}.max_freeze_seconds"),
+            require_approval=_bool(d.get("require_approval", False), f"{w}.require_approval"),
+            approvers=_approvers(d.get("approvers"), f"{w}.approvers"),
+            approval_timeout_seconds=_approval_timeout(d.get("approval_timeout_minutes", 30),
+                                                       f"{w}.approval_timeout_minutes"),
         )
     if not servers:
         raise InventoryError(f"{path}: no servers defined")

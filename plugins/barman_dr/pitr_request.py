@@ -40,7 +40,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_JOBS = 16
 TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
-                "reason", "jobs", "confirm", "staging", "staged_restore", "target_name_lsn"}
+                "reason", "jobs", "confirm", "staging", "staged_restore", "target_name_lsn", "plan_only"}
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class PitrRequest:
     requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     #: which occurrence of a restore point name created more than once (its record's LSN)
     target_name_lsn: str | None = None
+    #: stop after the plan: no approval is asked for, nothing is touched
+    plan_only: bool = False
 
     @property
     def in_place(self) -> bool:
@@ -253,8 +255,21 @@ def parse_confirm(conf: dict[str, Any], expected_text: str, what: str) -> bool:
     confirmed = confirm == expected_text
     if confirm not in (None, "") and not confirmed:
         raise ValidationError("confirm", confirm, f"does not match: type exactly '{expected_text}' to {what}, or leave "
-                                                  "it empty for a plan-only run")
+                                                  "it empty to ask a second person to approve the plan")
     return confirmed
+
+
+def parse_plan_only(conf: dict[str, Any], confirmed: bool) -> bool:
+    """`plan_only`: a preview that asks nobody; with a `confirm` it is a contradiction, refused."""
+    plan_only = conf.get("plan_only", False)
+    if plan_only is None:
+        plan_only = False
+    if not isinstance(plan_only, bool):
+        raise ValidationError("plan_only", plan_only, "must be true (show the plan, ask nobody, touch nothing) or false")
+    if plan_only and confirmed:
+        raise ValidationError("plan_only", plan_only, "a plan-only run executes nothing: remove `confirm`, or set "
+                                                      "plan_only to false to execute")
+    return plan_only
 
 
 def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datetime | None = None) -> PitrRequest:
@@ -296,6 +311,7 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
     jobs = parse_jobs(conf)
 
     confirmed = parse_confirm(conf, confirm_text(server), "execute")
+    plan_only = parse_plan_only(conf, confirmed)
 
     staging = conf.get("staging", False)
     if not isinstance(staging, bool):
@@ -313,4 +329,5 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
 
     return PitrRequest(server=server, target=target, backup_id=backup_id, restore_to=restore_to, expected=expected,
                        incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=staging,
-                       staged_restore=staged_restore, requested_at=now.isoformat(), target_name_lsn=target_name_lsn)
+                       staged_restore=staged_restore, requested_at=now.isoformat(), target_name_lsn=target_name_lsn,
+                       plan_only=plan_only)

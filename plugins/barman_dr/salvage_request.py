@@ -28,6 +28,7 @@ from barman_dr.pitr_request import (
     check_conf_keys,
     parse_confirm,
     parse_incident_id,
+    parse_plan_only,
     parse_reason,
     parse_server,
 )
@@ -35,7 +36,7 @@ from barman_dr.surgical_request import parse_tables
 
 #: Airflow run ids: manual__2026-12-04T05:26:53.594262+00:00, dr_pitr__incident__INC-123, ...
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,249}\Z")
-KNOWN_FIELDS = {"server", "pitr_run_id", "tables", "confirm", "incident_id", "reason", "exclude_xids"}
+KNOWN_FIELDS = {"server", "pitr_run_id", "tables", "confirm", "incident_id", "reason", "exclude_xids", "plan_only"}
 MAX_EXCLUDED = 1000
 
 
@@ -53,6 +54,7 @@ class SalvageRequest:
     reason: str | None
     requested_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     exclude_xids: tuple[int, ...] = ()
+    plan_only: bool = False
 
     def confirm_text(self) -> str:
         return salvage_confirm_text(self.server)
@@ -100,5 +102,6 @@ def validate_salvage_conf(conf: Any, inventory: Inventory, *, now: datetime | No
         excluded.append(int(text) & 0xFFFFFFFF)  # rows carry 32-bit xmins
     confirmed = parse_confirm(conf, salvage_confirm_text(server), "re-insert the discarded rows")
     return SalvageRequest(server=server, pitr_run_id=run_id, tables=tables, confirmed=confirmed,
+                          plan_only=parse_plan_only(conf, confirmed),
                           incident_id=parse_incident_id(conf), reason=parse_reason(conf), requested_at=now.isoformat(),
                           exclude_xids=tuple(excluded))

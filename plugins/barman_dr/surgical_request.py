@@ -32,6 +32,7 @@ from barman_dr.pitr_request import (
     parse_confirm,
     parse_incident_id,
     parse_jobs,
+    parse_plan_only,
     parse_reason,
     parse_server,
     parse_target,
@@ -39,7 +40,7 @@ from barman_dr.pitr_request import (
 
 MAX_TABLES = 20
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "tables", "restore_changed", "incident_id",
-                "reason", "jobs", "confirm"}
+                "reason", "jobs", "confirm", "plan_only"}
 
 
 def surgical_confirm_text(server: str) -> str:
@@ -121,8 +122,9 @@ def validate_surgical_conf(conf: dict[str, Any], inventory: Inventory, *, now: d
     jobs = parse_jobs(conf)
 
     confirmed = parse_confirm(conf, surgical_confirm_text(server), "apply the diff to live")
+    plan_only = parse_plan_only(conf, confirmed)
 
     return SurgicalRequest(server=server, target=target, backup_id=backup_id, restore_to=srv.nonprod.name, expected={},
                            incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=False,
                            requested_at=now.isoformat(), tables=tables, tables_source=source,
-                           restore_changed=restore_changed)
+                           restore_changed=restore_changed, plan_only=plan_only)

@@ -117,6 +117,25 @@ def test_dr_pitr_exists(dags):
     assert {"server", "confirm"} <= set(dag.params.keys())
 
 
+#: the first step of each destructive DAG that changes anything a user sees
+FIRST_CHANGE = {"dr_pitr": "stage_restore", "dr_surgical_recovery": "apply", "dr_salvage": "apply"}
+
+
+@pytest.mark.parametrize("dag_id", sorted(FIRST_CHANGE))
+def test_the_plan_is_followed_by_four_eyes_approval(dags, dag_id):
+    """plan -> approve (Airflow's HITL operator) -> the first change; a preview param; the approval never retries."""
+    from airflow.providers.standard.operators.hitl import HITLOperator
+
+    dag = dags[dag_id]
+    approve = dag.get_task("approve")
+    assert isinstance(approve, HITLOperator) and approve.retries == 0
+    assert approve.upstream_task_ids == {"plan"}
+    assert FIRST_CHANGE[dag_id] in approve.downstream_task_ids
+    assert dag.get_task(FIRST_CHANGE[dag_id]).upstream_task_ids == {"approve"}
+    assert not approve.serialized_params  # the Required Actions form asks for nothing but the decision
+    assert {"plan_only", "confirm"} <= set(dag.params.keys())
+
+
 # ------------------------------------------------------------------------------ import in a fresh interpreter
 
 PROBE = textwrap.dedent(r"""

@@ -44,7 +44,8 @@ def test_plan_only_without_confirm(baseline):
     state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": now_iso(-1),
                                                "incident_id": "INC-PLAN-1"})
     assert state == "success"
-    assert tasks["plan"] == "skipped" and tasks["stage_restore"] == "skipped" and tasks["freeze_app"] == "skipped"
+    assert tasks["plan"] == "success" and tasks["approve"] == "skipped"
+    assert tasks["stage_restore"] == "skipped" and tasks["freeze_app"] == "skipped"
     events = assert_untouched(run_id, tli, before)
     planned = [e for e in events if e["action"] == "plan" and e["outcome"] == "planned"]
     assert planned and '"steps"' in planned[0]["details"] and '"estimated_rto"' in planned[0]["details"]

@@ -183,7 +183,7 @@ def test_salvage_plan_only_changes_nothing(pitr):
     before = counts()
     state, run_id, tasks = run_dag("dr_salvage", {"server": "pg-primary", "tables": ["public.critical_orders"]})
     assert state == "success", tasks
-    assert tasks["plan"] == "skipped" and tasks["apply"] == "skipped" and tasks["teardown"] == "success"
+    assert tasks["approve"] == "skipped" and tasks["apply"] == "skipped" and tasks["teardown"] == "success"
     assert counts() == before == {"orders_total": 10500, "orders_completed": 7465}
     plan = next(json.loads(e["details"]) for e in audit(run_id) if e["action"] == "salvage_plan"
                 and e["outcome"] == "planned")

@@ -80,11 +80,11 @@ def surgical():
 def test_plan_only_shows_the_missing_rows_and_changes_nothing(surgical):
     state, run_id, tasks = surgical["plan"]
     assert state == "success", tasks
-    assert tasks["plan"] == "skipped" and tasks["apply"] == "skipped"
+    assert tasks["approve"] == "skipped" and tasks["apply"] == "skipped"
     assert tasks["teardown"] == "success" and tasks["failure_summary"] == "skipped"
     assert surgical["before"] == {"orders_total": 3035 + NEW_ORDERS, "orders_completed": surgical["new_completed"]}
     assert surgical["after_plan"] == surgical["before"]
-    assert [o for o, _ in events(run_id, "surgical_plan")] == ["started", "planned"]  # skipped after the plan
+    assert [o for o, _ in events(run_id, "surgical_plan")] == ["started", "planned", "ok"]  # then the preview stops
     [(_, plan)] = events(run_id, "surgical_plan", "planned")
     assert plan["confirmed"] is False
     [t] = plan["tables"]

@@ -131,7 +131,7 @@ def test_an_xid_target_starts_from_the_newest_backup_before_it(write_soon):
     nudge()
     state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_xid": str(xid),
                                                "target_inclusive": False})
-    assert state == "success" and tasks["plan"] == "skipped", tasks
+    assert state == "success" and tasks["approve"] == "skipped", tasks
     resolved = xcom("dr_pitr", run_id, "resolve_target")
     assert resolved["backup_id"] == newer  # not the oldest backup: only the WAL after it is replayed
     assert resolved["stop"]["kind"] == "commit" and resolved["stop"]["xid"] == xid
@@ -166,7 +166,7 @@ def test_the_plan_lists_exactly_what_was_committed_after_the_target():
     for _ in range(4):
         sql(APP, "INSERT INTO app_heartbeat DEFAULT VALUES")                               # 4 transactions
     state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": target})
-    assert state == "success" and tasks["plan"] == "skipped", tasks
+    assert state == "success" and tasks["approve"] == "skipped", tasks
     plan = next(json.loads(e["details"]) for e in audit(run_id) if e["action"] == "plan" and e["outcome"] == "planned")
     disc = plan["discarded"]
     assert disc["tables"] == {"public.critical_orders": {"inserted": 7, "updated": 3, "deleted": 5},

@@ -36,6 +36,14 @@ from barman_dr.locks import ServerLockedError
 from barman_dr.pitr_request import PitrRequest
 
 #: errors a retry cannot fix: fail at once, with the message, no retry
+try:  # a human-in-the-loop wait (Airflow 3.3+) or a deferral parks the try: it has not ended
+    from airflow.sdk.exceptions import TaskAwaitingInput, TaskDeferred
+
+    PARKED: tuple[type[BaseException], ...] = (TaskAwaitingInput, TaskDeferred)
+except ImportError:  # pragma: no cover - older task SDKs
+    from airflow.sdk.exceptions import TaskDeferred
+
+    PARKED = (TaskDeferred,)
 NON_RETRYABLE = (ValidationError, PreflightError, ServerLockedError, HostKeyError, InventoryError, AuditUnavailableError)
 
 
@@ -167,6 +175,11 @@ class DrBaseOperator(BaseOperator):
     def upstream(self, context: Any, task_id: str) -> Any:
         return context["ti"].xcom_pull(task_ids=task_id)
 
+    def approved(self, context: Any, task_id: str = "approve") -> bool:
+        """The approval step let this run through (pre-approved by confirm, or a second person approved)."""
+        out = self.upstream(context, task_id)
+        return isinstance(out, dict) and out.get("approved") is True
+
     # -------------------------------------------------------------------- audit
     def audit_context(self, context: Any) -> AuditContext:
         incident = None
@@ -208,7 +221,7 @@ class DrBaseOperator(BaseOperator):
             raise AirflowFailException(f"{self.task_id} refused: {exc}") from exc
         try:
             result = self.run(context)
-        except AirflowSkipException:
+        except (AirflowSkipException, *PARKED):
             raise
         except BaseException as exc:  # also a timeout or a kill (BaseException in the task SDK): the try has an end
             details = {"error": f"{type(exc).__name__}: {exc}"[:8000], "next_action": self.next_action(context, exc)}

@@ -38,6 +38,7 @@ from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.plan import plan_state
 from barman_dr.operators.surgical import SurgicalApplyOperator, SurgicalPlanOperator
 from barman_dr.rowdiff import (
     check_same_shape,
@@ -419,7 +420,7 @@ class SalvagePlanOperator(SalvageDiffMixin, SurgicalPlanOperator):
                 "totals": {k: sum(r[k] for r in rows) for k in ("discarded_rows", "to_insert", "conflicts",
                                                                 "deleted_after_target_left_alone")}}
         self.audit(context).record("salvage_plan", "planned", server=srv.name, target=req.describe(), details=plan)
-        lines = [f"SALVAGE plan for {srv.name}" + (" (CONFIRMED)" if req.confirmed else " (plan only: not confirmed)"),
+        lines = [f"SALVAGE plan for {srv.name}" + plan_state(req),
                  f"from dr_pitr {req.pitr_run_id} (stopped {(self.facts.get('stop') or {}).get('described', '?')})"]
         if plan["incident_xids"]:
             lines.append(f"never put back: transaction {plan['incident_xids'][0]} (the PITR's target: the incident)")
@@ -437,11 +438,11 @@ class SalvagePlanOperator(SalvageDiffMixin, SurgicalPlanOperator):
                            f"target: {r['deleted_after_target_left_alone']} (left deleted)")
         lines += [f"warning: {w}" for w in warnings]
         if not req.confirmed:
-            lines.append(f"to apply: trigger again with confirm = {req.confirm_text()}")
+            lines.append(f"to apply: approve in Required Actions (a second person), or trigger again with confirm = "
+                         f"{req.confirm_text()}")
         set_run_note(context["dag"].dag_id, context["run_id"], "\n".join(lines))
-        if not req.confirmed:
-            self.log.info("plan only:\n%s", "\n".join(lines))
-            raise AirflowSkipException(f"plan only: set confirm to '{req.confirm_text()}' to apply")
+        self.log.info("%s", "\n".join(lines))
+        plan["text"] = "\n".join(lines)
         return plan
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
@@ -500,8 +501,8 @@ class SalvageApplyOperator(SalvageDiffMixin, SurgicalApplyOperator):
     def run(self, context: Any) -> dict[str, Any]:
         self.context_ref = context
         req, srv = self.sreq, self.srv
-        if not req.confirmed:
-            raise AirflowSkipException("not confirmed")
+        if not self.approved(context):
+            raise AirflowSkipException("not approved")
         done = self.apply_once(context)
         results = done["tables"]
         sequences = done.pop("before_commit", None) or []

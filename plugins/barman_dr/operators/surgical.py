@@ -41,6 +41,7 @@ from barman_dr.operators.pitr import (
     VerificationError,
     WalCoverageOperator,
 )
+from barman_dr.operators.pitr.plan import plan_state
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
 from barman_dr.operators.scheduled import check_nonprod, restore_to_nonprod
 from barman_dr.rowdiff import SAMPLE, apply_table, check_same_shape, diff_table, read_table_spec, stage_name, stage_table
@@ -283,7 +284,7 @@ class SurgicalPlanOperator(_DiffStep):
                              + f"; leave {t['live_only']} rows written since alone" for t in tables]}
         self.audit(context).record("surgical_plan", "planned", server=srv.name, target=req.target.describe(),
                                    details=plan)
-        lines = [f"SURGICAL plan for {srv.name}" + (" (CONFIRMED)" if req.confirmed else " (plan only: not confirmed)"),
+        lines = [f"SURGICAL plan for {srv.name}" + plan_state(req),
                  f"target {req.target.describe()}; backup {plan['backup_id']} restored on {plan['restored_on']}"]
         for t in tables:
             keys = t["missing_keys"] or {}
@@ -292,11 +293,11 @@ class SurgicalPlanOperator(_DiffStep):
                          + (f" (keys {keys.get('first')}..{keys.get('last')})" if keys else "")
                          + f", CHANGED {t['changed']}, new in live {t['live_only']} (left alone)")
         if not req.confirmed:
-            lines.append(f"to apply: trigger again with confirm = {req.confirm_text()}")
+            lines.append(f"to apply: approve in Required Actions (a second person), or trigger again with confirm = "
+                         f"{req.confirm_text()}")
         set_run_note(context["dag"].dag_id, context["run_id"], "\n".join(lines))
-        if not req.confirmed:
-            self.log.info("plan only:\n%s", "\n".join(lines))
-            raise AirflowSkipException(f"plan only: set confirm to '{req.confirm_text()}' to apply")
+        self.log.info("%s", "\n".join(lines))
+        plan["text"] = "\n".join(lines)
         return plan
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
@@ -408,8 +409,8 @@ class SurgicalApplyOperator(_DiffStep):
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
-        if not self.confirmed():
-            raise AirflowSkipException("not confirmed")
+        if not self.approved(context):
+            raise AirflowSkipException("not approved")
         done = self.apply_once(context)
         results, transaction_s = done["tables"], done["transaction_s"]
         counts = self.live_counts()

@@ -7,8 +7,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowSkipException
-
 from barman_dr.exceptions import BarmanDrError
 from barman_dr.hooks.dbhost import (
     staging_paths,
@@ -121,7 +119,7 @@ class PlanGateOperator(DrBaseOperator):
             "backup_end_time": pre["backup"].get("end_time"), "wal_range": [wal["first_wal"], wal["last_wal"]],
             "wal_segments": wal["wal_segments"], "replay": replay, "restore_to": instance.name,
             "estimated_rto": estimate, "rto_objective_s": srv.rto_objective_seconds, "steps": steps,
-            "confirmed": req.confirmed, "standbys": standbys, "staged_restore": req.staged_restore,
+            "confirmed": req.confirmed, "plan_only": req.plan_only, "standbys": standbys, "staged_restore": req.staged_restore,
             "discarded": {k: v for k, v in (res.get("discarded") or {}).items() if k != "xid_ranges"},
             "warnings": pre.get("warnings") or [],
         }
@@ -129,18 +127,22 @@ class PlanGateOperator(DrBaseOperator):
         plan["text"] = text
         self.audit(context).record("plan", "planned", server=srv.name, target=req.target.describe(), details=plan)
         set_run_note(context["dag"].dag_id, context["run_id"], text)
-        if not req.confirmed:
-            self.log.info("plan only (confirm is not '%s'):\n%s", req.confirm_text(), text)
-            raise AirflowSkipException(f"plan only: set confirm to '{req.confirm_text()}' to execute")
         self.log.info("%s", text)
         return plan
+
+
+def plan_state(req: Any) -> str:
+    """How the plan goes on: pre-approved by confirm, a preview, or waiting for a second person."""
+    if getattr(req, "plan_only", False):
+        return " (plan only: a preview, nobody is asked)"
+    return " (CONFIRMED)" if req.confirmed else " (awaiting approval by a second person)"
 
 
 def plan_text(plan: dict[str, Any], server: str, req: Any) -> str:
     """The plan as a DBA reads it (the run note, the log, the approval body): most important first."""
     e = plan["estimated_rto"]
     replay = plan["replay"]
-    head = [f"PITR plan for {server}" + (" (CONFIRMED)" if plan["confirmed"] else " (plan only: not confirmed)"),
+    head = [f"PITR plan for {server}" + plan_state(req),
             f"target: {req.target.describe()}",
             *stop_lines({"stop": plan["stop"], "occurrences": plan["occurrences"],
                          "restore_target": plan["restore_target"], "requested": plan["target"]}),
@@ -155,7 +157,8 @@ def plan_text(plan: dict[str, Any], server: str, req: Any) -> str:
         head.append("staged: the app keeps writing until the freeze; those writes are discarded too (the report lists "
                     "them; dr_salvage can put their new rows back)")
     if not plan["confirmed"]:
-        head.append(f"to execute: trigger again with confirm = {req.confirm_text()}"
+        how = "trigger again with" if req.plan_only else "approve in Required Actions, or trigger again with"
+        head.append(f"to execute: {how} confirm = {req.confirm_text()}"
                     + (f" and target_name_lsn = {plan['stop']['lsn']}" if plan["occurrences"] and
                        len(plan["occurrences"]) > 1 else ""))
     steps = [f"{i}. {s}" for i, s in enumerate(plan["steps"], 1)]

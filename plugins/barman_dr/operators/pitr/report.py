@@ -37,7 +37,8 @@ class PitrReportOperator(DrBaseOperator):
     def run(self, context: Any) -> dict[str, Any]:
         req, srv = self.req, self.srv
         x = {t: self.upstream(context, t) or {} for t in
-             ("validate_params", "resolve_target", "preflight", "wal_coverage", "plan", "stage_restore", *self.PHASES,
+             ("validate_params", "resolve_target", "preflight", "wal_coverage", "plan", "approve", "stage_restore",
+              *self.PHASES,
               "discarded", "rebase_barman")}
         # in the order they ran (the runbook's order, unless a retry or a clear changed it)
         ran = sorted((p for p in self.PHASES if x[p]), key=lambda p: str(x[p].get("started_at") or ""))
@@ -73,6 +74,8 @@ class PitrReportOperator(DrBaseOperator):
             "discarded": {k: v for k, v in x["discarded"].items() if k != "xid_ranges"},
             "discarded_at_plan": (x["plan"].get("discarded") or {}).get("total"),
             "prepared_transactions": x["verify_target"].get("prepared_transactions"),
+            "approval": {k: x["approve"].get(k) for k in ("decision", "requester", "approver", "responded_at",
+                                                           "plan_hash") if x["approve"].get(k) is not None},
         }
         # time-to-recovered: trigger -> the app serving recovered data (resume)
         triggered = getattr(context.get("dag_run"), "start_date", None) or (
@@ -88,9 +91,14 @@ class PitrReportOperator(DrBaseOperator):
         report["staging_leftover"] = staging_leftover(self, stage) if staged else []
         disc = report["discarded"]
         total = disc.get("total") or {}
+        appr = report["approval"]
         note = (f"PITR {srv.name} DONE: stopped {(report['stop'] or {}).get('described', req.target.describe())}, new "
                 f"timeline {report['new_timeline']}\n"
-                f"RTO: downtime (freeze -> resume) {rto}s, time-to-recovered {report['time_to_recovered_s']}s "
+                + (f"approved by {appr.get('approver')} at {str(appr.get('responded_at'))[:19]} (requested by "
+                   f"{appr.get('requester')}, plan {appr.get('plan_hash')})\n" if appr.get("decision") == "approved"
+                   else f"pre-approved by confirm (requested by {appr.get('requester') or 'unknown'})\n" if appr
+                   else "")
+                + f"RTO: downtime (freeze -> resume) {rto}s, time-to-recovered {report['time_to_recovered_s']}s "
                 f"(objective {srv.rto_objective_seconds}s): "
                 + ", ".join(f"{k} {v}s" for k, v in phases.items() if v is not None)
                 + (f"\nstaged restore before the freeze (app running): {stage.get('duration_s')}s" if staged else "")

@@ -1,0 +1,177 @@
+"""Approve: the plan waits for a second person, inside Airflow, before anything destructive.
+
+Follows the plan in dr_pitr, dr_surgical_recovery and dr_salvage. It is Airflow's own
+human-in-the-loop operator (`HITLOperator`: the Required Actions page, the HITL REST API,
+on Airflow 3.3 the `awaiting_input` state and the scheduler's timeout sweep), with the DR
+rules of `barman_dr.approval` around it:
+
+- `plan_only` skips it (and so everything after it): a preview asks nobody;
+- `confirm` pre-approves it, unless the server has `require_approval: true`;
+- otherwise the plan is the body, the assigned users are the server's approvers minus the
+  requester, and the run waits up to the server's `approval_timeout_minutes`;
+- Approve: the responder is checked again (never the requester), the server lock is taken
+  for this run (a plan-only trigger took none), and the run goes on;
+- Reject: everything after it is skipped, the run ends with nothing touched;
+- no answer in time: the step fails (the failure summary and DrNotifier say so), nothing
+  touched.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from barman_dr.approval import (
+    APPROVE,
+    REJECT,
+    approval_body,
+    check_response,
+    decide,
+    eligible_approvers,
+    plan_hash,
+    simple_auth_users,
+)
+from barman_dr.locks import ServerLock, ServerLockedError
+from barman_dr.operators.base import DrBaseOperator, utcnow
+from barman_dr.run_note import _api, set_run_note
+
+
+def user_roles() -> dict[str, str]:
+    """The auth manager's users and roles, for `role:<role>` approvers (SimpleAuthManager's setting)."""
+    from airflow.configuration import conf
+
+    return simple_auth_users(conf.get("core", "simple_auth_manager_users", fallback=""))
+
+
+class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
+    """Wait for a second person to approve the plan (or pass a pre-approved / plan-only run straight through)."""
+
+    action = "approval"
+    ui_color = "#fff4d6"
+    template_fields = ("request",)
+
+    def __init__(self, *, noun: str, lock_purpose: str, plan_task_id: str = "plan", **kwargs: Any) -> None:
+        kwargs.setdefault("subject", f"{noun}: approve the plan")
+        kwargs.setdefault("options", [APPROVE, REJECT])
+        kwargs.setdefault("multiple", False)
+        super().__init__(**kwargs)
+        self.noun = noun
+        self.lock_purpose = lock_purpose
+        self.plan_task_id = plan_task_id
+
+    # the requests of the three DAGs differ: only these keys are read
+    @property
+    def server_name(self) -> str:
+        return str((self.request or {}).get("server"))
+
+    def audit_target(self) -> str | None:
+        return None
+
+    def requester(self, context: Any) -> str | None:
+        return getattr(context.get("dag_run"), "triggering_user_name", None) or None
+
+    def rules(self, context: Any) -> tuple[str | None, list[str]]:
+        requester = self.requester(context)
+        return requester, eligible_approvers(self.server_name, self.srv.approvers, user_roles(), requester)
+
+    def run(self, context: Any) -> dict[str, Any]:
+        req = self.request or {}
+        srv = self.srv
+        decision = decide(confirmed=bool(req.get("confirmed")), plan_only=bool(req.get("plan_only")),
+                          require_approval=srv.require_approval)
+        plan = self.upstream(context, self.plan_task_id) or {}
+        digest = plan_hash(plan)
+        if not decision.wait:
+            if req.get("plan_only"):
+                self.audit(context).record(self.action, "info", server=srv.name,
+                                           details={"decision": "plan_only", "plan_hash": digest})
+                raise AirflowSkipException(decision.why)
+            return {"approved": True, "decision": "pre_approved", "why": decision.why, "plan_hash": digest,
+                    "requester": self.requester(context)}
+        requester, eligible = self.rules(context)
+        self.subject = f"{self.noun} of {srv.name}: approve the plan"
+        self.body = approval_body(noun=self.noun, server=srv.name, plan_text=str(plan.get("text") or plan),
+                                  requester=requester, why=decision.why, approvers=eligible,
+                                  timeout_s=srv.approval_timeout_seconds, digest=digest)
+        self.assigned_users = [{"id": u, "name": u} for u in eligible]
+        self.response_timeout = timedelta(seconds=srv.approval_timeout_seconds)
+        link = self.required_actions_link(context)
+        self.audit(context).record(self.action, "info", server=srv.name, details={
+            "decision": "requested", "why": decision.why, "requester": requester, "requested_at": utcnow(),
+            "approvers": eligible, "timeout_s": srv.approval_timeout_seconds, "plan_hash": digest, "link": link})
+        self.notify_approvers(context, requester, eligible, link)
+        HITLOperator.execute(self, context)  # parks the task (awaiting_input); resumes in execute_complete
+        raise AssertionError("unreachable: the human-in-the-loop wait did not park the task")  # pragma: no cover
+
+    def required_actions_link(self, context: Any) -> str | None:
+        api = _api("airflow_api")
+        try:
+            return self.generate_link_to_ui(task_instance=context["ti"], base_url=api[0] if api else None)
+        except ValueError:
+            return None
+
+    def notify_approvers(self, context: Any, requester: str | None, eligible: list[str], link: str | None) -> None:
+        from barman_dr.notifications import DrNotifier
+
+        DrNotifier().deliver(context, {
+            "message": f"{self.noun} of {self.server_name} waits for approval by one of {', '.join(eligible)} "
+                       f"(requested by {requester or 'unknown'}, run {context['run_id']})",
+            "server": self.server_name, "link": link, "requester": requester, "approvers": eligible,
+            "next_action": f"open {link or 'Required Actions'} and approve or reject the plan"}, outcome="info")
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """The answer (or the timeout): checked, audited, shown on the run note."""
+        if self.request is None:
+            self.request = context["ti"].xcom_pull(task_ids=self.request_task_id)
+        audit = self.audit(context)
+        srv = self.srv
+        plan = self.upstream(context, self.plan_task_id) or {}
+        digest = plan_hash(plan)
+        requester = self.requester(context)
+        note = str(plan.get("text") or "")
+        if "error" in event:
+            audit.record(self.action, "failed", server=srv.name, details={
+                "decision": "timed_out", "requester": requester, "plan_hash": digest,
+                "error": f"no answer within {srv.approval_timeout_seconds / 60:g} min: nothing was touched "
+                         f"({event['error']})"})
+            self.note(context, f"NOT APPROVED: no answer within {srv.approval_timeout_seconds / 60:g} min; nothing "
+                               "was touched", note)
+            raise AirflowFailException(f"no approval within {srv.approval_timeout_seconds / 60:g} min: nothing was "
+                                       "touched. NEXT: trigger again and ask an approver, or pre-approve with confirm")
+        responder = (event.get("responded_by_user") or {}).get("id") or (event.get("responded_by_user") or {}).get(
+            "name")
+        responded_at = event.get("responded_at")
+        chosen = list(event.get("chosen_options") or [])
+        _, eligible = self.rules(context)
+        why_not = check_response(responder, requester, eligible)
+        details = {"requester": requester, "approver": responder, "responded_at": str(responded_at),
+                   "chosen": chosen, "plan_hash": digest}
+        if why_not:
+            audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "refused",
+                                                                            "error": why_not})
+            self.note(context, f"APPROVAL REFUSED: {why_not}; nothing was touched", note)
+            raise AirflowFailException(f"approval refused: {why_not}. Nothing was touched. NEXT: trigger again and "
+                                       "let a second person approve")
+        if chosen != [APPROVE]:
+            audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "rejected"})
+            self.note(context, f"REJECTED by {responder} at {str(responded_at)[:19]}: nothing was touched", note)
+            raise AirflowSkipException(f"rejected by {responder}: nothing was touched")
+        try:  # a plan-only trigger took no lock: the approved run takes it before anything moves
+            ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
+                srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
+        except ServerLockedError as exc:
+            audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "locked",
+                                                                            "error": str(exc)})
+            self.note(context, f"APPROVED by {responder} but refused: {exc}", note)
+            raise AirflowFailException(str(exc)) from exc
+        audit.record(self.action, "ok", server=srv.name, details={**details, "decision": "approved"})
+        self.note(context, f"APPROVED by {responder} at {str(responded_at)[:19]} (requested by {requester or 'unknown'}"
+                           f", plan {digest})", note)
+        return {"approved": True, "decision": "approved", "requester": requester, "approver": responder,
+                "responded_at": str(responded_at), "plan_hash": digest}
+
+    def note(self, context: Any, head: str, plan_text: str) -> None:
+        set_run_note(context["dag"].dag_id, context["run_id"], f"{head}\n{plan_text}" if plan_text else head)
