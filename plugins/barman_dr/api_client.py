@@ -1,8 +1,8 @@
 """A small client of the Airflow 3 REST API, for incident tooling, the demo and the e2e tests.
 
-Incident tooling triggers `dr_pitr` with a run id derived from the incident id: a second
-trigger for the same incident returns the existing run instead of starting a second
-PITR (the API answers 409 Conflict; we then read that run).
+Incident tooling triggers the DR DAGs (`dr_pitr`, `dr_surgical_recovery`, ...) with a run id
+derived from the incident id: a second trigger for the same incident returns the existing
+run instead of starting a second one (the API answers 409 Conflict; we then read that run).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def backoff_delays(retry_for: float, first: float = 1.0, cap: float = 10.0) -> l
 
 
 def incident_run_id(dag_id: str, incident_id: str) -> str:
+    """The run id of `dag_id` for an incident: the same incident always names the same run (idempotent triggers)."""
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", incident_id)
     return f"{dag_id}__incident__{safe}"
 
@@ -124,6 +125,14 @@ class AirflowApi:
                 return False
             raise
 
+    def get_dag(self, dag_id: str) -> dict[str, Any]:
+        """The DAG's details (`is_paused`, ...); ApiError 404 when Airflow does not know it."""
+        return self._call("GET", f"/api/v2/dags/{dag_id}")
+
+    def dr_summary(self) -> dict[str, Any]:
+        """The DR page's summary (the plugin's `/barman-dr/api/summary`): per server, the last runs."""
+        return self._call("GET", "/barman-dr/api/summary")
+
     def get_run(self, dag_id: str, run_id: str) -> dict[str, Any]:
         return self._call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
 
@@ -146,6 +155,17 @@ class AirflowApi:
         out = self._call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
                                 "/taskInstances?limit=100")
         return out.get("task_instances", [])
+
+    def hitl_details(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        """The run's human-in-the-loop requests (answered or not)."""
+        out = self._call("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/hitlDetails")
+        return out.get("hitl_details", [])
+
+    def respond(self, dag_id: str, run_id: str, task_id: str, option: str, map_index: int = -1) -> dict[str, Any]:
+        """Answer one human-in-the-loop request as this client's user (403 when that user may not)."""
+        return self._call("PATCH", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+                                   f"/taskInstances/{task_id}/{map_index}/hitlDetails",
+                          {"chosen_options": [option], "params_input": {}})
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         try:

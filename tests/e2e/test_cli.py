@@ -6,12 +6,14 @@ import json
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import incident_run_id
+from barman_dr.api_client import ApiError, incident_run_id
 from include.lab import seed_scenario
 from tests.fault_support import kill_airflow, make_lab_up
 from tests.pitr_support import counts, pgbouncer_paused
@@ -48,11 +50,13 @@ def test_plan_waits_and_prints_the_plan_then_is_idempotent(api):
     assert status.returncode == 0 and "wal_coverage" in status.stdout and "success" in status.stdout
 
 
-def test_a_naive_time_is_refused_by_the_api(api):
+def test_a_naive_time_is_refused_before_the_api(api):
     r = cli("pitr", "--server", "pg-primary", "--target-time", "2026-11-25T10:00:00", "--incident", "INC-CLI-BAD",
             "--confirm")
     assert r.returncode == 2
-    assert "date-time" in r.stderr
+    assert "--target-time 2026-11-25T10:00:00: needs a timezone" in r.stderr
+    with pytest.raises(ApiError):  # refused by the CLI itself: no run was created
+        api.get_run("dr_pitr", incident_run_id("dr_pitr", "INC-CLI-BAD"))
 
 
 def test_usage_errors_exit_2():
@@ -138,3 +142,76 @@ def test_servers_shows_the_fleet(api):
     assert table.returncode == r.returncode
     assert table.stdout.splitlines()[0].split()[:2] == ["server", "verification"]
     assert any(line.startswith("pg-primary2 ") for line in table.stdout.splitlines())
+
+
+# ---------------------------------------------------------------- the complete CLI: every DR DAG (issue 16 item 6)
+
+
+@contextmanager
+def unpaused(api, dag_id: str) -> Iterator[None]:
+    """`dag_id` unpaused while the block runs, paused again after (in-process `dag.test` suites must not race it)."""
+    deadline = time.monotonic() + 120
+    while not api.dag_exists(dag_id):
+        assert time.monotonic() < deadline, f"{dag_id} never appeared in the API"
+        time.sleep(2)
+    api.unpause(dag_id)
+    try:
+        yield
+    finally:
+        api._call("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": True})
+
+
+@pytest.fixture(scope="module")
+def found(api):
+    """The seed's disaster, then `barman-dr find-target --json --wait` on the real scheduler."""
+    scenario = seed_scenario.play()
+    incident = f"INC-CLI-FIND-{int(time.time())}"
+    args = ("find-target", "--server", "pg-primary", "--window-start", scenario.good_state, "--incident", incident,
+            "--json")
+    with unpaused(api, "dr_find_target"):
+        r = cli(*args, "--wait", "--timeout", "600", timeout=660)
+        again = cli(*args, timeout=120)
+    return {"scenario": scenario, "incident": incident, "r": r, "again": again}
+
+
+def test_find_target_json_names_the_delete(found):
+    r, scenario = found["r"], found["scenario"]
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["dag_id"] == "dr_find_target" and doc["state"] == "success" and doc["mode"] == "read_only"
+    assert doc["run_id"] == incident_run_id("dr_find_target", found["incident"])
+    top = doc["candidates"][0]
+    assert top["xid"] == scenario.delete_xid and top["kind"] == "DELETE"
+    assert top["target"]["target_xid"] == str(scenario.delete_xid) and top["target"]["target_inclusive"] is False
+    assert f"--target-xid {scenario.delete_xid} --exclusive" in doc["next"][0]
+    # the same command again follows the same run
+    assert found["again"].returncode == 0, found["again"].stderr
+    again = json.loads(found["again"].stdout)
+    assert again["created"] is False and again["run_id"] == doc["run_id"]
+
+
+def test_status_of_a_non_pitr_dag(found):
+    r = cli("status", "--dag", "dr_find_target", "--incident", found["incident"], "--json", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["dag_id"] == "dr_find_target" and doc["state"] == "success"
+    assert {t["task_id"] for t in doc["tasks"]} >= {"validate_params", "find_candidates"}
+    human = cli("status", "--dag", "dr_find_target", "--incident", found["incident"], timeout=120)
+    assert human.returncode == 0 and human.stdout.startswith("dr_find_target run ")
+
+
+def test_surgical_plan_only_json_shows_the_missing_rows_and_touches_nothing(api, found):
+    xid = found["scenario"].delete_xid
+    before = counts()
+    with unpaused(api, "dr_surgical_recovery"):
+        r = cli("surgical", "--server", "pg-primary", "--target-xid", str(xid), "--exclusive", "--table",
+                "public.critical_orders", "--incident", f"{found['incident']}.surgical", "--plan-only", "--json",
+                "--wait", "--timeout", "900", timeout=960)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["dag_id"] == "dr_surgical_recovery" and doc["mode"] == "plan_only" and doc["state"] == "success"
+    assert doc["conf"]["plan_only"] is True and "confirm" not in doc["conf"]
+    plan = doc["result"]["plan"]
+    assert plan["totals"]["missing"] == 7465 and plan["confirmed"] is False
+    assert doc["result"]["apply"] is None  # a preview: nothing applied
+    assert counts() == before
