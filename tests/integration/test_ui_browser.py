@@ -6,6 +6,10 @@ real PITR run and a real drill to show. Screenshots: test-artifacts/screenshots/
 
 from __future__ import annotations
 
+import re
+import urllib.request
+from html import unescape
+
 import pytest
 
 from barman_dr.api_client import from_env
@@ -54,6 +58,62 @@ def test_dr_page_filters_the_audit_trail_by_incident(browser, session):
     api, cookie = session
     text = browser.visit(f"{api.base_url}/barman-dr/?incident_id=INC-SEED-1", cookie=cookie, wait_for="Audit trail")
     assert "INC-SEED-1" in text
+
+
+def page_html(api, path: str) -> str:
+    """The DR page's HTML as the API server renders it (bearer token), to read the links Chromium will follow."""
+    req = urllib.request.Request(api.base_url.rstrip("/") + path, headers={"Authorization": f"Bearer {api.token()}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return resp.read().decode()
+
+
+def audit_section(text: str) -> str:
+    return text[text.index("Audit trail"):]
+
+
+def test_dr_page_paginates_the_audit_trail_and_keeps_filters(browser, session):
+    api, cookie = session
+    first = browser.visit(f"{api.base_url}/barman-dr/?per_page=5", cookie=cookie, wait_for="Audit trail",
+                          screenshot="dr-page-audit-page-1.png")
+    m = re.search(r"page 1 of (\d+), rows 1-5 of (\d+)", first)
+    assert m, audit_section(first)[:2000]
+    assert int(m.group(1)) > 1, "expected more than 5 audit events after the earlier suites"
+    # follow the page's own "next" link (read from the HTML: Chromium is driven by text, not by links)
+    nxt = re.search(r"rel='next' href='([^']+)'", page_html(api, "/barman-dr/?per_page=5"))
+    assert nxt, "page 1 has no next link"
+    href = unescape(nxt.group(1))
+    assert "per_page=5" in href and "page=2" in href and "until=" in href
+    second = browser.visit(f"{api.base_url}/barman-dr/{href}", cookie=cookie, wait_for="page 2 of",
+                           screenshot="dr-page-audit-page-2.png")
+    assert "rows 6-10 of" in second
+    rows1 = [r for r in audit_section(first).splitlines() if r.count("\t") >= 6]
+    rows2 = [r for r in audit_section(second).splitlines() if r.count("\t") >= 6]
+    assert len(rows2) >= 5 and rows1 != rows2
+    via_api = api._call("GET", f"/barman-dr/api/audit{href}")
+    assert via_api["page"] == 2 and len(via_api["rows"]) == 5
+
+    # a filter persists through next: every row of page 2 is still pg-primary's, and so is the next link
+    filtered = "/barman-dr/?server=pg-primary&outcome=ok&per_page=5"
+    html = page_html(api, filtered)
+    nxt = re.search(r"rel='next' href='([^']+)'", html)
+    assert nxt, "expected more than 5 ok events of pg-primary"
+    href = unescape(nxt.group(1))
+    assert "server=pg-primary" in href and "outcome=ok" in href and "per_page=5" in href
+    second = browser.visit(f"{api.base_url}/barman-dr/{href}", cookie=cookie, wait_for="page 2 of",
+                           screenshot="dr-page-audit-filtered-page-2.png")
+    assert "rows 6-10 of" in second
+    page2 = api._call("GET", f"/barman-dr/api/audit{href}")
+    page1 = api._call("GET", "/barman-dr/api/audit?server=pg-primary&outcome=ok&per_page=5")
+    assert {r["server"] for r in page2["rows"]} == {"pg-primary"} and {r["outcome"] for r in page2["rows"]} == {"ok"}
+    assert not {r["event_id"] for r in page1["rows"]} & {r["event_id"] for r in page2["rows"]}
+    assert page2["links"]["next"] is None or "server=pg-primary" in page2["links"]["next"]
+
+
+def test_dr_page_refuses_a_hostile_filter(browser, session):
+    api, cookie = session
+    text = browser.visit(f"{api.base_url}/barman-dr/?server=x%27%20OR%201%3D1", cookie=cookie,
+                         wait_for="Invalid audit trail filter", timeout=20)
+    assert "server: must be a server name" in text and "PITR runs" not in text
 
 
 def test_dr_page_requires_login(browser, session):
