@@ -244,7 +244,7 @@ def measure(connect: Callable[[], Any], n_servers: int, reps: int) -> dict[str, 
     """Each case `reps` times (plus one untimed warm-up): query, render and GET seconds."""
     from fastapi.testclient import TestClient
 
-    from barman_dr import web
+    from barman_dr.surfaces import web
 
     servers = [web.ServerInfo(server_name(i), 7, 900) for i in range(1, n_servers + 1)]
     cases = {"first_page": {}, "server_filter": {"server": server_name(7)}, "outcome_filter": {"outcome": "warning"},

@@ -202,7 +202,7 @@ def main() -> int:
         parse[f"{n}_servers"] = parse_time(invs[n], reps)
         log(f"[fleet] DAG parse, {n} servers: {parse[f'{n}_servers']['seconds']['median']} s")
     runs = []
-    from barman_dr.api_client import from_env
+    from barman_dr.surfaces.api_client import from_env
 
     try:
         for n in sizes:

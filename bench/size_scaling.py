@@ -411,7 +411,7 @@ def app_writer() -> subprocess.Popen:
 
 def release_stale_lock() -> None:
     """A benchmark run interrupted earlier may still hold pg-bench's server lock: release it (bench runs only)."""
-    from barman_dr.locks import ServerLock
+    from barman_dr.safety.locks import ServerLock
 
     holder = ServerLock().holder(SERVER)
     if holder and holder.run_id.startswith("dr_pitr__incident__BENCH-SIZE-"):
@@ -420,7 +420,7 @@ def release_stale_lock() -> None:
 
 
 def dr_pitr(api: object, target: str, staged: bool, tag: str) -> dict:
-    from barman_dr.api_client import incident_run_id
+    from barman_dr.surfaces.api_client import incident_run_id
 
     incident = f"BENCH-SIZE-{tag}-{'s' if staged else 'u'}-{int(time.time())}"
     run_id = incident_run_id("dr_pitr", incident)
@@ -542,7 +542,7 @@ def main() -> int:
                     f"{row['barman_j2']['total_s']['median']} s, pgbackrest {row['pgbackrest_p2']['total_s']['median']}"
                     f" s, cp -a {row['cp_a_floor']['copy_s']['median']} s (load {loadavg()[0]})")
             if do_pitr:
-                from barman_dr.api_client import from_env
+                from barman_dr.surfaces.api_client import from_env
 
                 # Barman's restore sets archive_command = false in the restored config: with archive_mode on
                 # (pgBackRest's archiving above), rebase_barman's backup would wait for archiving forever.

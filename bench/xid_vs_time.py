@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "plugins"), str(Path(__file__).resolve().parents[1])]
 
-from barman_dr.api_client import from_env, incident_run_id  # noqa: E402
+from barman_dr.surfaces.api_client import from_env, incident_run_id  # noqa: E402
 from bench.common import loadavg, log, save_section, stats  # noqa: E402
 from bench.run import fresh_backup  # noqa: E402
 from include.lab import seed_scenario  # noqa: E402

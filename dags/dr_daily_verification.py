@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG
 
 from barman_dr.fleet import schedule_for, servers_by_pool
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.scheduled import DailyVerificationOperator, FleetSummaryOperator
+from barman_dr.surfaces.notifications import DrNotifier
 
 POOLS = servers_by_pool()
 

@@ -18,8 +18,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.find_target import FindCandidatesOperator, ValidateFindTargetOperator
+from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
 OPT_STR = ["null", "string"]

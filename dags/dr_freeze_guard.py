@@ -7,7 +7,7 @@ run still holding the server lock, what did it do last. Past the server's
 next step, and repeats once per `max_freeze_seconds` while the app stays frozen. It never
 unfreezes. It runs outside the frozen run's tasks, so it sees a run whose tasks stopped
 (Airflow host crash, scheduler killed) as well as one that failed. Unpause it in production.
-Logic: plugins/barman_dr/freeze_guard.py and plugins/barman_dr/operators/guard.py.
+Logic: plugins/barman_dr/safety/freeze_guard.py and plugins/barman_dr/operators/guard.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG
 
 from barman_dr.fleet import schedule_for
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.guard import FreezeGuardOperator
+from barman_dr.surfaces.notifications import DrNotifier
 
 with DAG(
     dag_id="dr_freeze_guard",

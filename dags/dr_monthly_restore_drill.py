@@ -21,10 +21,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
-from barman_dr.deadlines import rto_deadlines
 from barman_dr.fleet import schedule_for, servers_by_pool
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.scheduled import DrillTeardownOperator, FleetSummaryOperator, RestoreDrillOperator
+from barman_dr.surfaces.deadlines import rto_deadlines
+from barman_dr.surfaces.notifications import DrNotifier
 
 POOLS = servers_by_pool()
 

@@ -20,9 +20,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
-from barman_dr.deadlines import rto_deadlines
 from barman_dr.inventory import server_names_for_dags, standby_names_for_dags
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.pitr import (
     BarmanRestoreOperator,
@@ -47,6 +45,8 @@ from barman_dr.operators.pitr import (
     VerifyTargetOperator,
     WalCoverageOperator,
 )
+from barman_dr.surfaces.deadlines import rto_deadlines
+from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
 STANDBYS = standby_names_for_dags()

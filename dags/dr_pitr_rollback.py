@@ -12,8 +12,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.rollback import PitrRollbackOperator
+from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
 

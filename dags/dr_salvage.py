@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.salvage import (
     PrepareCopyOperator,
@@ -30,6 +29,7 @@ from barman_dr.operators.salvage import (
     SalvageTeardownOperator,
     ValidateSalvageOperator,
 )
+from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
 OPT_STR = ["null", "string"]

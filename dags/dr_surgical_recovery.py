@@ -11,7 +11,7 @@ missing rows into live in ONE transaction (and, with `restore_changed`, puts bac
 restored version of changed rows; otherwise those conflicts are only reported), verifies
 the counts, and audits the applied diff. The teardown always stops the nonprod instance
 (its directory is kept, like the drill's) and releases the server lock.
-Logic: plugins/barman_dr/operators/surgical.py and plugins/barman_dr/rowdiff.py.
+Logic: plugins/barman_dr/operators/surgical.py and plugins/barman_dr/forensics/rowdiff.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from barman_dr.inventory import server_names_for_dags
-from barman_dr.notifications import DrNotifier
 from barman_dr.operators.approve import FourEyesApprovalOperator
 from barman_dr.operators.surgical import (
     RestoreNonprodOperator,
@@ -34,6 +33,7 @@ from barman_dr.operators.surgical import (
     SurgicalWalCoverageOperator,
     ValidateSurgicalRequestOperator,
 )
+from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
 OPT_STR = ["null", "string"]

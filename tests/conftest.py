@@ -56,7 +56,7 @@ def api():
     """
     import time
 
-    from barman_dr.api_client import from_env
+    from barman_dr.surfaces.api_client import from_env
 
     client = from_env()
     deadline = time.monotonic() + 120

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[2] / "plugins"), str(Path(__file__).resolve().parents[2])]
 
-from barman_dr.api_client import from_env, incident_run_id  # noqa: E402
+from barman_dr.surfaces.api_client import from_env, incident_run_id  # noqa: E402
 from include.lab import seed_scenario  # noqa: E402
 from tests.pitr_support import counts, one, primary_timeline, sql  # noqa: E402
 

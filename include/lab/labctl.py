@@ -70,7 +70,7 @@ AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # test fills it while a staged restore copies, as another writer on a production volume would
 SMALL_FS_MIB = {"pg-primary2": 1024}
 # what a DR run of each Barman server may touch: while a run owns the server (its lock, or an
-# app it froze and has not resumed: barman_dr.ownership), `up` initialises, starts and
+# app it froze and has not resumed: barman_dr.safety.ownership), `up` initialises, starts and
 # reconfigures none of these
 OWNED_BY_SERVER = {
     BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-nonprod", "pgbouncer", f"barman:{BARMAN_SERVER}"),
@@ -143,7 +143,7 @@ class Lab:
 
     # ------------------------------------------------------------ DR ownership
     def dr_owners(self, server: str) -> list[str]:
-        """The DR runs that own `server` now, from the ops database (barman_dr.ownership.OWNER_SQL)."""
+        """The DR runs that own `server` now, from the ops database (barman_dr.safety.ownership.OWNER_SQL)."""
         if not self.pg_running("ops"):
             return []
         if self.psql("ops", "SELECT 1 FROM pg_database WHERE datname = 'dr_audit'") != "1":
@@ -151,7 +151,7 @@ class Lab:
         if self.psql("ops", "SELECT to_regclass('control.server_locks') IS NOT NULL", db="dr_audit") != "t":
             return []
         sys.path.insert(0, str(REPO / "plugins"))
-        from barman_dr.ownership import OWNER_SQL
+        from barman_dr.safety.ownership import OWNER_SQL
 
         sql = OWNER_SQL.replace("%(server)s", ":'server'")
         out = run([str(PG_BIN / "psql"), "-X", "-q", "-At", "-F", "\t", "-v", "ON_ERROR_STOP=1",

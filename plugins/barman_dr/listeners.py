@@ -28,7 +28,7 @@ def on_task_instance_failed(previous_state: Any, task_instance: Any, error: Any)
     if not dag_id.startswith(DR_DAG_PREFIX):
         return
     try:
-        from barman_dr.audit import AuditContext, AuditTrail
+        from barman_dr.safety.audit import AuditContext, AuditTrail
 
         conf: dict[str, Any] = {}
         try:

@@ -8,7 +8,7 @@ from barman_dr import listeners
 
 
 def _dr_page() -> object:
-    from barman_dr.web import create_app
+    from barman_dr.surfaces.web import create_app
 
     return create_app()
 

@@ -211,7 +211,7 @@ def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any
 
 
 def orphan_findings(orphans: Sequence[Any]) -> list[Finding]:
-    """Scratch copies and postmasters of DR runs that are over (barman_dr.orphans): WARNING each, never deleted."""
+    """Scratch copies and postmasters of DR runs that are over (barman_dr.safety.orphans): WARNING each, never deleted."""
     left = [o for o in orphans if not o.in_use]
     if not left:
         busy = [o for o in orphans if o.in_use]

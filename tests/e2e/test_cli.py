@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import ApiError, incident_run_id
+from barman_dr.surfaces.api_client import ApiError, incident_run_id
 from include.lab import seed_scenario
 from tests.fault_support import kill_airflow, make_lab_up
 from tests.pitr_support import counts, pgbouncer_paused

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from barman_dr.api_client import ApiError, incident_run_id
+from barman_dr.surfaces.api_client import ApiError, incident_run_id
 from include.lab import seed_scenario
 from tests.pitr_support import counts, pgbouncer_paused, primary_timeline
 

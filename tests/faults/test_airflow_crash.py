@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import incident_run_id
+from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
 from tests.fault_support import barman_bandwidth_limit, kill_airflow, make_lab_up, wait_for
 from tests.pitr_support import audit, counts, one, pgbouncer_paused
@@ -75,8 +75,8 @@ def lab_back_on_failure(api):
                 api._call("PATCH", f"/api/v2/dags/dr_pitr/dagRuns/{run_id}", {"state": "failed"})
     with contextlib.suppress(Exception):
         if pgbouncer_paused():
-            from barman_dr.appfreeze import PgBouncerAdmin
             from barman_dr.inventory import load_inventory
+            from barman_dr.safety.appfreeze import PgBouncerAdmin
 
             PgBouncerAdmin(load_inventory().server("pg-primary").app_freeze).resume()
 

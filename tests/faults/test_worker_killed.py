@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.api_client import incident_run_id
+from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
 from tests.fault_support import barman_bandwidth_limit, wait_for
 from tests.pitr_support import audit, counts, pgbouncer_paused

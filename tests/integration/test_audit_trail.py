@@ -9,9 +9,9 @@ import subprocess
 import psycopg2
 import pytest
 
-from barman_dr.audit import AuditContext, AuditTrail
 from barman_dr.exceptions import AuditUnavailableError
-from barman_dr.locks import ServerLock, ServerLockedError
+from barman_dr.safety.audit import AuditContext, AuditTrail
+from barman_dr.safety.locks import ServerLock, ServerLockedError
 
 pytestmark = pytest.mark.integration
 

@@ -86,7 +86,7 @@ def test_surgical_recovery_defaults_to_the_tables_the_found_transaction_touched(
 
 def test_recommended_conf_is_a_valid_dr_pitr_request(incident):
     from barman_dr.inventory import load_inventory
-    from barman_dr.pitr_request import validate_pitr_conf
+    from barman_dr.params.pitr_request import validate_pitr_conf
 
     conf = incident["found"]["candidates"][0]["pitr_conf"]
     assert conf["incident_id"] == "INC-FIND-1"

@@ -120,7 +120,7 @@ def test_wal_gap_is_refused_before_anything_stops(baseline):
 
 
 def test_second_pitr_of_a_locked_server_is_refused(baseline):
-    from barman_dr.locks import ServerLock
+    from barman_dr.safety.locks import ServerLock
 
     tli, before = baseline
     lock = ServerLock()

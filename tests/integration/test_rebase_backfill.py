@@ -17,7 +17,7 @@ import pytest
 from barman_dr.inventory import load_inventory
 from barman_dr.models import WalSegment
 from barman_dr.operators.pitr import RebaseBarmanOperator
-from barman_dr.pitr_request import validate_pitr_conf
+from barman_dr.params.pitr_request import validate_pitr_conf
 from tests.fault_support import barman
 from tests.pitr_support import one
 

@@ -1,4 +1,4 @@
-"""The surgical diff SQL (barman_dr.rowdiff) on real PostgreSQL, without a restore.
+"""The surgical diff SQL (barman_dr.forensics.rowdiff) on real PostgreSQL, without a restore.
 
 A scratch database on the lab primary holds two schemas: `restored` (the copy as of the
 target) and `live` (the same table after an incident and new writes). Both connections of
@@ -64,7 +64,7 @@ INSERT INTO live.pairs SELECT * FROM restored.pairs WHERE v > 12;
 
 def spec_pair(conn, table: str):
     """The `live.<table>` spec, and the same spec pointing at `restored.<table>` (what nonprod would hold)."""
-    from barman_dr.rowdiff import check_same_shape, read_table_spec
+    from barman_dr.forensics.rowdiff import check_same_shape, read_table_spec
 
     live = read_table_spec(conn, f"live.{table}", "live")
     restored = read_table_spec(conn, f"restored.{table}", "restored")
@@ -85,13 +85,13 @@ def db(scratch):
 
 def stage(src, dst, live, restored, n=0):
     """Stream restored.<t> (src) into a staging table on dst, as the DAG streams nonprod's table to live."""
-    from barman_dr.rowdiff import stage_name, stage_table
+    from barman_dr.forensics.rowdiff import stage_name, stage_table
 
     return stage_table(src, dst, live, stage_name(n), source=restored.ident)
 
 
 def test_plan_counts_categories_and_samples(db, scratch):
-    from barman_dr.rowdiff import diff_table, stage_name
+    from barman_dr.forensics.rowdiff import diff_table, stage_name
 
     live, restored = spec_pair(db, "orders")
     assert live.primary_key == ("id",)
@@ -110,7 +110,7 @@ def test_plan_counts_categories_and_samples(db, scratch):
 
 
 def test_apply_inserts_missing_reports_conflicts_and_adds_up(db, scratch):
-    from barman_dr.rowdiff import apply_table, stage_name
+    from barman_dr.forensics.rowdiff import apply_table, stage_name
 
     live, restored = spec_pair(db, "orders")
     with psycopg.connect(scratch) as src:
@@ -131,7 +131,7 @@ def test_apply_inserts_missing_reports_conflicts_and_adds_up(db, scratch):
 
 
 def test_restore_changed_overwrites_only_when_asked(db, scratch):
-    from barman_dr.rowdiff import apply_table, stage_name
+    from barman_dr.forensics.rowdiff import apply_table, stage_name
 
     live, restored = spec_pair(db, "orders")
     with psycopg.connect(scratch) as src:
@@ -142,7 +142,7 @@ def test_restore_changed_overwrites_only_when_asked(db, scratch):
 
 
 def test_composite_key(db, scratch):
-    from barman_dr.rowdiff import apply_table, diff_table, stage_name
+    from barman_dr.forensics.rowdiff import apply_table, diff_table, stage_name
 
     live, restored = spec_pair(db, "pairs")
     assert live.primary_key == ("a", "b")
@@ -157,7 +157,7 @@ def test_composite_key(db, scratch):
 
 
 def test_tables_without_primary_key_or_with_another_shape_are_refused(db):
-    from barman_dr.rowdiff import TableRefusedError
+    from barman_dr.forensics.rowdiff import TableRefusedError
 
     with pytest.raises(TableRefusedError, match="no primary key"):
         spec_pair(db, "nopk")
@@ -170,7 +170,7 @@ def test_tables_without_primary_key_or_with_another_shape_are_refused(db):
 
 def test_concurrent_insert_of_a_missing_key_rolls_the_apply_back(db, scratch):
     """The app inserts key 6 after our snapshot: REPEATABLE READ makes the INSERT fail, nothing is applied."""
-    from barman_dr.rowdiff import apply_table, stage_name
+    from barman_dr.forensics.rowdiff import apply_table, stage_name
 
     live, restored = spec_pair(db, "orders")
     with psycopg.connect(scratch) as src:

@@ -19,7 +19,7 @@ import pytest
 
 from barman_dr.hooks.dbhost import staging_paths
 from barman_dr.operators.pitr import ResolveTargetOperator, StageRestoreOperator
-from barman_dr.pitr_request import validate_pitr_conf
+from barman_dr.params.pitr_request import validate_pitr_conf
 
 pytestmark = pytest.mark.integration
 

@@ -20,9 +20,9 @@ import time
 
 import pytest
 
-from barman_dr.api_client import incident_run_id
+from barman_dr.forensics.target_resolution import StopPoint
 from barman_dr.models import Lsn
-from barman_dr.target_resolution import StopPoint
+from barman_dr.surfaces.api_client import incident_run_id
 from tests.fault_support import barman
 from tests.pitr_support import audit, counts, dagbag, one, pgbouncer_paused, primary_timeline, run_dag, sql, xcom
 

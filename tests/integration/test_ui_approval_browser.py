@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from barman_dr.api_client import AirflowApi, incident_run_id
+from barman_dr.surfaces.api_client import AirflowApi, incident_run_id
 from tests.browser import ARTIFACTS, Browser
 from tests.pitr_support import counts, pgbouncer_paused, primary_timeline, sql
 

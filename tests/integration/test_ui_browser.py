@@ -12,7 +12,7 @@ from html import unescape
 
 import pytest
 
-from barman_dr.api_client import from_env
+from barman_dr.surfaces.api_client import from_env
 from tests.browser import ARTIFACTS, Browser
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]

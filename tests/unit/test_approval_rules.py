@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from barman_dr.approval import (
+from barman_dr.exceptions import ValidationError
+from barman_dr.inventory import InventoryError, parse_inventory
+from barman_dr.safety.approval import (
     approval_body,
     check_response,
     decide,
@@ -13,8 +15,6 @@ from barman_dr.approval import (
     plan_hash,
     simple_auth_users,
 )
-from barman_dr.exceptions import ValidationError
-from barman_dr.inventory import InventoryError, parse_inventory
 
 ROLES = simple_auth_users("admin:admin, approver:op,lead:op,viewer1:viewer,nobody")
 
@@ -121,9 +121,9 @@ def test_inventory_approval_keys_are_validated(key, value):
 
 @pytest.mark.parametrize("validate", ["pitr", "surgical", "salvage"])
 def test_plan_only_is_a_preview_and_contradicts_confirm(inventory, validate):
-    from barman_dr.pitr_request import validate_pitr_conf
-    from barman_dr.salvage_request import validate_salvage_conf
-    from barman_dr.surgical_request import validate_surgical_conf
+    from barman_dr.params.pitr_request import validate_pitr_conf
+    from barman_dr.params.salvage_request import validate_salvage_conf
+    from barman_dr.params.surgical_request import validate_surgical_conf
 
     fn, word = {"pitr": (validate_pitr_conf, "PITR"), "surgical": (validate_surgical_conf, "SURGICAL"),
                 "salvage": (validate_salvage_conf, "SALVAGE")}[validate]

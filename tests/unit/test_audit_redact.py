@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from barman_dr.audit import OUTCOMES, AuditContext, AuditTrail, redact
+from barman_dr.safety.audit import OUTCOMES, AuditContext, AuditTrail, redact
 
 
 @pytest.mark.parametrize(("text", "secret"), [

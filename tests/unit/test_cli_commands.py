@@ -1,4 +1,4 @@
-"""`barman-dr` (plugins/barman_dr/cli.py) against a fake AirflowApi: confs, --json, validation, exit codes.
+"""`barman-dr` (plugins/barman_dr/surfaces/cli.py) against a fake AirflowApi: confs, --json, validation, exit codes.
 
 No real API is ever called: `api_from_env` is replaced by a fake that records what would
 have been sent and answers like Airflow 3 does (409 -> the existing run, 400 with a body, ...).
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from barman_dr import cli
-from barman_dr.api_client import ApiError, ApiUnavailableError, incident_run_id
+from barman_dr.surfaces import cli
+from barman_dr.surfaces.api_client import ApiError, ApiUnavailableError, incident_run_id
 
 
 class FakeApi:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from barman_dr import deadlines
+from barman_dr.surfaces import deadlines
 
 
 def srv(objective, nonprod=True):
@@ -35,7 +35,7 @@ def test_the_alert_speaks_only_for_servers_with_its_objective():
 
 def test_a_finished_or_foreign_run_pages_nobody(monkeypatch):
     sent = []
-    monkeypatch.setattr("barman_dr.notifications.DrNotifier.deliver", lambda self, ctx, d, outcome: sent.append(d))
+    monkeypatch.setattr("barman_dr.surfaces.notifications.DrNotifier.deliver", lambda self, ctx, d, outcome: sent.append(d))
     monkeypatch.setattr("barman_dr.inventory.load_inventory", lambda *a: INVENTORY)
     deadlines.rto_missed(20, "pitr", {"dag_run": {"state": "success", "conf": {"server": "b"}}})
     deadlines.rto_missed(900, "pitr", {"dag_run": {"state": "running", "conf": {"server": "b"}}})

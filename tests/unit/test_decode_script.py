@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from barman_dr.forensics.waldump import TxnAggregator
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.hooks.waldecode import DECODE_SCRIPT
-from barman_dr.waldump import TxnAggregator
 
 SEG1, SEG2 = "000000010000000000000007", "000000010000000000000008"
 

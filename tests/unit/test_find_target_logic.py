@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from barman_dr.exceptions import ValidationError
-from barman_dr.find_target import (
+from barman_dr.forensics.find_target import (
     Catalog,
     WalSelectionError,
     build_candidates,
@@ -21,12 +21,12 @@ from barman_dr.find_target import (
     recommend_backup,
     select_wal,
 )
-from barman_dr.find_target_request import validate_find_target_conf
+from barman_dr.forensics.waldump import TxnAggregator
 from barman_dr.hooks.barman import WalCatalogEntry
 from barman_dr.models import BackupInfo, Lsn
 from barman_dr.operators.find_target import END_OF_WAL_RE
-from barman_dr.pitr_request import validate_pitr_conf
-from barman_dr.waldump import TxnAggregator
+from barman_dr.params.find_target_request import validate_find_target_conf
+from barman_dr.params.pitr_request import validate_pitr_conf
 
 NOW = datetime(2026, 11, 25, 14, 0, 0, tzinfo=UTC)
 EPOCH = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC).timestamp()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from barman_dr.metrics import collect, render, token_ok
+from barman_dr.surfaces.metrics import collect, render, token_ok
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from barman_dr.notifications import webhook_payload
+from barman_dr.surfaces.notifications import webhook_payload
 
 DETAILS = {"server": "pg-primary", "error": "PitrRequestError: target_time ... NEXT: fix it",
            "next_action": "fix it", "map_index": -1, "message": "m"}
@@ -33,7 +33,7 @@ def test_long_errors_are_cut():
 def test_the_shared_notifier_renders_each_failure_afresh(monkeypatch):
     from types import SimpleNamespace
 
-    from barman_dr.notifications import DrNotifier
+    from barman_dr.surfaces.notifications import DrNotifier
 
     sent: list[str] = []
     n = DrNotifier(message="task {{ ti.task_id }} failed")

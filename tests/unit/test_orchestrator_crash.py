@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from barman_dr.exceptions import BarmanCommandError, InventoryError
-from barman_dr.freeze_guard import ALERT, FROZEN, OK, assess
 from barman_dr.inventory import parse_inventory
 from barman_dr.operators.base import interrupted_tries
 from barman_dr.operators.pitr.stage import StagingSpaceError, check_staging_space, out_of_space
-from barman_dr.orphans import classify, parse_listing, recorded_paths
-from barman_dr.ownership import OWNER_SQL, Owner, owners_from_rows
+from barman_dr.safety.freeze_guard import ALERT, FROZEN, OK, assess
+from barman_dr.safety.orphans import classify, parse_listing, recorded_paths
+from barman_dr.safety.ownership import OWNER_SQL, Owner, owners_from_rows
 from barman_dr.verification import orphan_findings
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
@@ -277,8 +277,8 @@ def test_a_streaming_partial_is_not_the_segment_archived():
 
 
 def test_cli_backoff_is_bounded():
-    from barman_dr.api_client import backoff_delays
-    from barman_dr.cli import main
+    from barman_dr.surfaces.api_client import backoff_delays
+    from barman_dr.surfaces.cli import main
 
     assert backoff_delays(0) == []
     assert backoff_delays(20) == [1.0, 2.0, 4.0, 8.0, 5.0]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import parse_inventory
 from barman_dr.models import RecoveryTarget
-from barman_dr.pitr_request import (
+from barman_dr.params.pitr_request import (
     KNOWN_FIELDS,
     MAX_JOBS,
     PitrRequest,
@@ -355,7 +355,7 @@ def test_target_name_lsn_refused(inv, conf, field):
 
 def test_a_name_never_reaches_barman_as_a_name():
     """The restore uses the resolved occurrence's LSN: no name is written into postgresql.auto.conf."""
-    from barman_dr.target_resolution import StopPoint, restore_target_for
+    from barman_dr.forensics.target_resolution import StopPoint, restore_target_for
 
     stop = StopPoint(kind="restore_point", when="after", lsn="0/9000150", timeline=1, end_lsn="0/9000190")
     rt = restore_target_for(RecoveryTarget("name", "it's \"x\"\n", True), stop)
@@ -474,7 +474,7 @@ def test_property_accepted_requests_are_allow_listed(inv, conf):
         assert not (set(s) & SHELL_META), s
         assert s.isascii()
     # and the barman argv built from it is made of the same allow-listed strings (a name becomes its resolved LSN)
-    from barman_dr.target_resolution import StopPoint, restore_target_for
+    from barman_dr.forensics.target_resolution import StopPoint, restore_target_for
 
     stop = StopPoint(kind="restore_point", when="after", lsn="0/9000150", timeline=1)
     for arg in restore_target_for(req.target, stop).barman_args():

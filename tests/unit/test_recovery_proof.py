@@ -6,13 +6,13 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from barman_dr.models import RecoveryTarget
-from barman_dr.recovery_proof import (
+from barman_dr.forensics.recovery_proof import (
     parse_history_file,
     parse_pg_time,
     parse_recovery_log,
     prove_target,
 )
+from barman_dr.models import RecoveryTarget
 
 P = "2026-11-25 13:02:10.101 UTC [4242] "  # the lab's log_line_prefix = '%m [%p] %q%u@%d '
 

@@ -11,7 +11,7 @@ import pytest
 from barman_dr.exceptions import PreflightError, ValidationError
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.operators.salvage import _REMOVE_COPY, pitr_facts
-from barman_dr.salvage_request import SalvageRequest, validate_salvage_conf
+from barman_dr.params.salvage_request import SalvageRequest, validate_salvage_conf
 
 
 def test_plan_only_by_default(inventory):
@@ -110,7 +110,7 @@ def test_the_copy_remover_only_removes_a_salvage_copy(tmp_path: Path):
 
 
 def test_subtract_xids():
-    from barman_dr.target_resolution import subtract_xids
+    from barman_dr.forensics.target_resolution import subtract_xids
 
     assert subtract_xids([[759, 770]], [759]) == [[760, 770]]
     assert subtract_xids([[759, 770]], [765, 770]) == [[759, 764], [766, 769]]

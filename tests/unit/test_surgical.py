@@ -11,9 +11,7 @@ import yaml
 from psycopg import sql
 
 from barman_dr.exceptions import InventoryError, ValidationError
-from barman_dr.inventory import parse_inventory
-from barman_dr.models import RecoveryTarget
-from barman_dr.rowdiff import (
+from barman_dr.forensics.rowdiff import (
     TableRefusedError,
     TableSpec,
     check_same_shape,
@@ -21,7 +19,9 @@ from barman_dr.rowdiff import (
     insert_missing_query,
     update_changed_query,
 )
-from barman_dr.surgical_request import MAX_TABLES, SurgicalRequest, parse_tables, validate_surgical_conf
+from barman_dr.inventory import parse_inventory
+from barman_dr.models import RecoveryTarget
+from barman_dr.params.surgical_request import MAX_TABLES, SurgicalRequest, parse_tables, validate_surgical_conf
 
 LAB_YAML = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
 NOW = datetime(2026, 11, 25, 14, 0, 0, tzinfo=UTC)

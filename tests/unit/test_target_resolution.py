@@ -7,10 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from barman_dr.exceptions import PreflightError, ValidationError
-from barman_dr.models import BackupInfo, Lsn, RecoveryTarget
-from barman_dr.recovery_proof import prove_target
-from barman_dr.rto_estimate import Calibration, estimate
-from barman_dr.target_resolution import (
+from barman_dr.forensics.recovery_proof import prove_target
+from barman_dr.forensics.target_resolution import (
     DiscardTally,
     Locator,
     StopPoint,
@@ -23,7 +21,9 @@ from barman_dr.target_resolution import (
     xid_in_future,
     xid_ranges,
 )
-from barman_dr.waldump import TxnAggregator, parse_record, record_end
+from barman_dr.forensics.waldump import TxnAggregator, parse_record, record_end
+from barman_dr.models import BackupInfo, Lsn, RecoveryTarget
+from barman_dr.rto_estimate import Calibration, estimate
 
 T0 = datetime(2026, 12, 4, 10, 0, 0, tzinfo=UTC)
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from barman_dr.waldump import (
+from barman_dr.forensics.waldump import (
     CommittedTxn,
     RelFileNode,
     TxnAggregator,

@@ -13,9 +13,9 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from fastapi.testclient import TestClient
 
-from barman_dr import web
-from barman_dr.audit import OUTCOMES
-from barman_dr.web import (
+from barman_dr.safety.audit import OUTCOMES
+from barman_dr.surfaces import web
+from barman_dr.surfaces.web import (
     AuditPage,
     AuditQuery,
     FilterError,

@@ -30,11 +30,11 @@ from functools import cached_property
 from typing import Any
 
 from barman_dr.exceptions import BarmanDrError, PreflightError
+from barman_dr.forensics.recovery_proof import parse_history_file
+from barman_dr.forensics.wal_selection import DecodeRun, PathFiles, WalSelectionError, path_files
 from barman_dr.hooks.barman import BarmanHook
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.models import is_wal_segment_name
-from barman_dr.recovery_proof import parse_history_file
-from barman_dr.wal_selection import DecodeRun, PathFiles, WalSelectionError, path_files
 
 # Fold consecutive row records (Heap/Heap2 INSERT, MULTI_INSERT, DELETE, UPDATE, HOT_UPDATE) of one
 # transaction on one relation into `AGG tx op flags rel rows first_lsn last_lsn`; never across a

@@ -3,7 +3,7 @@
 Follows the plan in dr_pitr, dr_surgical_recovery and dr_salvage. It is Airflow's own
 human-in-the-loop operator (`HITLOperator`: the Required Actions page, the HITL REST API,
 on Airflow 3.3 the `awaiting_input` state and the scheduler's timeout sweep), with the DR
-rules of `barman_dr.approval` around it:
+rules of `barman_dr.safety.approval` around it:
 
 - `plan_only` skips it (and so everything after it): a preview asks nobody;
 - `confirm` pre-approves it, unless the server has `require_approval: true`;
@@ -24,7 +24,8 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from barman_dr.approval import (
+from barman_dr.operators.base import DrBaseOperator, utcnow
+from barman_dr.safety.approval import (
     APPROVE,
     REJECT,
     approval_body,
@@ -34,9 +35,8 @@ from barman_dr.approval import (
     plan_hash,
     simple_auth_users,
 )
-from barman_dr.locks import ServerLock, ServerLockedError
-from barman_dr.operators.base import DrBaseOperator, utcnow
-from barman_dr.run_note import _api, set_run_note
+from barman_dr.safety.locks import ServerLock, ServerLockedError
+from barman_dr.surfaces.run_note import _api, set_run_note
 
 
 def user_roles() -> dict[str, str]:
@@ -114,7 +114,7 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             return None
 
     def notify_approvers(self, context: Any, requester: str | None, eligible: list[str], link: str | None) -> None:
-        from barman_dr.notifications import DrNotifier
+        from barman_dr.surfaces.notifications import DrNotifier
 
         DrNotifier().deliver(context, {
             "message": f"{self.noun} of {self.server_name} waits for approval by one of {', '.join(eligible)} "

@@ -21,7 +21,6 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from barman_dr.audit import AuditContext, AuditTrail
 from barman_dr.exceptions import (
     AuditUnavailableError,
     HostKeyError,
@@ -32,8 +31,9 @@ from barman_dr.exceptions import (
 from barman_dr.hooks.barman import BarmanHook
 from barman_dr.hooks.dbhost import DbHostHook
 from barman_dr.inventory import Instance, Inventory, Server, load_inventory
-from barman_dr.locks import ServerLockedError
-from barman_dr.pitr_request import PitrRequest
+from barman_dr.params.pitr_request import PitrRequest
+from barman_dr.safety.audit import AuditContext, AuditTrail
+from barman_dr.safety.locks import ServerLockedError
 
 #: errors a retry cannot fix: fail at once, with the message, no retry
 try:  # a human-in-the-loop wait (Airflow 3.3+) or a deferral parks the try: it has not ended

@@ -19,7 +19,7 @@ from functools import cached_property
 from typing import Any
 
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, RemoteCommandError
-from barman_dr.find_target import (
+from barman_dr.forensics.find_target import (
     DATABASES_SQL,
     Catalog,
     DecodeRun,
@@ -31,14 +31,14 @@ from barman_dr.find_target import (
     parse_catalog_result,
     select_wal,
 )
-from barman_dr.find_target_request import FindTargetRequest, validate_find_target_conf
+from barman_dr.forensics.recovery_proof import parse_history_file
+from barman_dr.forensics.waldump import CommittedTxn, TxnAggregator
+from barman_dr.forensics.walswitch import nudging
 from barman_dr.hooks.waldecode import DECODE_SCRIPT, END_OF_WAL_RE, WalDecodeHook, WaldumpError  # noqa: F401
 from barman_dr.models import WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.recovery_proof import parse_history_file
-from barman_dr.run_note import set_run_note
-from barman_dr.waldump import CommittedTxn, TxnAggregator
-from barman_dr.walswitch import nudging
+from barman_dr.params.find_target_request import FindTargetRequest, validate_find_target_conf
+from barman_dr.surfaces.run_note import set_run_note
 
 
 class FindTargetBaseOperator(DrBaseOperator):

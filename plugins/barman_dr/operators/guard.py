@@ -1,6 +1,6 @@
 """dr_freeze_guard's step: alert when a DR run left an app frozen longer than the server allows.
 
-See `barman_dr.freeze_guard` for the why. One task for the whole inventory: it reads the
+See `barman_dr.safety.freeze_guard` for the why. One task for the whole inventory: it reads the
 PgBouncer consoles and the ops database only (no Barman, no SSH), so it is cheap enough
 to run every few minutes, and it does not depend on any task of the frozen run.
 """
@@ -12,12 +12,12 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from barman_dr.appfreeze import PgBouncerAdmin
-from barman_dr.audit import AuditContext, AuditTrail
-from barman_dr.freeze_guard import ALERT, assess
 from barman_dr.inventory import Server, load_inventory
-from barman_dr.notifications import DrNotifier
-from barman_dr.ownership import Owner, owner_of
+from barman_dr.safety.appfreeze import PgBouncerAdmin
+from barman_dr.safety.audit import AuditContext, AuditTrail
+from barman_dr.safety.freeze_guard import ALERT, assess
+from barman_dr.safety.ownership import Owner, owner_of
+from barman_dr.surfaces.notifications import DrNotifier
 
 
 class FreezeGuardOperator(BaseOperator):

@@ -12,11 +12,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from barman_dr.appfreeze import PgBouncerAdmin
 from barman_dr.exceptions import PreflightError, ValidationError
-from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import app_connectivity, freeze_app, staging_leftover
+from barman_dr.safety.appfreeze import PgBouncerAdmin
+from barman_dr.safety.locks import ServerLock
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,249}\Z")
 

@@ -31,16 +31,8 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from psycopg import sql
 
-from barman_dr.audit import AuditTrail
 from barman_dr.exceptions import BarmanDrError, PreflightError, ValidationError
-from barman_dr.hooks.dbhost import staged_instance, staged_start_options
-from barman_dr.hooks.remote import sh_argv
-from barman_dr.inventory import Instance
-from barman_dr.locks import ServerLock
-from barman_dr.operators.base import DrBaseOperator
-from barman_dr.operators.pitr.plan import plan_state
-from barman_dr.operators.surgical import SurgicalApplyOperator, SurgicalPlanOperator
-from barman_dr.rowdiff import (
+from barman_dr.forensics.rowdiff import (
     check_same_shape,
     read_table_spec,
     spec_from_catalog,
@@ -48,9 +40,17 @@ from barman_dr.rowdiff import (
     stage_name,
     stage_table_from,
 )
-from barman_dr.run_note import set_run_note
-from barman_dr.salvage_request import SalvageRequest, validate_salvage_conf
-from barman_dr.target_resolution import subtract_xids
+from barman_dr.forensics.target_resolution import subtract_xids
+from barman_dr.hooks.dbhost import staged_instance, staged_start_options
+from barman_dr.hooks.remote import sh_argv
+from barman_dr.inventory import Instance
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.plan import plan_state
+from barman_dr.operators.surgical import SurgicalApplyOperator, SurgicalPlanOperator
+from barman_dr.params.salvage_request import SalvageRequest, validate_salvage_conf
+from barman_dr.safety.audit import AuditTrail
+from barman_dr.safety.locks import ServerLock
+from barman_dr.surfaces.run_note import set_run_note
 
 #: ranges per INSERT into the copy's xid table (one psql -c each: well under the 128 KiB argument limit)
 XID_CHUNK = 2000

@@ -19,16 +19,17 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from barman_dr.audit import AuditContext, AuditTrail
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
+from barman_dr.forensics.walswitch import nudging
 from barman_dr.hooks.barman import receive_wal_running
 from barman_dr.hooks.remote import sh_argv
-from barman_dr.locks import ServerLock
 from barman_dr.models import RecoveryTarget, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
 from barman_dr.operators.pitr.resolve import TargetResolver, prove_resolved, restore_target_of, target_tli_of
-from barman_dr.orphans import LIST_SCRIPT, Orphan, classify, parse_listing, recorded_paths
+from barman_dr.safety.audit import AuditContext, AuditTrail
+from barman_dr.safety.locks import ServerLock
+from barman_dr.safety.orphans import LIST_SCRIPT, Orphan, classify, parse_listing, recorded_paths
 from barman_dr.verification import (
     CRITICAL,
     SKIPPED,
@@ -46,7 +47,6 @@ from barman_dr.verification import (
     thresholds_for,
     wal_continuity_findings,
 )
-from barman_dr.walswitch import nudging
 
 VERIFIED_BACKUP_ALIAS = "barman-verified-backups"
 
@@ -326,7 +326,7 @@ class DailyVerificationOperator(FleetServerOperator):
 
 
     def _orphans(self, context: Any) -> list[Orphan]:
-        """Staging/salvage copies and their postmasters next to each data directory of the server (barman_dr.orphans)."""
+        """Staging/salvage copies and their postmasters next to each data directory of the server (barman_dr.safety.orphans)."""
         srv = self.srv
         holder = ServerLock(postgres_conn_id=self.audit_conn_id).holder(srv.name)
         trail = self.audit(context)

@@ -9,7 +9,7 @@ switch (the same as dr_pitr's preflight).
 
 The preflight and WAL coverage steps are dr_pitr's own operators, pointed at the nonprod
 instance; the restore is the monthly drill's (`restore_to_nonprod`); the diff is
-`barman_dr.rowdiff`.
+`barman_dr.forensics.rowdiff`.
 
 Lock: a surgical run takes the **server** lock (`control.server_locks`, purpose
 `surgical`) in its first task, plan-only runs included (they restore onto nonprod too),
@@ -29,10 +29,17 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from barman_dr.audit import AuditTrail
 from barman_dr.exceptions import BarmanDrError, ValidationError
+from barman_dr.forensics.rowdiff import (
+    SAMPLE,
+    apply_table,
+    check_same_shape,
+    diff_table,
+    read_table_spec,
+    stage_name,
+    stage_table,
+)
 from barman_dr.inventory import Instance
-from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import (
     PitrPreflightOperator,
@@ -44,9 +51,10 @@ from barman_dr.operators.pitr import (
 from barman_dr.operators.pitr.plan import plan_state
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
 from barman_dr.operators.scheduled import check_nonprod, restore_to_nonprod
-from barman_dr.rowdiff import SAMPLE, apply_table, check_same_shape, diff_table, read_table_spec, stage_name, stage_table
-from barman_dr.run_note import set_run_note
-from barman_dr.surgical_request import SurgicalRequest, validate_surgical_conf
+from barman_dr.params.surgical_request import SurgicalRequest, validate_surgical_conf
+from barman_dr.safety.audit import AuditTrail
+from barman_dr.safety.locks import ServerLock
+from barman_dr.surfaces.run_note import set_run_note
 
 
 def pg_connect(conn_id: str, dbname: str, *, application_name: str = "barman-dr-surgical") -> Any:

@@ -13,6 +13,7 @@ Nothing destructive runs before `plan` has passed, and `plan` passes only when t
 carries the typed confirmation.
 """
 
+from barman_dr.forensics.walswitch import nudging
 from barman_dr.operators.pitr.assess import PitrPreflightOperator, ValidatePitrRequestOperator, WalCoverageOperator
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.execute import (
@@ -46,7 +47,6 @@ from barman_dr.operators.pitr.verify import (
     VerifyTargetOperator,
     clear_recovery_settings,
 )
-from barman_dr.walswitch import nudging
 
 __all__ = [
     "RECOVERY_SETTINGS",

@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from barman_dr.exceptions import PreflightError, ValidationError
+from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.hooks.barman import compute_coverage, timeline_for_segment
-from barman_dr.locks import ServerLock
 from barman_dr.models import Lsn, WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.resolve import resolution_for
-from barman_dr.pitr_request import PitrRequest, validate_pitr_conf
-from barman_dr.recovery_proof import parse_history_file
+from barman_dr.params.pitr_request import PitrRequest, validate_pitr_conf
+from barman_dr.safety.locks import ServerLock
 
 
 class ValidatePitrRequestOperator(DrBaseOperator):

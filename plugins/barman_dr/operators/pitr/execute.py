@@ -9,10 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from barman_dr.appfreeze import PgBouncerAdmin
 from barman_dr.exceptions import BarmanDrError, PreflightError
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr.resolve import resolution_for, restore_target_of, target_tli_of
+from barman_dr.safety.appfreeze import PgBouncerAdmin
 
 
 def freeze_app(op: DrBaseOperator) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.resolve import resolution_for
 from barman_dr.rto_estimate import Calibration
 from barman_dr.rto_estimate import estimate as estimate_rto_for
-from barman_dr.run_note import set_run_note
+from barman_dr.surfaces.run_note import set_run_note
 
 
 def discarded_lines(disc: dict[str, Any], limit: int = 6) -> list[str]:

@@ -6,15 +6,15 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from barman_dr.appfreeze import REPOINT_SCRIPT, FreezeError, PgBouncerAdmin
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
+from barman_dr.forensics.target_resolution import StopPoint
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.models import Lsn, WalSegment, is_wal_segment_name, utc_stamp
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.resolve import TargetResolver, resolution_for
-from barman_dr.target_resolution import StopPoint
+from barman_dr.safety.appfreeze import REPOINT_SCRIPT, FreezeError, PgBouncerAdmin
 
 
 def app_connectivity(conn_id: str | None, database_sql: str = "SELECT 1") -> dict[str, Any]:

@@ -7,10 +7,10 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
-from barman_dr.audit import AuditTrail
-from barman_dr.locks import ServerLock
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.run_note import set_run_note
+from barman_dr.safety.audit import AuditTrail
+from barman_dr.safety.locks import ServerLock
+from barman_dr.surfaces.run_note import set_run_note
 
 
 def staging_leftover(op: DrBaseOperator, staging: dict[str, Any]) -> list[str]:

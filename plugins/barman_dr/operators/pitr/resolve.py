@@ -1,6 +1,6 @@
 """Resolve the target in the WAL Barman holds, before anything moves: the exact stop record, the backup, the discards.
 
-`TargetResolver` is the I/O half of `barman_dr.target_resolution` (the pure half mirrors
+`TargetResolver` is the I/O half of `barman_dr.forensics.target_resolution` (the pure half mirrors
 PostgreSQL's stop rules). It runs pg_waldump on the barman host (`WalDecodeHook`) along the
 timeline the recovery will follow: the damaged server's current timeline and its history
 back to the backups. Cheap, filtered passes find the stop record (commits and restore
@@ -22,12 +22,9 @@ from datetime import datetime
 from typing import Any
 
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, RemoteCommandError, ValidationError
-from barman_dr.find_target import DATABASES_SQL, Catalog, catalog_sql, parse_catalog_result
-from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
-from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
-from barman_dr.operators.base import DrBaseOperator
-from barman_dr.recovery_proof import TargetProof, prove_target
-from barman_dr.target_resolution import (
+from barman_dr.forensics.find_target import DATABASES_SQL, Catalog, catalog_sql, parse_catalog_result
+from barman_dr.forensics.recovery_proof import TargetProof, prove_target
+from barman_dr.forensics.target_resolution import (
     DiscardTally,
     Locator,
     Resolution,
@@ -43,9 +40,12 @@ from barman_dr.target_resolution import (
     timeline_of_lsn,
     xid_in_future,
 )
-from barman_dr.wal_selection import segment_archived_before, select_range
-from barman_dr.waldump import RelFileNode, TxnAggregator, WalRecord, parse_record, record_end
-from barman_dr.walswitch import nudging
+from barman_dr.forensics.wal_selection import segment_archived_before, select_range
+from barman_dr.forensics.waldump import RelFileNode, TxnAggregator, WalRecord, parse_record, record_end
+from barman_dr.forensics.walswitch import nudging
+from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
+from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
+from barman_dr.operators.base import DrBaseOperator
 
 SEGMENT = 16 * 1024 * 1024
 

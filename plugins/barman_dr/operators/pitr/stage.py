@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from barman_dr.exceptions import BarmanDrError, PreflightError
+from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.hooks.dbhost import (
     SOCKET_PATH_MAX,
     staged_instance,
@@ -18,7 +19,6 @@ from barman_dr.inventory import Instance
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
-from barman_dr.recovery_proof import parse_history_file
 
 SEGMENT_BYTES = 16 * 1024 * 1024
 #: free space a staged restore needs beyond the backup and the WAL it copies

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.inventory import Instance
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for
-from barman_dr.recovery_proof import parse_history_file
 
 RECOVERY_SETTINGS = ("restore_command", "recovery_end_command", "recovery_target", "recovery_target_time",
                      "recovery_target_xid", "recovery_target_lsn", "recovery_target_name", "recovery_target_inclusive",

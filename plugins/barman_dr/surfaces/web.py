@@ -35,7 +35,7 @@ from urllib.parse import urlencode
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
-from barman_dr.audit import OUTCOMES
+from barman_dr.safety.audit import OUTCOMES
 
 try:  # the API server's dependency; absent in unit tests that only render
     from airflow.api_fastapi.core_api.security import get_user
@@ -358,7 +358,7 @@ class SqlAuditSource:
 
 def default_source() -> SqlAuditSource:
     """The dr_audit connection (Airflow's), the same one the operators write through."""
-    from barman_dr.audit import AuditTrail
+    from barman_dr.safety.audit import AuditTrail
 
     return SqlAuditSource(AuditTrail()._connect)
 
@@ -845,7 +845,7 @@ def create_app(deps: PageDeps | None = None) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
         """Prometheus scrapes this with the read-only bearer token of connection `dr_metrics` (not Airflow auth)."""
-        from barman_dr.metrics import gather, token_ok
+        from barman_dr.surfaces.metrics import gather, token_ok
 
         expected = metrics_token()
         if not expected:

@@ -23,7 +23,7 @@ from typing import Any
 
 from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import Inventory
-from barman_dr.pitr_request import (
+from barman_dr.params.pitr_request import (
     _str_field,
     check_conf_keys,
     parse_confirm,
@@ -32,7 +32,7 @@ from barman_dr.pitr_request import (
     parse_reason,
     parse_server,
 )
-from barman_dr.surgical_request import parse_tables
+from barman_dr.params.surgical_request import parse_tables
 
 #: Airflow run ids: manual__2026-12-04T05:26:53.594262+00:00, dr_pitr__incident__INC-123, ...
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:+-]{0,249}\Z")

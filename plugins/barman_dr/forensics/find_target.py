@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from barman_dr.models import BackupInfo, Lsn
-from barman_dr.wal_selection import (  # noqa: F401 - re-exported: the selection used to live here
+from barman_dr.forensics.wal_selection import (  # noqa: F401 - re-exported: the selection used to live here
     DECOMPRESSORS,
     DecodeRun,
     WalFile,
@@ -49,7 +48,8 @@ from barman_dr.wal_selection import (  # noqa: F401 - re-exported: the selection
     WalSelectionError,
     select_wal,
 )
-from barman_dr.waldump import CommittedTxn, RelFileNode
+from barman_dr.forensics.waldump import CommittedTxn, RelFileNode
+from barman_dr.models import BackupInfo, Lsn
 
 TABLE_KINDS = frozenset("rpmf")  # table, partitioned table, materialized view, foreign table
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "pg_toast", "information_schema"})

@@ -147,7 +147,7 @@ def gather(now: datetime, postgres_conn_id: str = "dr_audit") -> str:
     from airflow.providers.postgres.hooks.postgres import PostgresHook
 
     from barman_dr.inventory import load_inventory
-    from barman_dr.ownership import owner_of
+    from barman_dr.safety.ownership import owner_of
 
     inv = load_inventory()
     conn = PostgresHook(postgres_conn_id=postgres_conn_id, log_sql=False).get_conn()

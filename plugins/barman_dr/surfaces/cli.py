@@ -57,10 +57,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NoReturn
 
-from barman_dr.api_client import AirflowApi, ApiError, ApiUnavailableError, incident_run_id
-from barman_dr.find_target_request import TABLE_RE
 from barman_dr.inventory import QUALIFIED_TABLE_RE
-from barman_dr.pitr_request import (
+from barman_dr.params.find_target_request import TABLE_RE
+from barman_dr.params.pitr_request import (
     BACKUP_ID_RE,
     INCIDENT_RE,
     LSN_RE,
@@ -71,8 +70,9 @@ from barman_dr.pitr_request import (
     XID_RE,
     confirm_text,
 )
-from barman_dr.salvage_request import RUN_ID_RE, salvage_confirm_text
-from barman_dr.surgical_request import MAX_TABLES, surgical_confirm_text
+from barman_dr.params.salvage_request import RUN_ID_RE, salvage_confirm_text
+from barman_dr.params.surgical_request import MAX_TABLES, surgical_confirm_text
+from barman_dr.surfaces.api_client import AirflowApi, ApiError, ApiUnavailableError, incident_run_id
 
 PITR_DAG = "dr_pitr"
 DRILL_DAG = "dr_monthly_restore_drill"

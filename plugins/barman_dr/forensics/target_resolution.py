@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from barman_dr.exceptions import PreflightError, ValidationError
+from barman_dr.forensics.waldump import CommittedTxn, RelFileNode, WalRecord, parse_record, parse_xact_end
 from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment
-from barman_dr.waldump import CommittedTxn, RelFileNode, WalRecord, parse_record, parse_xact_end
 
 WAL_SEGMENT_BYTES = 16 * 1024 * 1024
 #: how many transactions the plan and the report list one by one (the totals count them all)

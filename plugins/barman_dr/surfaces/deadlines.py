@@ -21,7 +21,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-CALLBACK = "barman_dr.deadlines.rto_missed"
+CALLBACK = "barman_dr.surfaces.deadlines.rto_missed"
 
 
 def objectives(servers: list[Any]) -> list[int]:
@@ -57,7 +57,7 @@ def servers_at(kind: str, conf: dict[str, Any], objective_s: int, inventory: Any
 def rto_missed(objective_s: int, kind: str, context: dict[str, Any] | None = None) -> None:
     """A run is still unfinished `objective_s` after it was queued: page through DrNotifier (audited)."""
     from barman_dr.inventory import load_inventory
-    from barman_dr.notifications import DrNotifier
+    from barman_dr.surfaces.notifications import DrNotifier
 
     run = (context or {}).get("dag_run") or {}
     state = str(run.get("state") or "")

@@ -24,7 +24,7 @@ from typing import Any
 
 from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import Inventory
-from barman_dr.pitr_request import _str_field, check_conf_keys, parse_aware_time, parse_incident_id, parse_server
+from barman_dr.params.pitr_request import _str_field, check_conf_keys, parse_aware_time, parse_incident_id, parse_server
 
 TABLE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}(\.[A-Za-z_][A-Za-z0-9_$]{0,62})?\Z")
 DEFAULT_WINDOW = timedelta(hours=1)

@@ -23,7 +23,7 @@ from typing import Any
 from barman_dr.exceptions import ValidationError
 from barman_dr.inventory import QUALIFIED_TABLE_RE, Inventory
 from barman_dr.models import RecoveryTarget
-from barman_dr.pitr_request import (
+from barman_dr.params.pitr_request import (
     BACKUP_ID_RE,
     TARGET_FIELDS,
     PitrRequest,

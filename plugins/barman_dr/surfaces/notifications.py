@@ -84,7 +84,7 @@ class DrNotifier(BaseNotifier):
         """
         details.setdefault("message", self.message)
         try:
-            from barman_dr.audit import AuditContext, AuditTrail
+            from barman_dr.safety.audit import AuditContext, AuditTrail
 
             AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context)).record(
                 "notify", outcome, server=details.get("server"), details=details)

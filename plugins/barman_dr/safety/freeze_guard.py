@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
-from barman_dr.ownership import Owner
+from barman_dr.safety.ownership import Owner
 
 OK, FROZEN, ALERT = "ok", "frozen", "alert"
 
@@ -80,7 +80,7 @@ def assess(server: str, *, paused: bool | None, frozen_by: Owner | None, lock: O
 
     `paused` is PgBouncer's live state (None: not observable, e.g. a freeze command, or the
     console unreachable); `frozen_by` the run that froze the app and has not resumed it
-    (barman_dr.ownership); `lock` the server lock's holder.
+    (barman_dr.safety.ownership); `lock` the server lock's holder.
     """
     repeat = bool(last_alert_at and (now - _parse(last_alert_at)).total_seconds() < max_freeze_s)
     if frozen_by is None:
