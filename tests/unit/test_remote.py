@@ -123,3 +123,76 @@ def test_errors_carry_facts():
     assert "exited 1" in str(e) and "Unknown backup" in str(e)
     v = ValidationError("target_xid", "x" * 500, "digits only")
     assert len(str(v)) < 200 and str(v).startswith("target_xid: ")
+
+
+# ------------------------------------------------------------ output read to EOF, not to the exit status
+
+
+class FakeChannel:
+    """A paramiko channel whose exit status arrives before the last of its stdout (as OpenSSH may send it)."""
+
+    def __init__(self, chunks: list[bytes], exit_after: int, eof: bool = True) -> None:
+        import socket
+
+        self._r, self._w = socket.socketpair()
+        self._w.send(b"x")  # always readable: select never blocks, the fake drives the order
+        self.chunks, self.exit_after, self.eof, self.sent, self.closed = list(chunks), exit_after, eof, 0, False
+        self.polls = 0  # the tail is still in flight for a few polls after the exit status
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def settimeout(self, _t: object) -> None: ...
+    def exec_command(self, _c: str) -> None: ...
+    def shutdown_write(self) -> None: ...
+
+    def recv_ready(self) -> bool:
+        if self.sent >= self.exit_after and self.chunks:
+            self.polls += 1
+            return self.polls > 3
+        return bool(self.chunks)
+
+    def recv(self, _n: int) -> bytes:
+        self.sent += 1
+        return self.chunks.pop(0)
+
+    def recv_stderr_ready(self) -> bool:
+        return False
+
+    @property
+    def eof_received(self) -> bool:
+        return self.eof and not self.chunks
+
+    def exit_status_ready(self) -> bool:
+        return self.sent >= self.exit_after
+
+    def recv_exit_status(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+        self._r.close()
+        self._w.close()
+
+
+def fake_client(chan: FakeChannel):
+    from types import SimpleNamespace
+
+    transport = SimpleNamespace(is_active=lambda: True, open_session=lambda timeout: chan)
+    return SimpleNamespace(get_transport=lambda: transport)
+
+
+def test_output_arriving_after_the_exit_status_is_kept():
+    from barman_dr.hooks.remote import _exec
+
+    chunks = [b"a" * 32768, b"tail\n"]
+    code, out, _ = _exec(fake_client(FakeChannel(chunks, exit_after=1)), "cat xlog.db", 5)
+    assert code == 0 and out == b"a" * 32768 + b"tail\n"
+
+
+def test_a_background_holder_of_stdout_does_not_hang_the_call(monkeypatch):
+    from barman_dr.hooks import remote
+
+    monkeypatch.setattr(remote, "EXIT_DRAIN_S", 0.2)
+    code, out, _ = remote._exec(fake_client(FakeChannel([b"started\n"], exit_after=1, eof=False)), "start &", 5)
+    assert code == 0 and out == b"started\n"

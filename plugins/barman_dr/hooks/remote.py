@@ -371,6 +371,11 @@ class RemoteHost:
         return result
 
 
+#: after the exit status, how long the rest of the output may take to arrive before EOF (a detached
+#: background process may hold the channel's stdout open: never wait for it longer than this)
+EXIT_DRAIN_S = 5.0
+
+
 def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None,
           on_stdout: Callable[[bytes], None] | None = None) -> tuple[int, bytes, bytes]:
     """Run one command on an open SSH client; like SSHHook.exec_ssh_client_command, but quiet.
@@ -379,6 +384,11 @@ def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None,
     document); we log the command and its exit code instead. `inactivity` is the longest
     silence tolerated, as in the provider. With `on_stdout`, stdout is handed over chunk by
     chunk as it arrives instead of being collected (output larger than memory: pg_waldump).
+
+    Output is read until the channel's EOF, not until the exit status: OpenSSH sends
+    `exit-status` as soon as the command exits, possibly before the rest of its output
+    (seen: a 32,802-byte `cat` of Barman's WAL catalogue cut at 32,768 bytes, which hid the
+    newest WAL from the coverage proof).
     """
     transport = client.get_transport()
     if transport is None or not transport.is_active():
@@ -388,34 +398,46 @@ def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None,
     chan.exec_command(command)
     chan.shutdown_write()
     out, err = bytearray(), bytearray()
+
+    def take_stdout(chunk: bytes) -> None:
+        if on_stdout is None:
+            out.extend(chunk)
+        else:
+            on_stdout(chunk)
+
+    exited_at: float | None = None
     with selectors.DefaultSelector() as sel:
         sel.register(chan, selectors.EVENT_READ)
         while True:
             if chan.recv_ready():
-                chunk = chan.recv(65536)
-                if on_stdout is None:
-                    out += chunk
-                else:
-                    on_stdout(chunk)
+                take_stdout(chan.recv(65536))
                 continue
             if chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
+                err.extend(chan.recv_stderr(65536))
                 continue
-            if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
-            if chan.closed and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
+            if chan.eof_received or chan.closed:
+                break  # everything the command wrote has arrived
+            if chan.exit_status_ready():
+                exited_at = exited_at if exited_at is not None else time.monotonic()
+                left = EXIT_DRAIN_S - (time.monotonic() - exited_at)
+                if left <= 0:
+                    break  # exited; a background process still holds its output open
+                sel.select(left)
+                continue
             if not sel.select(inactivity):
                 chan.close()
                 raise TimeoutError(f"no output for {inactivity}s")
     while chan.recv_ready():
-        chunk = chan.recv(65536)
-        if on_stdout is None:
-            out += chunk
-        else:
-            on_stdout(chunk)
+        take_stdout(chan.recv(65536))
     while chan.recv_stderr_ready():
-        err += chan.recv_stderr(65536)
+        err.extend(chan.recv_stderr(65536))
+    # the output is closed; the command may still run (it closed its stdout): its exit within `inactivity`
+    deadline = None if inactivity is None else time.monotonic() + inactivity
+    while not chan.exit_status_ready():
+        if deadline is not None and time.monotonic() > deadline:
+            chan.close()
+            raise TimeoutError(f"no exit status {inactivity}s after the output ended")
+        time.sleep(0.05)
     code = chan.recv_exit_status()
     chan.close()
     return code, bytes(out), bytes(err)
