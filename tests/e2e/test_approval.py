@@ -46,7 +46,7 @@ def pending(api: AirflowApi, run_id: str, timeout: float = 600) -> dict:
 
 def approval_events(run_id: str) -> list[dict]:
     rows = sql("LAB_AUDIT_DSN", "SELECT outcome, details FROM audit.events WHERE run_id = %s AND action = 'approval' "
-                                "ORDER BY id", (run_id,))
+                                "ORDER BY event_id", (run_id,))
     return [{"outcome": o, **(d if isinstance(d, dict) else json.loads(d))} for o, d in rows]
 
 
