@@ -95,6 +95,10 @@ def run_dag(dag_id: str, conf: dict[str, Any], before: dict[str, Any] | None = N
         # an unconfirmed run waits for a second person, which an in-process run cannot be: a preview
         # (the approval flow itself runs through the scheduler: tests/e2e/test_approval.py)
         conf = {**conf, "plan_only": True}
+    # Airflow 3.3.2's dag.test() cannot finish a successful run of a DAG with DeadlineAlerts (update_state looks the
+    # in-process alerts up by id and gets dicts: "can't adapt type 'dict'"): in-process runs go without them
+    # (the RTO deadline alert is tested through the scheduler, tests/e2e/test_approval.py)
+    dag.deadline = None
     for task_id, hook in (before or {}).items():
         dag.get_task(task_id)._pre_execute_hook = hook
     for task_id, attrs in (patch or {}).items():
