@@ -72,3 +72,7 @@ class PreflightError(BarmanDrError):
 
 class AuditUnavailableError(BarmanDrError):
     """The audit trail cannot be written: destructive work must not start unaudited."""
+
+
+class ApprovalMissingError(BarmanDrError):
+    """A destructive step of a four-eyes DAG found no approval (or not this run's server lock): nothing is done."""

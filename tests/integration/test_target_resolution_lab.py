@@ -241,8 +241,9 @@ def test_unresolvable_targets_are_refused_naming_the_field(api):
     for key, (conf, _, _) in cases.items():
         incident = f"INC-REF-{key.replace(' ', '-')}-{stamp}"
         runs[key] = incident_run_id("dr_pitr", incident)
-        # plan-only (a confirmed run takes the server lock: five at once would refuse each other)
-        api.trigger("dr_pitr", {"server": "pg-primary", "incident_id": incident, **conf}, run_id=runs[key])
+        # plan-only previews (a run that may execute takes the server lock: five at once would refuse each other)
+        api.trigger("dr_pitr", {"server": "pg-primary", "incident_id": incident, "plan_only": True, **conf},
+                    run_id=runs[key])
     finals = wait_all(api, runs)
     for key, (_, field, why) in cases.items():
         assert finals[key]["state"] == "failed", key

@@ -136,3 +136,35 @@ def test_plan_only_is_a_preview_and_contradicts_confirm(inventory, validate):
     with pytest.raises(ValidationError) as exc:
         fn({**base, "plan_only": "yes"}, inventory)
     assert exc.value.field == "plan_only"
+
+
+def test_destructive_pitr_steps_refuse_without_an_approval_or_this_runs_lock(monkeypatch):
+    """An `approve` marked success by hand leaves no approval: stage_restore and the in-window steps refuse."""
+    from types import SimpleNamespace
+
+    from barman_dr.exceptions import ApprovalMissingError
+    from barman_dr.operators.pitr.execute import FreezeAppOperator, MoveAsideOperator
+    from barman_dr.operators.pitr.stage import StageRestoreOperator
+    from barman_dr.safety.locks import LockHolder, ServerLock
+
+    op = StageRestoreOperator(task_id="stage_restore", request={"server": "pg-primary"})
+    assert op.gated_by_approval and FreezeAppOperator.gated_by_approval and MoveAsideOperator.gated_by_approval
+    monkeypatch.setattr(type(op), "server_name", property(lambda self: "pg-primary"))
+    dag = SimpleNamespace(dag_id="dr_pitr", task_ids=["plan", "approve", "stage_restore"])
+    xcom: dict = {}
+    ti = SimpleNamespace(xcom_pull=lambda task_ids: xcom.get(task_ids))
+    ctx = {"dag": dag, "run_id": "r1", "ti": ti}
+    holder: list = [None]
+    monkeypatch.setattr(ServerLock, "holder", lambda self, server: holder[0])
+
+    with pytest.raises(ApprovalMissingError, match="no approval"):
+        op.check_approval_gate(ctx)
+    xcom["approve"] = {"approved": True, "decision": "approved"}
+    with pytest.raises(ApprovalMissingError, match="held by nobody"):
+        op.check_approval_gate(ctx)
+    holder[0] = LockHolder("pg-primary", "dr_pitr", "other-run", "pitr", "2026-12-04T00:00:00")
+    with pytest.raises(ApprovalMissingError, match="other-run"):
+        op.check_approval_gate(ctx)
+    holder[0] = LockHolder("pg-primary", "dr_pitr", "r1", "pitr", "2026-12-04T00:00:00")
+    op.check_approval_gate(ctx)  # approved, and this run holds the lock
+    op.check_approval_gate({**ctx, "dag": SimpleNamespace(dag_id="dr_other", task_ids=["x"])})  # no approve step

@@ -358,10 +358,12 @@ def test_servers_json_and_exit_1_on_critical(api, capsys):
 
 def test_approve_still_answers_the_pending_request(api, capsys):
     api.runs[("dr_surgical_recovery", "dr_surgical_recovery__incident__INC-70")] = {"state": "running"}
-    api.hitl = [{"task_instance": {"task_id": "approve", "map_index": -1}, "response_received": False}]
+    api.hitl = [{"task_instance": {"task_id": "approve", "map_index": -1}, "response_received": False,
+                 "body": "### SURGICAL ...\n- plan hash `0123abcd` (recorded)\n```text\nSURGICAL plan\n```"}]
     code, doc, _ = run(capsys, "approve", "--dag", "dr_surgical_recovery", "--incident", "INC-70", "--json")
     assert code == 0 and json.loads(doc) == {"run_id": "dr_surgical_recovery__incident__INC-70", "task_id": "approve",
-                                             "answered": True, "chosen": ["Approve"], "by": "approver"}
+                                             "answered": True, "chosen": ["Approve"], "by": "approver",
+                                             "plan_hash": "0123abcd"}
     assert api.responses == [("dr_surgical_recovery", "dr_surgical_recovery__incident__INC-70", "approve", "Approve",
                               -1)]
     code, out, _ = run(capsys, "approve", "--dag", "dr_surgical_recovery", "--incident", "INC-70", "--reject")
@@ -459,3 +461,14 @@ def test_api_down_exits_4(api, capsys):
     assert code == 4 and "did not answer" in err
     code, doc, _ = run_json(capsys, "servers")
     assert code == 4 and doc["exit_code"] == 4
+
+
+def test_a_rejected_plan_is_not_a_success(api):
+    """Airflow ends a rejected run `success`; the CLI says nothing was executed (exit 5), a preview stays 0."""
+    from barman_dr.surfaces.cli import EXIT_OK, EXIT_REJECTED, outcome_code
+
+    api.task_instances = lambda dag_id, run_id: [{"task_id": "approve", "state": "skipped"}]
+    assert outcome_code(api, "dr_pitr", "r", {"state": "success"}, {"mode": "approval"}) == EXIT_REJECTED
+    assert outcome_code(api, "dr_pitr", "r", {"state": "success"}, {"mode": "plan_only"}) == EXIT_OK
+    assert outcome_code(api, "dr_find_target", "r", {"state": "success"}, {}) == EXIT_OK
+    assert outcome_code(api, "dr_pitr", "r", {"state": "failed"}, {}) == 1

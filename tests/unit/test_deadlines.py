@@ -31,6 +31,7 @@ def test_the_alert_speaks_only_for_servers_with_its_objective():
     assert deadlines.servers_at("pitr", {}, 900, INVENTORY) == ["a"]  # the form's default: the first server
     assert deadlines.servers_at("drill", {}, 900, INVENTORY) == ["a", "c"]
     assert deadlines.servers_at("drill", {}, 20, INVENTORY) == []  # b has no nonprod: never drilled
+    assert deadlines.servers_at("pitr", {"server": "b", "plan_only": True}, 20, INVENTORY) == []  # a preview
 
 
 def test_a_finished_or_foreign_run_pages_nobody(monkeypatch):

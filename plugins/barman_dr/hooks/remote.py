@@ -371,8 +371,8 @@ class RemoteHost:
         return result
 
 
-#: after the exit status, how long the rest of the output may take to arrive before EOF (a detached
-#: background process may hold the channel's stdout open: never wait for it longer than this)
+#: after the exit status, how long the output may stay silent before EOF (a detached background process
+#: may hold the channel's stdout open: never wait for it longer than this)
 EXIT_DRAIN_S = 5.0
 
 
@@ -405,28 +405,32 @@ def _exec(client: paramiko.SSHClient, command: str, inactivity: float | None,
         else:
             on_stdout(chunk)
 
+    # paramiko wakes the selector on data, EOF and close, not on the exit status: poll in short steps and keep
+    # the deadlines here (the inactivity since the last output; the drain after the exit status)
     exited_at: float | None = None
+    last_data = time.monotonic()
     with selectors.DefaultSelector() as sel:
         sel.register(chan, selectors.EVENT_READ)
         while True:
             if chan.recv_ready():
                 take_stdout(chan.recv(65536))
+                last_data = time.monotonic()
                 continue
             if chan.recv_stderr_ready():
                 err.extend(chan.recv_stderr(65536))
+                last_data = time.monotonic()
                 continue
             if chan.eof_received or chan.closed:
                 break  # everything the command wrote has arrived
+            now = time.monotonic()
             if chan.exit_status_ready():
-                exited_at = exited_at if exited_at is not None else time.monotonic()
-                left = EXIT_DRAIN_S - (time.monotonic() - exited_at)
-                if left <= 0:
-                    break  # exited; a background process still holds its output open
-                sel.select(left)
-                continue
-            if not sel.select(inactivity):
+                exited_at = exited_at if exited_at is not None else now
+                if now - max(exited_at, last_data) >= EXIT_DRAIN_S:
+                    break  # exited, and silent since: a background process holds its output open
+            elif inactivity is not None and now - last_data >= inactivity:
                 chan.close()
                 raise TimeoutError(f"no output for {inactivity}s")
+            sel.select(0.2)
     while chan.recv_ready():
         take_stdout(chan.recv(65536))
     while chan.recv_stderr_ready():

@@ -24,6 +24,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from barman_dr.exceptions import ValidationError
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.safety.approval import (
     APPROVE,
@@ -92,6 +93,10 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             return {"approved": True, "decision": "pre_approved", "why": decision.why, "plan_hash": digest,
                     "requester": self.requester(context)}
         requester, eligible = self.rules(context)
+        if not requester:
+            raise ValidationError("requester", None, "this run has no triggering user, so a second person cannot be "
+                                                     "told apart from the first: trigger it as a named Airflow user "
+                                                     "(the UI or the REST API), or pre-approve it with confirm")
         self.subject = f"{self.noun} of {srv.name}: approve the plan"
         self.body = approval_body(noun=self.noun, server=srv.name, plan_text=str(plan.get("text") or plan),
                                   requester=requester, why=decision.why, approvers=eligible,
@@ -132,6 +137,11 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
         digest = plan_hash(plan)
         requester = self.requester(context)
         note = str(plan.get("text") or "")
+        if "error" in event and event.get("error_type") != "timeout":
+            audit.record(self.action, "failed", server=srv.name, details={
+                "decision": "error", "requester": requester, "plan_hash": digest, "error": str(event["error"])})
+            raise AirflowFailException(f"the approval wait failed ({event['error']}): nothing was touched. NEXT: "
+                                       "trigger again")
         if "error" in event:
             audit.record(self.action, "failed", server=srv.name, details={
                 "decision": "timed_out", "requester": requester, "plan_hash": digest,
@@ -147,6 +157,10 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
         chosen = list(event.get("chosen_options") or [])
         _, eligible = self.rules(context)
         why_not = check_response(responder, requester, eligible)
+        shown = self.shown_plan_hash(audit, context)
+        if not why_not and chosen == [APPROVE] and shown and shown != digest:
+            why_not = (f"the plan changed since it was shown for approval (shown {shown}, now {digest}: the run was "
+                       "cleared and planned again); the approver did not see this plan")
         details = {"requester": requester, "approver": responder, "responded_at": str(responded_at),
                    "chosen": chosen, "plan_hash": digest}
         if why_not:
@@ -172,6 +186,16 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
                            f", plan {digest})", note)
         return {"approved": True, "decision": "approved", "requester": requester, "approver": responder,
                 "responded_at": str(responded_at), "plan_hash": digest}
+
+    def shown_plan_hash(self, audit: Any, context: Any) -> str | None:
+        """The hash of the plan in the request's body: the run's first request (a clear keeps the first body)."""
+        try:
+            events = audit.events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action=self.action)
+        except Exception:  # noqa: BLE001 - unreadable audit: the base step already refused to run without it
+            return None
+        requested = sorted((e for e in events if (e.get("details") or {}).get("decision") == "requested"),
+                           key=lambda e: e.get("event_id") or 0)
+        return (requested[0].get("details") or {}).get("plan_hash") if requested else None
 
     def note(self, context: Any, head: str, plan_text: str) -> None:
         set_run_note(context["dag"].dag_id, context["run_id"], f"{head}\n{plan_text}" if plan_text else head)

@@ -22,6 +22,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from barman_dr.exceptions import (
+    ApprovalMissingError,
     AuditUnavailableError,
     HostKeyError,
     InventoryError,
@@ -33,7 +34,7 @@ from barman_dr.hooks.dbhost import DbHostHook
 from barman_dr.inventory import Instance, Inventory, Server, load_inventory
 from barman_dr.params.pitr_request import PitrRequest
 from barman_dr.safety.audit import AuditContext, AuditTrail
-from barman_dr.safety.locks import ServerLockedError
+from barman_dr.safety.locks import ServerLock, ServerLockedError
 
 #: errors a retry cannot fix: fail at once, with the message, no retry
 try:  # a human-in-the-loop wait (Airflow 3.3+) or a deferral parks the try: it has not ended
@@ -44,7 +45,8 @@ except ImportError:  # pragma: no cover - older task SDKs
     from airflow.sdk.exceptions import TaskDeferred
 
     PARKED = (TaskDeferred,)
-NON_RETRYABLE = (ValidationError, PreflightError, ServerLockedError, HostKeyError, InventoryError, AuditUnavailableError)
+NON_RETRYABLE = (ApprovalMissingError, ValidationError, PreflightError, ServerLockedError, HostKeyError, InventoryError,
+                 AuditUnavailableError)
 
 
 def utcnow() -> str:
@@ -175,6 +177,25 @@ class DrBaseOperator(BaseOperator):
     def upstream(self, context: Any, task_id: str) -> Any:
         return context["ti"].xcom_pull(task_ids=task_id)
 
+    #: a destructive step of a DAG with a four-eyes `approve` step: it refuses unless that step let this run
+    #: through and this run holds the server lock (an `approve` marked success by hand has done neither)
+    gated_by_approval: bool = False
+
+    def check_approval_gate(self, context: Any) -> None:
+        dag = context.get("dag")
+        if not self.gated_by_approval or dag is None or "approve" not in set(getattr(dag, "task_ids", ()) or ()):
+            return
+        fix = ("nothing was done by this step. NEXT: trigger a new run and let one of the server's approvers approve "
+               "it (or pre-approve with confirm)")
+        if not self.approved(context):
+            raise ApprovalMissingError(f"{self.task_id} refused: the run has no approval (the approve step returned "
+                                       f"none: was it marked success by hand?); {fix}")
+        holder = ServerLock(postgres_conn_id=self.audit_conn_id).holder(self.server_name)
+        if holder is None or (holder.dag_id, holder.run_id) != (dag.dag_id, context["run_id"]):
+            who = f"{holder.dag_id} run {holder.run_id}" if holder else "nobody"
+            raise ApprovalMissingError(f"{self.task_id} refused: the server lock of {self.server_name} is held by "
+                                       f"{who}, not by this run; {fix}")
+
     def approved(self, context: Any, task_id: str = "approve") -> bool:
         """The approval step let this run through (pre-approved by confirm, or a second person approved)."""
         out = self.upstream(context, task_id)
@@ -220,6 +241,7 @@ class DrBaseOperator(BaseOperator):
             self.log.error("%s refused: %s", self.task_id, exc)
             raise AirflowFailException(f"{self.task_id} refused: {exc}") from exc
         try:
+            self.check_approval_gate(context)
             result = self.run(context)
         except (AirflowSkipException, *PARKED):
             raise

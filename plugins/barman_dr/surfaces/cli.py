@@ -41,6 +41,7 @@ Exit codes:
     2  bad usage, or the API refused the request (unknown run, paused DAG, HTTP 4xx)
     3  timeout (--wait --timeout passed while the run still runs)
     4  the API server did not answer within --api-wait seconds
+    5  not executed: the plan was rejected by the approver (the run itself ended without a fault)
 
 Credentials: BARMAN_DR_API_URL / BARMAN_DR_API_USER / BARMAN_DR_API_PASSWORD (the lab's
 LAB_AIRFLOW_URL / LAB_AIRFLOW_USER / LAB_AIRFLOW_PASSWORD are used when those are unset).
@@ -51,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -86,7 +88,19 @@ APPROVAL_DAGS = (PITR_DAG, SURGICAL_DAG, SALVAGE_DAG)
 ALL_DAGS = (PITR_DAG, SURGICAL_DAG, SALVAGE_DAG, FIND_TARGET_DAG, ROLLBACK_DAG, DRILL_DAG, "dr_daily_verification",
             "dr_weekly_full_backup", "dr_freeze_guard")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_REJECTED = 0, 1, 2, 3, 4, 5
+
+
+def outcome_code(api: AirflowApi, dag_id: str, run_id: str, final: dict[str, Any], doc: dict[str, Any]) -> int:
+    """0 only when the run did what was asked: a rejected plan ends `success` in Airflow, but nothing executed."""
+    if final["state"] != "success":
+        return EXIT_FAILED
+    if dag_id in APPROVAL_DAGS and doc.get("mode") != "plan_only":
+        states = {t["task_id"]: t.get("state") for t in api.task_instances(dag_id, run_id)}
+        if states.get("approve") == "skipped":
+            doc["rejected"] = True
+            return EXIT_REJECTED
+    return EXIT_OK
 
 #: --api-wait default: long enough for an api-server restart, short enough for a 3 AM terminal
 API_WAIT_S = 120.0
@@ -513,8 +527,9 @@ def report(api: AirflowApi, args: argparse.Namespace, run_id: str, final: dict[s
             print(json.dumps({k: rep.get(k) for k in ("counts", "expected", "new_timeline", "moved_aside", "rto_s",
                                                       "phases_s", "new_backup_id")}, indent=2))
 
+    code = outcome_code(api, PITR_DAG, run_id, final, doc)
     emit(args, {**doc, "state": final["state"], "note": note, "result": rep}, human)
-    return EXIT_OK if final["state"] == "success" else EXIT_FAILED
+    return code
 
 
 #: where each DAG leaves its result (XCom of these tasks)
@@ -537,8 +552,9 @@ def report_generic(api: AirflowApi, args: argparse.Namespace, run_id: str, final
         if note:
             print(note)
 
+    code = outcome_code(api, dag_id, run_id, final, doc)
     emit(args, {**doc, "state": final["state"], "note": note, "result": result}, human)
-    return EXIT_OK if final["state"] == "success" else EXIT_FAILED
+    return code
 
 
 def report_find_target(api: AirflowApi, args: argparse.Namespace, run_id: str, final: dict[str, Any],
@@ -696,6 +712,10 @@ def cmd_approve(args: argparse.Namespace) -> int:
         print(json.dumps({"run_id": run_id, "answered": False, "why": msg}) if args.json else f"barman-dr: {msg}",
               file=sys.stdout if args.json else sys.stderr)
         return EXIT_USAGE
+    body = str(pending[0].get("body") or "")
+    shown = re.search(r"plan hash `([0-9a-f]+)`", body)
+    if not args.json:  # the approver answers what they read: the plan itself first
+        print(body, file=sys.stderr)
     ti = pending[0].get("task_instance") or {}
     task_id, map_index = ti.get("task_id", "approve"), ti.get("map_index", -1)
     try:
@@ -708,7 +728,8 @@ def cmd_approve(args: argparse.Namespace) -> int:
               file=sys.stdout if args.json else sys.stderr)
         return EXIT_USAGE
     result = {"run_id": run_id, "task_id": task_id, "answered": True, "chosen": out.get("chosen_options"),
-              "by": (out.get("responded_by_user") or {}).get("name") or api.username}
+              "by": (out.get("responded_by_user") or {}).get("name") or api.username,
+              "plan_hash": shown.group(1) if shown else None}
     print(json.dumps(result) if args.json else f"{option.lower().removesuffix('e')}ed: {args.dag} run {run_id} ({task_id}) as "
                                                  f"{result['by']}")
     return EXIT_OK

@@ -48,7 +48,9 @@ def rto_deadlines(kind: str, servers: list[Any] | None = None) -> list[Any]:
 def servers_at(kind: str, conf: dict[str, Any], objective_s: int, inventory: Any) -> list[str]:
     """The run's servers whose RTO objective is `objective_s` (the one alert that speaks for them)."""
     if kind == "pitr":
-        names = [conf.get("server") or next(iter(inventory.servers))]
+        if conf.get("plan_only"):
+            return []  # a preview: nothing to recover, no objective to miss
+        names = [conf.get("server") or sorted(inventory.servers)[0]]  # the form's default: the first sorted name
     else:  # the drill restores every server that has a nonprod target
         names = [n for n, s in inventory.servers.items() if s.nonprod is not None]
     return [n for n in names if n in inventory.servers and inventory.servers[n].rto_objective_seconds == objective_s]

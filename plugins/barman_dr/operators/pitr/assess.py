@@ -24,7 +24,7 @@ class ValidatePitrRequestOperator(DrBaseOperator):
 
     Order matters: pure validation first (no I/O: hostile input never gets further),
     then the audit trail must be writable (no unaudited DR run), then the server lock
-    (only for a confirmed run), then one read-only catalogue query: the target must not
+    (every run but a plan-only preview), then one read-only catalogue query: the target must not
     be older than the oldest backup.
     """
 
@@ -36,8 +36,9 @@ class ValidatePitrRequestOperator(DrBaseOperator):
         return validate_pitr_conf(conf, self.inventory)
 
     def take_lock(self, req: PitrRequest, context: Any) -> None:
-        """A confirmed PITR takes the server lock; a plan-only run touches nothing and only warns."""
-        if req.confirmed:
+        """Every run that may execute takes the server lock now: a plan waiting for approval reserves the server,
+        so what the approver sees cannot be changed under it by another DR run. A plan-only preview only warns."""
+        if not req.plan_only:
             ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
                 req.server, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose="pitr")
         else:

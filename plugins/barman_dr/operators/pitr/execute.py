@@ -31,6 +31,8 @@ def freeze_app(op: DrBaseOperator) -> dict[str, Any]:
 class FreezeAppOperator(DrBaseOperator):
     """Step 5: stop application writes (PgBouncer PAUSE: clients stall, they do not fail)."""
 
+    gated_by_approval = True
+
     action = "freeze_app"
 
     def run(self, context: Any) -> dict[str, Any]:
@@ -44,6 +46,8 @@ class FreezeAppOperator(DrBaseOperator):
 
 class StopPostgresOperator(DrBaseOperator):
     """Step 6: stop PostgreSQL where the recovered server will run (and fence the old primary)."""
+
+    gated_by_approval = True
 
     action = "stop_postgres"
 
@@ -76,6 +80,8 @@ class StopPostgresOperator(DrBaseOperator):
 class MoveAsideOperator(DrBaseOperator):
     """Step 7: rename the data directory to `<dir>.pre-<stamp>-<tag>`. Never deleted."""
 
+    gated_by_approval = True
+
     action = "move_aside"
 
     def run(self, context: Any) -> dict[str, Any]:
@@ -99,6 +105,8 @@ class BarmanRestoreOperator(DrBaseOperator):
     own output: the live directory was moved aside before the first attempt) is moved
     aside too, never deleted, and the restore starts again.
     """
+
+    gated_by_approval = True
 
     action = "barman_restore"
 
@@ -171,6 +179,8 @@ class BarmanRestoreOperator(DrBaseOperator):
 
 class StartRecoveryOperator(DrBaseOperator):
     """Step 9: start PostgreSQL on the restored directory; wait until recovery ends and it is promoted."""
+
+    gated_by_approval = True
 
     action = "start_recovery"
 

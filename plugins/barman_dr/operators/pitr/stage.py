@@ -93,6 +93,8 @@ class StageRestoreOperator(DrBaseOperator):
     `barman_restore` restores inside the downtime window as before.
     """
 
+    gated_by_approval = True
+
     action = "stage_restore"
 
     def __init__(self, *, restore_timeout: float = 6 * 3600, staged_shared_buffers: str = "256MB",
