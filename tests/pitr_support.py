@@ -128,6 +128,23 @@ def xcom(dag_id: str, run_id: str, task_id: str) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def wait_for_approval_request(api: Any, dag_id: str, run_id: str, timeout: float = 600) -> dict[str, Any]:
+    """The run's unanswered approval request, once its plan is made and the approve step waits."""
+    import time
+
+    from barman_dr.surfaces.api_client import pending_approvals
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        waiting = pending_approvals(api, dag_id, run_id)
+        if waiting:
+            return waiting[0]
+        state = api.get_run(dag_id, run_id)["state"]
+        assert state in ("queued", "running"), f"the run ended ({state}) before asking for approval"
+        time.sleep(2)
+    raise AssertionError(f"{run_id}: no approval request within {timeout}s")
+
+
 def stop_wal_stream(server: str, timeout: float = 60) -> None:
     """Pause the lab's `barman cron` loop and stop `receive-wal` for `server`, and make sure it stays stopped.
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from barman_dr.surfaces.api_client import AirflowApi, ApiError, incident_run_id
+from barman_dr.surfaces.api_client import ApiError, incident_run_id
 from include.lab import seed_scenario
-from tests.pitr_support import counts, pgbouncer_paused, primary_timeline, sql
+from tests.pitr_support import counts, pgbouncer_paused, primary_timeline, sql, wait_for_approval_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 CLI = str(Path(__file__).resolve().parents[2] / "bin" / "barman-dr")
@@ -29,19 +29,6 @@ def as_approver(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "BARMAN_DR_API_URL": os.environ["LAB_AIRFLOW_URL"], "BARMAN_DR_API_USER": "approver",
            "BARMAN_DR_API_PASSWORD": os.environ["LAB_APPROVER_PASSWORD"]}
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120, env=env, check=False)
-
-
-def pending(api: AirflowApi, run_id: str, timeout: float = 600) -> dict:
-    """The run's approval request, once the plan is made and the task waits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        waiting = [h for h in api.hitl_details(DAG, run_id) if not h.get("response_received")]
-        if waiting:
-            return waiting[0]
-        state = api.get_run(DAG, run_id)["state"]
-        assert state in ("queued", "running"), f"the run ended ({state}) before asking for approval"
-        time.sleep(2)
-    raise AssertionError(f"{run_id}: no approval request within {timeout}s")
 
 
 def approval_events(run_id: str) -> list[dict]:
@@ -62,7 +49,7 @@ def test_the_requester_is_refused_and_the_approver_recovers_the_seed(api):
                       "incident_id": incident, "expected": {"orders_total": 10500, "orders_completed": 7465}},
                 run_id=run_id)
     try:
-        hitl = pending(api, run_id)
+        hitl = wait_for_approval_request(api, DAG, run_id)
         body = hitl["body"]
         # the plan itself: the resolved stop record, the backup and WAL, what is discarded, the RTO, the steps
         assert "PITR plan for pg-primary" in body and f"xid {scenario.delete_xid}" in body
@@ -105,7 +92,7 @@ def test_a_reject_touches_nothing(api):
     time.sleep(1.1)
     target = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     api.trigger(DAG, {"server": "pg-primary", "target_time": target, "incident_id": incident}, run_id=run_id)
-    pending(api, run_id)
+    wait_for_approval_request(api, DAG, run_id)
     r = as_approver("approve", "--incident", incident, "--reject")
     assert r.returncode == 0, r.stdout + r.stderr
     final = api.wait(DAG, run_id, timeout=300)
@@ -134,7 +121,7 @@ def test_no_answer_in_time_touches_nothing_and_alerts(api):
     time.sleep(1.1)
     target = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 1))
     api.trigger(DAG, {"server": "pg-primary2", "target_time": target, "incident_id": incident}, run_id=run_id)
-    pending(api, run_id)
+    wait_for_approval_request(api, DAG, run_id)
     final = api.wait(DAG, run_id, timeout=300)
     states = {t["task_id"]: t["state"] for t in api.task_instances(DAG, run_id)}
     assert final["state"] == "failed" and states["approve"] == "failed", states

@@ -14,9 +14,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from barman_dr.surfaces.api_client import AirflowApi, incident_run_id
+from barman_dr.surfaces.api_client import AirflowApi, incident_run_id, pending_approvals
 from tests.browser import ARTIFACTS, Browser
-from tests.pitr_support import counts, pgbouncer_paused, primary_timeline, sql
+from tests.pitr_support import counts, pgbouncer_paused, primary_timeline, sql, wait_for_approval_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 DAG = "dr_pitr"
@@ -29,17 +29,6 @@ def browser():
     b.close()
 
 
-def waiting_request(api: AirflowApi, run_id: str, timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        waiting = [h for h in api.hitl_details(DAG, run_id) if not h.get("response_received")]
-        if waiting:
-            return waiting[0]
-        assert api.get_run(DAG, run_id)["state"] in ("queued", "running")
-        time.sleep(2)
-    raise AssertionError("no approval request")
-
-
 def test_the_approver_approves_in_the_browser_and_the_requester_cannot(browser, api):
     tli, before = primary_timeline(), counts()
     sql("LAB_PRIMARY_DSN", "SELECT pg_current_xact_id()")
@@ -49,7 +38,7 @@ def test_the_approver_approves_in_the_browser_and_the_requester_cannot(browser, 
     run_id = incident_run_id(DAG, incident)
     api.trigger(DAG, {"server": "pg-primary", "target_time": target, "incident_id": incident,
                       "expected": {"orders_total": before["orders_total"]}}, run_id=run_id)
-    waiting_request(api, run_id)
+    wait_for_approval_request(api, DAG, run_id)
     page = f"{api.base_url}/dags/{DAG}/runs/{run_id}/tasks/approve/required_actions"
 
     # the requester sees the plan, and Airflow refuses the requester's approval
@@ -58,7 +47,7 @@ def test_the_approver_approves_in_the_browser_and_the_requester_cannot(browser, 
                          then_wait_for=None)
     assert "waits for a second person" in text and "requested by" in text and "steps:" in text
     time.sleep(3)
-    assert [h for h in api.hitl_details(DAG, run_id) if not h.get("response_received")], \
+    assert pending_approvals(api, DAG, run_id), \
         "the requester's click must not answer the request"
     assert counts() == before and primary_timeline() == tli and not pgbouncer_paused()
 

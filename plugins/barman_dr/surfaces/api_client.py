@@ -197,6 +197,11 @@ class AirflowApi:
             time.sleep(poll)
 
 
+def pending_approvals(api: Any, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+    """The run's human-in-the-loop requests nobody has answered yet (the approval a DR run waits on)."""
+    return [h for h in api.hitl_details(dag_id, run_id) if not h.get("response_received")]
+
+
 def from_env() -> AirflowApi:
     import os
 

@@ -74,7 +74,7 @@ from barman_dr.params.pitr_request import (
 )
 from barman_dr.params.salvage_request import RUN_ID_RE, salvage_confirm_text
 from barman_dr.params.surgical_request import MAX_TABLES, surgical_confirm_text
-from barman_dr.surfaces.api_client import AirflowApi, ApiError, ApiUnavailableError, incident_run_id
+from barman_dr.surfaces.api_client import AirflowApi, ApiError, ApiUnavailableError, incident_run_id, pending_approvals
 
 PITR_DAG = "dr_pitr"
 DRILL_DAG = "dr_monthly_restore_drill"
@@ -645,7 +645,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if dag_id in APPROVAL_DAGS and run.get("state") in ("queued", "running"):
         try:
             waiting = [{"task_id": (h.get("task_instance") or {}).get("task_id"), "subject": h.get("subject")}
-                       for h in api.hitl_details(dag_id, run_id) if not h.get("response_received")]
+                       for h in pending_approvals(api, dag_id, run_id)]
         except ApiError:
             waiting = []  # an older Airflow without the HITL API: the task states still tell
     doc = {"dag_id": dag_id, "run_id": run_id, "state": run.get("state"), "conf": run.get("conf") or {},
@@ -702,7 +702,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
     run_id = args.run_id or incident_run_id(args.dag, args.incident)
     option = "Reject" if args.reject else "Approve"
     try:
-        pending = [h for h in api.hitl_details(args.dag, run_id) if not h.get("response_received")]
+        pending = pending_approvals(api, args.dag, run_id)
     except ApiError as exc:
         print(f"barman-dr: no run {run_id} of {args.dag} (HTTP {exc.status}): check --run-id/--incident and --dag",
               file=sys.stderr)
