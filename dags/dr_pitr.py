@@ -45,6 +45,7 @@ from barman_dr.operators.pitr import (
     VerifyTargetOperator,
     WalCoverageOperator,
 )
+from barman_dr.params.approval_params import plan_only_param
 from barman_dr.surfaces.deadlines import rto_deadlines
 from barman_dr.surfaces.notifications import DrNotifier
 
@@ -105,10 +106,7 @@ params = {
                                         "writing while the copy is prepared: those writes are discarded too (the "
                                         "report lists them; dr_salvage can put their new rows back). Off: the "
                                         "restore runs inside the downtime window, after the freeze."),
-    "plan_only": Param(False, type="boolean", title="Plan only (preview)",
-                       description="On: stop after the plan, ask nobody, touch nothing (a preview). Off (default): "
-                                   "without confirm, the plan waits in Required Actions for a second person "
-                                   "(the server's approvers, never you) to approve or reject it."),
+    "plan_only": plan_only_param(),
     "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
                      description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE without waiting for "
                                  "a second person (pre-approved automation; ignored on a server with "

@@ -29,6 +29,7 @@ from barman_dr.operators.salvage import (
     SalvageTeardownOperator,
     ValidateSalvageOperator,
 )
+from barman_dr.params.approval_params import plan_only_param
 from barman_dr.surfaces.notifications import DrNotifier
 
 SERVERS = server_names_for_dags() or ["(inventory not found)"]
@@ -51,10 +52,7 @@ params = {
                                       "incident itself, is always left out."),
     "incident_id": Param(None, type=OPT_STR, title="Incident id", description="Your incident ticket, e.g. INC-123."),
     "reason": Param(None, type=OPT_STR, title="Reason", description="Why this runs (shown in the audit trail)."),
-    "plan_only": Param(False, type="boolean", title="Plan only (preview)",
-                       description="On: stop after the plan, ask nobody, touch nothing (a preview). Off (default): "
-                                   "without confirm, the plan waits in Required Actions for a second person "
-                                   "(the server's approvers, never you) to approve or reject it."),
+    "plan_only": plan_only_param(),
     "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
                      description="Type exactly: SALVAGE <server> (e.g. 'SALVAGE pg-primary') to re-insert the rows "
                                  "without waiting for a second person. Empty: the rows are found and diffed, and the "
