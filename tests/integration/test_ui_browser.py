@@ -62,6 +62,13 @@ def test_dr_page_filters_the_audit_trail_by_incident(browser, session):
     assert incident in text
 
 
+def next_href(api, path: str, why: str) -> str:
+    """The page's own "next" link (from its HTML: Chromium is driven by text, not by links)."""
+    nxt = re.search(r"rel='next' href='([^']+)'", page_html(api, path))
+    assert nxt, why
+    return unescape(nxt.group(1))
+
+
 def page_html(api, path: str) -> str:
     """The DR page's HTML as the API server renders it (bearer token), to read the links Chromium will follow."""
     req = urllib.request.Request(api.base_url.rstrip("/") + path, headers={"Authorization": f"Bearer {api.token()}"})
@@ -81,9 +88,7 @@ def test_dr_page_paginates_the_audit_trail_and_keeps_filters(browser, session):
     assert m, audit_section(first)[:2000]
     assert int(m.group(1)) > 1, "expected more than 5 audit events after the earlier suites"
     # follow the page's own "next" link (read from the HTML: Chromium is driven by text, not by links)
-    nxt = re.search(r"rel='next' href='([^']+)'", page_html(api, "/barman-dr/?per_page=5"))
-    assert nxt, "page 1 has no next link"
-    href = unescape(nxt.group(1))
+    href = next_href(api, "/barman-dr/?per_page=5", "page 1 has no next link")
     assert "per_page=5" in href and "page=2" in href and "until=" in href
     second = browser.visit(f"{api.base_url}/barman-dr/{href}", cookie=cookie, wait_for="page 2 of",
                            screenshot="dr-page-audit-page-2.png")
@@ -96,10 +101,7 @@ def test_dr_page_paginates_the_audit_trail_and_keeps_filters(browser, session):
 
     # a filter persists through next: every row of page 2 is still pg-primary's, and so is the next link
     filtered = "/barman-dr/?server=pg-primary&outcome=ok&per_page=5"
-    html = page_html(api, filtered)
-    nxt = re.search(r"rel='next' href='([^']+)'", html)
-    assert nxt, "expected more than 5 ok events of pg-primary"
-    href = unescape(nxt.group(1))
+    href = next_href(api, filtered, "expected more than 5 ok events of pg-primary")
     assert "server=pg-primary" in href and "outcome=ok" in href and "per_page=5" in href
     second = browser.visit(f"{api.base_url}/barman-dr/{href}", cookie=cookie, wait_for="page 2 of",
                            screenshot="dr-page-audit-filtered-page-2.png")
