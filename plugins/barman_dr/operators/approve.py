@@ -9,8 +9,9 @@ rules of `barman_dr.safety.approval` around it:
 - `confirm` pre-approves it, unless the server has `require_approval: true`;
 - otherwise the plan is the body, the assigned users are the server's approvers minus the
   requester, and the run waits up to the server's `approval_timeout_minutes`;
-- Approve: the responder is checked again (never the requester), the server lock is taken
-  for this run (a plan-only trigger took none), and the run goes on;
+- Approve: the responder is checked again (never the requester) against the plan it was
+  shown, the server lock (taken at validate_params) is confirmed as this run's, and the run
+  goes on;
 - Reject: everything after it is skipped, the run ends with nothing touched;
 - no answer in time: the step fails (the failure summary and DrNotifier say so), nothing
   touched.
@@ -173,7 +174,7 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "rejected"})
             self.note(context, f"REJECTED by {responder} at {str(responded_at)[:19]}: nothing was touched", note)
             raise AirflowSkipException(f"rejected by {responder}: nothing was touched")
-        try:  # a plan-only trigger took no lock: the approved run takes it before anything moves
+        try:  # validate_params took it; confirm it is still this run's before anything moves
             ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
                 srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
         except ServerLockedError as exc:
