@@ -67,3 +67,32 @@ def schedule_for(dag_id: str, path: str | Path | None = None) -> str:
     sched = (_raw(path).get("schedules") or {})
     value = sched.get(dag_id) if isinstance(sched, dict) else None
     return str(value) if isinstance(value, str) and value.strip() else DEFAULT_SCHEDULES[dag_id]
+
+
+def queue_by_pool(path: str | Path | None = None) -> dict[str, str]:
+    """{pool name: Celery queue} from `barman_hosts.<name>.queue` (default `default`): the scheduled
+    DAGs' per-host tasks are sent to the workers beside that host. Never raises; a bad value is
+    reported by `load_inventory` when a task runs."""
+    out = {}
+    for name, d in (_raw(path).get("barman_hosts") or {}).items():
+        q = (d or {}).get("queue", "default") if isinstance(d, dict) else "default"
+        out[pool_name(str(name))] = q if isinstance(q, str) and q else "default"
+    return out
+
+
+def workers(path: str | Path | None = None) -> dict[str, list[str]]:
+    """{worker name: [queues]} from the inventory's `workers:` (what the lab starts and compose mirrors)."""
+    out = {}
+    for name, d in (_raw(path).get("workers") or {}).items():
+        qs = (d or {}).get("queues") if isinstance(d, dict) else None
+        if isinstance(qs, list):
+            out[str(name)] = [str(q) for q in qs]
+    return out
+
+
+def pool_of(server: str, path: str | Path | None = None) -> str:
+    """The pool (and so the per-host task id suffix) of `server`'s barman host; KeyError if unknown."""
+    for pool, servers in servers_by_pool(path).items():
+        if server in servers:
+            return pool
+    raise KeyError(server)

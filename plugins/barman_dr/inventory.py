@@ -73,6 +73,9 @@ class BarmanHost:
     job_dir: str
     backup_directory: str
     pool_slots: int = 4
+    #: Celery queue of the workers beside this host: every task that runs Barman or SSH for one
+    #: of its servers is routed there (LocalExecutor ignores queues)
+    queue: str = "default"
 
     @property
     def pool(self) -> str:
@@ -166,11 +169,30 @@ class Server:
 
 
 @dataclass(frozen=True)
+class Worker:
+    """A Celery worker of the deployment (`workers:`): the lab starts these, compose mirrors them."""
+
+    name: str
+    queues: tuple[str, ...]
+    concurrency: int = 4
+
+
+@dataclass(frozen=True)
 class Inventory:
     path: str
     barman_hosts: dict[str, BarmanHost]
     db_hosts: dict[str, DbHost]
     servers: dict[str, Server] = field(default_factory=dict)
+    workers: dict[str, Worker] = field(default_factory=dict)
+
+    def queue_of(self, server: str | Server) -> str:
+        """The Celery queue for tasks that run Barman or SSH for `server` (its barman host's)."""
+        return self.barman_host_of(server).queue
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue a task may be sent to: `default` plus each barman host's."""
+        return sorted({"default", *(h.queue for h in self.barman_hosts.values())})
 
     def server(self, name: str) -> Server:
         try:
@@ -256,6 +278,47 @@ def _db_host_ref(value: Any, where: str, db_hosts: dict[str, DbHost]) -> str | N
     return str(value)
 
 
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _queue(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _QUEUE_RE.match(value):
+        raise InventoryError(f"{where}: {value!r} is not a valid Celery queue name (letters, digits, '.', '_', '-'; "
+                             "max 63), e.g. barman-site-a")
+    return value
+
+
+def _workers(value: Any, barman_hosts: dict[str, BarmanHost]) -> dict[str, Worker]:
+    """`workers:` {name: {queues: [...], concurrency: N}}; when present, every queue a task may be
+    routed to must be served by one of them, so a typo fails at load time instead of leaving a
+    PITR step queued until `task_queued_timeout`."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise InventoryError("workers: must be a mapping {worker name: {queues: [...]}}, e.g. "
+                             "{worker-a: {queues: [default, barman-site-a]}}")
+    out: dict[str, Worker] = {}
+    for name, d in value.items():
+        w = f"workers.{name}"
+        d = d if isinstance(d, dict) else {}
+        queues = d.get("queues")
+        if not isinstance(queues, list) or not queues:
+            raise InventoryError(f"{w}.queues: {queues!r} must be a non-empty list of queue names, e.g. [default]")
+        conc = d.get("concurrency", 4)
+        if not isinstance(conc, int) or isinstance(conc, bool) or not 1 <= conc <= 64:
+            raise InventoryError(f"{w}.concurrency: {conc!r} must be an integer between 1 and 64, e.g. 4")
+        out[_name(name, w)] = Worker(name=name, queues=tuple(_queue(q, f"{w}.queues") for q in queues),
+                                     concurrency=conc)
+    served = {q for wk in out.values() for q in wk.queues}
+    if "default" not in served:
+        raise InventoryError("workers: no worker serves the `default` queue; add `default` to one worker's queues")
+    for h in barman_hosts.values():
+        if h.queue not in served:
+            raise InventoryError(f"barman_hosts.{h.name}.queue: {h.queue!r} is not served by any worker "
+                                 f"(served: {', '.join(sorted(served))}); fix the name or add it to a worker's queues")
+    return out
+
+
 def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, str] | None = None) -> Inventory:
     """Validate and type a parsed inventory document."""
     if not isinstance(raw, dict) or raw.get("version") != 1:
@@ -272,7 +335,9 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             job_dir=_abs_path(d.get("job_dir", "/var/lib/barman/barman-dr-jobs"), f"{w}.job_dir"),
             backup_directory=_abs_path(d.get("backup_directory", "/var/lib/barman"), f"{w}.backup_directory"),
             pool_slots=int(d.get("pool_slots", 4)),
+            queue=_queue(d.get("queue", "default"), f"{w}.queue"),
         )
+    workers = _workers(raw.get("workers"), barman_hosts)
     db_hosts: dict[str, DbHost] = {}
     for name, d in (raw.get("db_hosts") or {}).items():
         w = f"db_hosts.{name}"
@@ -339,7 +404,7 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
         )
     if not servers:
         raise InventoryError(f"{path}: no servers defined")
-    return Inventory(path=path, barman_hosts=barman_hosts, db_hosts=db_hosts, servers=servers)
+    return Inventory(path=path, barman_hosts=barman_hosts, db_hosts=db_hosts, servers=servers, workers=workers)
 
 
 def inventory_path() -> Path:

@@ -24,16 +24,16 @@ def done_backups(server: str | None = None) -> list[str]:
 
 
 def test_weekly_backup_creates_checked_verified_backup(inventory):
-    from barman_dr.fleet import servers_by_pool
+    from barman_dr.fleet import pool_of
 
     before = done_backups()
     before2 = done_backups("pg-primary2")
     state, run_id, states = run_dag(DAG_ID, {})
     assert state == "success", states
-    pool = sorted(servers_by_pool())[0]
+    pool = pool_of("pg-primary")
     res = xcom_for(DAG_ID, run_id, f"backup__{pool}", "pg-primary")
     # mapping is real: the second server got its own new, checked backup in the same run
-    res2 = xcom_for(DAG_ID, run_id, f"backup__{pool}", "pg-primary2")
+    res2 = xcom_for(DAG_ID, run_id, f"backup__{pool_of('pg-primary2')}", "pg-primary2")
     assert res2["backup_id"] in done_backups("pg-primary2") and res2["backup_id"] not in before2
     assert res2["check_backup"] == "OK" and res2["verify_backup"]["verified"] is True
     after = done_backups()
@@ -91,12 +91,12 @@ def test_retention_deletes_obsolete_backup_but_keeps_minimum_redundancy(tmp_path
     temp_inventory(tmp_path, monkeypatch, edit)
     from barman_dr.fleet import servers_by_pool
 
-    assert servers_by_pool() == {"barman_barman_lab": [server]}
+    assert servers_by_pool() == {"barman_barman_lab2": [server]}
     before = done_backups(server)
     assert len(before) >= 2
     state, run_id, states = run_dag(DAG_ID, {})
     assert state == "success", states
-    res = xcom_for(DAG_ID, run_id, "backup__barman_barman_lab", server)
+    res = xcom_for(DAG_ID, run_id, "backup__barman_barman_lab2", server)
     ret = res["retention"]
     after = done_backups(server)
     assert ret["deleted"], ret

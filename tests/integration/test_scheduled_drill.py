@@ -18,7 +18,7 @@ DAG_ID = "dr_monthly_restore_drill"
 
 
 def test_drill_restores_validates_and_stops_nonprod(inventory):
-    from barman_dr.fleet import servers_by_pool
+    from barman_dr.fleet import pool_of
 
     srv = inventory.server("pg-primary")
     nonprod = srv.nonprod
@@ -28,7 +28,7 @@ def test_drill_restores_validates_and_stops_nonprod(inventory):
                    capture_output=True, timeout=600)
     primary_counts = counts()
     state, run_id, states = run_dag(DAG_ID, {})
-    pool = sorted(servers_by_pool())[0]
+    pool = pool_of("pg-primary")
     res = xcom_for(DAG_ID, run_id, f"drill__{pool}", "pg-primary")
     assert state == "success", states
     assert res["instance"] == "pg-nonprod"
@@ -41,7 +41,7 @@ def test_drill_restores_validates_and_stops_nonprod(inventory):
     assert res["amcheck"]["ok"] is True and res["amcheck"]["checked"]
     assert "critical_orders_pkey" in {c["index"] for c in res["amcheck"]["checked"]}
     # the second server has no nonprod target: reported, not drilled
-    res2 = xcom_for(DAG_ID, run_id, f"drill__{pool}", "pg-primary2")
+    res2 = xcom_for(DAG_ID, run_id, f"drill__{pool_of('pg-primary2')}", "pg-primary2")
     assert res2["status"] == "SKIPPED" and res2["skipped"] == "no nonprod target"
     assert res["archive_mode"] == "off"
     assert res["rto_met"] is True and res["rto_s"] > 0
@@ -64,9 +64,9 @@ def test_second_drill_moves_the_previous_copy_aside(inventory):
     nonprod = inventory.server("pg-primary").nonprod
     state, run_id, states = run_dag(DAG_ID, {"target": "immediate"})
     assert state == "success", states
-    from barman_dr.fleet import servers_by_pool
+    from barman_dr.fleet import pool_of
 
-    res = xcom_for(DAG_ID, run_id, f"drill__{sorted(servers_by_pool())[0]}", "pg-primary")
+    res = xcom_for(DAG_ID, run_id, f"drill__{pool_of('pg-primary')}", "pg-primary")
     assert res["moved_aside"] and res["moved_aside"][0].startswith(nonprod.data_directory + ".pre-")
     assert os.path.isdir(res["moved_aside"][0])
     assert res["target"]["kind"] == "immediate"
@@ -89,12 +89,12 @@ def test_drill_with_failing_validation_query_fails_and_tears_down(inventory, tmp
     temp_inventory(tmp_path, monkeypatch, edit)
     nonprod = inventory.server("pg-primary").nonprod
     state, run_id, states = run_dag(DAG_ID, {"target": "immediate"})
-    from barman_dr.fleet import servers_by_pool
+    from barman_dr.fleet import pool_of
 
-    pool = sorted(servers_by_pool())[0]
+    pool = pool_of("pg-primary")
     assert state == "failed", states
     assert states[f"drill__{pool}[0]"] == "failed"
-    assert states[f"teardown__{pool}[0]"] == "success" and states[f"teardown__{pool}[1]"] == "success"
+    assert states[f"teardown__{pool}[0]"] == "success" and states[f"teardown__{pool_of('pg-primary2')}[0]"] == "success"
     assert _nonprod_stopped(nonprod)
     assert sql("LAB_AUDIT_DSN", "SELECT count(*) FROM control.server_locks WHERE server = 'pg-primary'")[0][0] == 0
     failed = sql("LAB_AUDIT_DSN", "SELECT details::text FROM audit.events WHERE run_id = %s AND action = 'drill' "
@@ -114,9 +114,9 @@ def test_drill_over_rto_objective_fails_and_notifies(inventory, tmp_path, monkey
 
     temp_inventory(tmp_path, monkeypatch, edit)
     state, run_id, states = run_dag(DAG_ID, {"target": "immediate"})
-    from barman_dr.fleet import servers_by_pool
+    from barman_dr.fleet import pool_of
 
-    pool = sorted(servers_by_pool())[0]
+    pool = pool_of("pg-primary")
     assert state == "failed", states
     assert states[f"teardown__{pool}[0]"] == "success"
     result = sql("LAB_AUDIT_DSN", "SELECT outcome, details->>'rto_met' FROM audit.events WHERE run_id = %s "

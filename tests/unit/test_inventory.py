@@ -39,7 +39,7 @@ def test_default_inventory_is_the_lab_yaml():
 def test_lab_inventory_parses(inv):
     assert inv.server_names == ["pg-primary", "pg-primary2"]
     second = inv.server("pg-primary2")
-    assert second.barman_host == "barman-lab" and second.standbys == () and second.nonprod is None
+    assert second.barman_host == "barman-lab2" and second.standbys == () and second.nonprod is None
     assert second.primary.postgres_conn_id == "pg_primary2"
     srv = inv.server("pg-primary")
     assert srv.database == "shop"
@@ -286,3 +286,48 @@ def test_bad_port(raw, port):
 def test_nonprod_optional(raw):
     del raw["servers"]["pg-primary"]["nonprod"]
     assert parse_inventory(raw, "x.yaml", ENV).server("pg-primary").nonprod is None
+
+
+def test_lab_queues_and_workers(inv):
+    """Each barman host names its queue; the workers declared serve every queue a task may need."""
+    assert inv.queue_of("pg-primary") == "barman-lab"
+    assert inv.queue_of("pg-primary2") == "barman-lab2"
+    assert inv.queues == ["barman-lab", "barman-lab2", "default"]
+    assert {n: w.queues for n, w in inv.workers.items()} == {
+        "worker-a": ("default",), "worker-b": ("barman-lab",), "worker-c": ("barman-lab", "barman-lab2")}
+    assert inv.barman_hosts["barman-lab2"].pool == "barman_barman_lab2"
+
+
+def test_queue_defaults_to_default_without_workers(raw):
+    for h in raw["barman_hosts"].values():
+        h.pop("queue")
+    raw.pop("workers")
+    inv = parse_inventory(raw, "x.yaml", ENV)
+    assert inv.queue_of("pg-primary") == "default" and inv.workers == {}
+
+
+@pytest.mark.parametrize("value", ["bad queue", "", "q;rm -rf /", 7, "-lead"])
+def test_bad_queue_name_names_the_field(raw, value):
+    raw["barman_hosts"]["barman-lab"]["queue"] = value
+    with pytest.raises(InventoryError, match=r"barman_hosts\.barman-lab\.queue: .*not a valid Celery queue name"):
+        parse_inventory(raw, "x.yaml", ENV)
+
+
+def test_queue_no_worker_serves_is_refused(raw):
+    raw["barman_hosts"]["barman-lab2"]["queue"] = "barman-lab3"
+    with pytest.raises(InventoryError, match=r"barman_hosts\.barman-lab2\.queue: 'barman-lab3' is not served by any "
+                                             r"worker \(served: barman-lab, barman-lab2, default\); fix the name"):
+        parse_inventory(raw, "x.yaml", ENV)
+
+
+@pytest.mark.parametrize(("workers", "match"), [
+    ({"worker-a": {"queues": ["barman-lab", "barman-lab2"]}}, "no worker serves the `default` queue"),
+    ({"worker-a": {"queues": []}}, r"workers\.worker-a\.queues: \[\] must be a non-empty list"),
+    ({"worker-a": {"queues": ["default"], "concurrency": 0}}, r"workers\.worker-a\.concurrency: 0"),
+    ({"bad name": {"queues": ["default"]}}, r"workers\.bad name"),
+    ([], "workers: must be a mapping"),
+])
+def test_bad_workers_refused(raw, workers, match):
+    raw["workers"] = workers
+    with pytest.raises(InventoryError, match=match):
+        parse_inventory(raw, "x.yaml", ENV)
