@@ -298,9 +298,9 @@ def _workers(value: Any, barman_hosts: dict[str, BarmanHost]) -> dict[str, Worke
         raise InventoryError("workers: must be a mapping {worker name: {queues: [...]}}, e.g. "
                              "{worker-a: {queues: [default, barman-site-a]}}")
     out: dict[str, Worker] = {}
-    for name, d in value.items():
+    for name, entry in value.items():
         w = f"workers.{name}"
-        d = d if isinstance(d, dict) else {}
+        d = entry if isinstance(entry, dict) else {}
         queues = d.get("queues")
         if not isinstance(queues, list) or not queues:
             raise InventoryError(f"{w}.queues: {queues!r} must be a non-empty list of queue names, e.g. [default]")
