@@ -8,8 +8,9 @@ OPT="${BARMAN_DR_OPT:-/opt/barman-dr}"
 BARMAN_VERSION="3.19.1"
 APT_PACKAGES=(postgresql-15 postgresql-contrib postgresql-client-15 openssh-server openssh-client
               rsync pgbouncer python3-venv util-linux procps iproute2
-              chromium fonts-dejavu-core prometheus ${EXTRA_APT_PACKAGES:-})  # chromium: the UI tests (headless)
+              chromium fonts-dejavu-core prometheus redis-server ${EXTRA_APT_PACKAGES:-})  # chromium: the UI tests (headless)
 # prometheus: the lab scrapes /barman-dr/metrics; promtool checks the shipped rules
+# redis-server: the Celery broker of LAB_EXECUTOR=celery (a private instance per lab; the packaged one is never started)
 
 log() { printf '[install] %s\n' "$*"; }
 # this machine's pip.conf lists optional local indexes that may be absent: hide that noise only
