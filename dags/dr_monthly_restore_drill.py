@@ -21,12 +21,14 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param
 
-from barman_dr.fleet import schedule_for, servers_by_pool
+from barman_dr.fleet import queue_by_pool, schedule_for, servers_by_pool
 from barman_dr.operators.scheduled import DrillTeardownOperator, FleetSummaryOperator, RestoreDrillOperator
 from barman_dr.surfaces.deadlines import rto_deadlines
 from barman_dr.surfaces.notifications import DrNotifier
 
 POOLS = servers_by_pool()
+#: each barman host's tasks run on the Celery workers beside it (inventory `barman_hosts.<h>.queue`)
+QUEUES = queue_by_pool()
 
 with DAG(
     dag_id="dr_monthly_restore_drill",
@@ -47,10 +49,11 @@ with DAG(
 ) as dag:
     drill_ids = []
     for pool, servers in sorted(POOLS.items()):
-        drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool,
+        drill = RestoreDrillOperator.partial(task_id=f"drill__{pool}", pool=pool, queue=QUEUES.get(pool, "default"),
                                              target_mode="{{ params.target }}",
                                              map_index_template="{{ task.server }}").expand(server=servers)
         teardown = DrillTeardownOperator.partial(task_id=f"teardown__{pool}", trigger_rule="all_done",
+                                                 queue=QUEUES.get(pool, "default"),
                                                  retries=2,
                                                  map_index_template="{{ task.server }}").expand(server=servers)
         drill >> teardown

@@ -46,6 +46,7 @@ from barman_dr.operators.pitr import (
     WalCoverageOperator,
 )
 from barman_dr.params.approval_params import plan_only_param
+from barman_dr.routing import SITE_QUEUE
 from barman_dr.surfaces.deadlines import rto_deadlines
 from barman_dr.surfaces.notifications import DrNotifier
 
@@ -145,8 +146,9 @@ with DAG(
     unfreeze = UnfreezeAppOperator(task_id="unfreeze_app")
     discarded = DiscardedOperator(task_id="discarded", retries=0)
     to_rebuild = StandbysToRebuildOperator(task_id="list_standbys")
-    standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby", map_index_template="{{ task.standby }}").expand(
-        standby=to_rebuild.output)
+    # a mapped task's queue comes from partial(): the site placeholder, resolved per run (barman_dr/routing.py)
+    standbys = RebuildStandbyOperator.partial(task_id="rebuild_standby", queue=SITE_QUEUE,
+                                              map_index_template="{{ task.standby }}").expand(standby=to_rebuild.output)
     rebase = RebaseBarmanOperator(task_id="rebase_barman")
     report = PitrReportOperator(task_id="report", trigger_rule="none_failed_min_one_success")
     main = [validate, resolve, preflight, wal, plan, approve, stage, freeze, stop, aside, restore, start, verify, data, unfreeze,

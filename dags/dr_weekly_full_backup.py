@@ -14,11 +14,13 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, AssetAlias
 
-from barman_dr.fleet import schedule_for, servers_by_pool
+from barman_dr.fleet import queue_by_pool, schedule_for, servers_by_pool
 from barman_dr.operators.scheduled import VERIFIED_BACKUP_ALIAS, FleetSummaryOperator, WeeklyBackupOperator
 from barman_dr.surfaces.notifications import DrNotifier
 
 POOLS = servers_by_pool()
+#: each barman host's tasks run on the Celery workers beside it (inventory `barman_hosts.<h>.queue`)
+QUEUES = queue_by_pool()
 
 with DAG(
     dag_id="dr_weekly_full_backup",
@@ -34,7 +36,7 @@ with DAG(
 ) as dag:
     ids = []
     for pool, servers in sorted(POOLS.items()):
-        WeeklyBackupOperator.partial(task_id=f"backup__{pool}", pool=pool,
+        WeeklyBackupOperator.partial(task_id=f"backup__{pool}", pool=pool, queue=QUEUES.get(pool, "default"),
                                      outlets=[AssetAlias(VERIFIED_BACKUP_ALIAS)],
                                      map_index_template="{{ task.server }}").expand(server=servers)
         ids.append(f"backup__{pool}")

@@ -136,6 +136,52 @@ def test_the_plan_is_followed_by_four_eyes_approval(dags, dag_id):
     assert {"plan_only", "confirm"} <= set(dag.params.keys())
 
 
+#: dr_pitr's bookkeeping steps: on the central `default` queue, everything else on the run's site
+PITR_DEFAULT_QUEUE = {"validate_params", "plan", "approve", "list_standbys", "report", "failure_summary",
+                      "release_lock"}
+
+
+def test_every_task_goes_to_a_served_queue(dags):
+    """A task's queue is a queue some declared worker serves, or the site placeholder the cluster policy
+    resolves; the placeholder only in DAGs whose server comes from a `server` Param."""
+    from barman_dr.fleet import workers
+    from barman_dr.routing import SITE_QUEUE
+
+    served = {q for qs in workers().values() for q in qs}
+    assert served
+    bad = []
+    for d, dag in dags.items():
+        for t in dag.tasks:
+            q = t.queue
+            if q == SITE_QUEUE and "server" in dag.params:
+                continue
+            if q not in served:
+                bad.append(f"{d}.{t.task_id}: {q!r}")
+    assert not bad, bad
+
+
+def test_dr_pitr_routes_host_steps_to_the_site(dags):
+    from barman_dr.routing import SITE_QUEUE
+
+    dag = dags["dr_pitr"]
+    queues = {t.task_id: t.queue for t in dag.tasks}
+    assert {k for k, v in queues.items() if v == "default"} == PITR_DEFAULT_QUEUE
+    assert {k for k, v in queues.items() if v == SITE_QUEUE} == set(queues) - PITR_DEFAULT_QUEUE
+
+
+@pytest.mark.parametrize("dag_id", ["dr_weekly_full_backup", "dr_monthly_restore_drill", "dr_daily_verification"])
+def test_scheduled_host_tasks_run_beside_their_barman_host(dags, dag_id):
+    from barman_dr.fleet import queue_by_pool, servers_by_pool
+
+    queues = queue_by_pool()
+    dag = dags[dag_id]
+    for pool in servers_by_pool():
+        host_tasks = [t for t in dag.tasks if t.task_id.endswith(f"__{pool}")]
+        assert host_tasks, (dag_id, pool)
+        for t in host_tasks:
+            assert t.queue == queues[pool], (t.task_id, t.queue)
+
+
 # ------------------------------------------------------------------------------ import in a fresh interpreter
 
 PROBE = textwrap.dedent(r"""

@@ -50,6 +50,7 @@ def user_roles() -> dict[str, str]:
 
 class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
     """Wait for a second person to approve the plan (or pass a pre-approved / plan-only run straight through)."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "approval"
     ui_color = "#fff4d6"

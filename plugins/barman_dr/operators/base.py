@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -33,6 +33,7 @@ from barman_dr.hooks.barman import BarmanHook
 from barman_dr.hooks.dbhost import DbHostHook
 from barman_dr.inventory import Instance, Inventory, Server, load_inventory
 from barman_dr.params.pitr_request import PitrRequest
+from barman_dr.routing import SITE_QUEUE
 from barman_dr.safety.audit import AuditContext, AuditTrail
 from barman_dr.safety.locks import ServerLock, ServerLockedError
 
@@ -119,9 +120,14 @@ class DrBaseOperator(BaseOperator):
     #: the audit action name of this step
     action: str = "step"
     ui_color = "#e8f1fb"
+    #: runs Barman or SSH for the run's server: CeleryExecutor sends it to the workers beside the
+    #: server's barman host (barman_dr/routing.py). False for bookkeeping steps (`default` queue).
+    runs_on_site: ClassVar[bool] = True
 
     def __init__(self, *, request: Any = None, audit_conn_id: str = "dr_audit", inventory_path: str | None = None,
                  **kwargs: Any) -> None:
+        if self.runs_on_site and "queue" not in kwargs:
+            kwargs["queue"] = SITE_QUEUE
         super().__init__(**kwargs)
         self.request = request
         self.audit_conn_id = audit_conn_id

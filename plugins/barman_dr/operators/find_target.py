@@ -65,6 +65,7 @@ class FindTargetBaseOperator(DrBaseOperator):
 
 class ValidateFindTargetOperator(FindTargetBaseOperator):
     """Step 1: the params, validated and typed, before anything runs anywhere; the audit trail must be writable."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "find_target_validate"
     request_task_id = None

@@ -205,6 +205,7 @@ class SalvageMixin:
 
 class ValidateSalvageOperator(SalvageMixin, DrBaseOperator):
     """Step 1: params validated (no I/O), the audit trail writable, the server lock, the PITR's facts."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "salvage_validate"
     request_task_id = None
@@ -573,6 +574,7 @@ class SalvageTeardownOperator(SalvageMixin, DrBaseOperator):
 
 class SalvageFailureSummaryOperator(SalvageMixin, DrBaseOperator):
     """Runs when any step failed: whether the recovered server was changed, and what next; then fails."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "failure_summary"
 

@@ -481,6 +481,7 @@ class SurgicalTeardownOperator(DrBaseOperator):
 
 class SurgicalFailureSummaryOperator(DrBaseOperator):
     """Runs when any step failed: whether live was changed, and what to do next; then fails (the run is failed)."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "failure_summary"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from barman_dr.exceptions import PreflightError, ValidationError
+from barman_dr.exceptions import PreflightError
 from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.hooks.barman import compute_coverage, timeline_for_segment
 from barman_dr.models import Lsn, WalSegment, is_wal_segment_name
@@ -24,9 +24,10 @@ class ValidatePitrRequestOperator(DrBaseOperator):
 
     Order matters: pure validation first (no I/O: hostile input never gets further),
     then the audit trail must be writable (no unaudited DR run), then the server lock
-    (every run but a plan-only preview), then one read-only catalogue query: the target must not
-    be older than the oldest backup.
+    (every run but a plan-only preview). It runs on the `default` queue, so it needs no barman
+    host: the catalogue checks (`refuse_unrecoverable_request`) open resolve_target, on the site.
     """
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "validate"
     request_task_id = None
@@ -55,18 +56,6 @@ class ValidatePitrRequestOperator(DrBaseOperator):
         self.request = req.to_dict()
         self.__dict__.pop("req", None)
         self.take_lock(req, context)
-        backups = [b for b in self.barman.list_backups(req.server) if b.is_done]
-        if not backups:
-            raise PreflightError(f"Barman has no DONE backup of {req.server}: nothing to recover from")
-        if req.backup_id != "auto" and req.backup_id not in {b.backup_id for b in backups}:
-            raise ValidationError("backup_id", req.backup_id,
-                                  f"no DONE backup with that id; available: {', '.join(b.backup_id for b in backups)}")
-        t = req.target.time
-        oldest = min(backups, key=lambda b: b.end_time or datetime.max.replace(tzinfo=UTC))
-        if t is not None and oldest.end_time is not None and t < oldest.end_time:
-            raise ValidationError("target_time", req.target.value,
-                                  f"is before the end of the oldest backup ({oldest.backup_id}, ended "
-                                  f"{oldest.end_time.isoformat()}): no backup can recover to it")
         return req.to_dict()
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:

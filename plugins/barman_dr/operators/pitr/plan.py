@@ -60,6 +60,7 @@ def stop_lines(res: dict[str, Any]) -> list[str]:
 class PlanGateOperator(DrBaseOperator):
     """Step 4: the plan (audit + run note): the resolved stop point, the backup and the WAL to replay, what is
     discarded, the RTO for the mode that will run, the steps. Stops here unless the run is confirmed."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "plan"
 

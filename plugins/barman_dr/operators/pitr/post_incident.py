@@ -197,6 +197,7 @@ class RebuildStandbyOperator(DrBaseOperator):
 
 class StandbysToRebuildOperator(DrBaseOperator):
     """The standbys of the recovered server (what `rebuild_standby` maps over); empty skips the rebuild."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "list_standbys"
 

@@ -28,6 +28,7 @@ def staging_leftover(op: DrBaseOperator, staging: dict[str, Any]) -> list[str]:
 
 class PitrReportOperator(DrBaseOperator):
     """Step 15: the report: RTO freeze -> resume with a per-phase breakdown (audit + run note)."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "report"
 
@@ -118,6 +119,7 @@ class PitrReportOperator(DrBaseOperator):
 
 class PitrFailureSummaryOperator(DrBaseOperator):
     """Runs when any step failed: where things stand and what to do next, in the audit and the run note."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "failure_summary"
 
@@ -155,6 +157,7 @@ class PitrFailureSummaryOperator(DrBaseOperator):
 
 class ReleaseLockOperator(DrBaseOperator):
     """Always last: release this run's server lock (a no-op when the run never took it)."""
+    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "release_lock"
 

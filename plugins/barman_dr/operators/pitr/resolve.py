@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError, RemoteCommandError, ValidationError
@@ -453,6 +453,23 @@ def resolution_for(op: DrBaseOperator, context: Any) -> dict[str, Any]:
     return res
 
 
+def refuse_unrecoverable_request(barman: Any, req: Any) -> None:
+    """The catalogue half of validation, run where Barman is reachable (resolve_target's worker):
+    a named backup must exist, and a time target must not be older than the oldest backup."""
+    backups = [b for b in barman.list_backups(req.server) if b.is_done]
+    if not backups:
+        raise PreflightError(f"Barman has no DONE backup of {req.server}: nothing to recover from")
+    if req.backup_id != "auto" and req.backup_id not in {b.backup_id for b in backups}:
+        raise ValidationError("backup_id", req.backup_id,
+                              f"no DONE backup with that id; available: {', '.join(b.backup_id for b in backups)}")
+    t = req.target.time
+    oldest = min(backups, key=lambda b: b.end_time or datetime.max.replace(tzinfo=UTC))
+    if t is not None and oldest.end_time is not None and t < oldest.end_time:
+        raise ValidationError("target_time", req.target.value,
+                              f"is before the end of the oldest backup ({oldest.backup_id}, ended "
+                              f"{oldest.end_time.isoformat()}): no backup can recover to it")
+
+
 class ResolveTargetOperator(DrBaseOperator):
     """Step 1b: the target located in the WAL: the exact stop record, the backup, what the PITR discards.
 
@@ -474,6 +491,7 @@ class ResolveTargetOperator(DrBaseOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         req = self.req
+        refuse_unrecoverable_request(self.barman, req)
         resolver = TargetResolver(self, self.srv, margin_s=self.margin_s, xid_chunk=self.xid_chunk_segments)
         sw = switch_now(self, self.srv)
         res = resolver.resolve(req.target, backup_id=req.backup_id,

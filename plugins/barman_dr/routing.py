@@ -1,0 +1,69 @@
+"""Which Celery queue a task goes to: the workers beside the server's barman host, or `default`.
+
+A barman host is often reachable only from nearby (its site), so every task that runs Barman
+or SSH for a server must run on a worker beside that server's barman host. The inventory names
+each host's `queue` (`barman_hosts.<name>.queue`). Two cases:
+
+- The scheduled DAGs build one task per barman host at parse time, so they set `queue=` there
+  (`barman_dr.fleet.queue_by_pool`).
+- `dr_pitr`, `dr_surgical_recovery`, `dr_salvage`, `dr_pitr_rollback` and `dr_find_target`
+  learn their server from a runtime Param, after parsing. Their site-bound operators carry the
+  placeholder queue `SITE_QUEUE`, and the cluster policy `task_instance_mutation_hook` (loaded
+  through `plugins/airflow_local_settings.py`) replaces it with the queue of the run's server
+  when the scheduler creates the task instance. A retry keeps the queue of its first try.
+
+LocalExecutor ignores queues, so all of this is inert there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: parse-time placeholder of a site-bound task; never a real queue (no worker serves it)
+SITE_QUEUE = "barman-dr-site"
+DEFAULT_QUEUE = "default"
+
+
+def queue_for_run(conf: dict[str, Any] | None) -> str:
+    """The queue of the run's server (`conf["server"]`, else the Param default: the first server).
+
+    An unknown or hostile server goes to `default`: validate_params refuses the run there, and
+    nothing site-bound runs after a refusal. Never raises (the scheduler calls this).
+    """
+    try:
+        from barman_dr.inventory import load_inventory, server_names_for_dags
+
+        inv = load_inventory()
+        server = (conf or {}).get("server")
+        if server is None:
+            names = server_names_for_dags()
+            server = names[0] if names else None
+        if not isinstance(server, str) or server not in inv.servers:
+            return DEFAULT_QUEUE
+        return inv.queue_of(server)
+    except Exception:
+        log.exception("barman-dr routing: cannot read the inventory; routing to %r", DEFAULT_QUEUE)
+        return DEFAULT_QUEUE
+
+
+def task_instance_mutation_hook(task_instance: Any, dag_run: Any = None) -> None:
+    """Cluster policy: route a site-bound task instance to its run's server's queue.
+
+    Runs inside the scheduler's transaction: no database access here (the inventory is a file).
+    `dag_run` is None while a task instance is being constructed; the scheduler calls again
+    with the run before the instance is stored.
+    """
+    if getattr(task_instance, "queue", None) != SITE_QUEUE or dag_run is None:
+        return
+    task_instance.queue = queue_for_run(getattr(dag_run, "conf", None))
+
+
+def worker_hostname() -> str:
+    """`[core] hostname_callable`: each lab worker records its own name on the task instances it
+    runs (all workers share one machine, so the FQDN would not tell them apart)."""
+    return os.environ.get("BARMAN_DR_WORKER_HOSTNAME") or socket.getfqdn()
