@@ -11,7 +11,7 @@ import yaml
 
 
 def xcom_for(dag_id: str, run_id: str, task_id: str, server: str) -> Any:
-    """The return value of the mapped task instance of `task_id` that ran for `server`."""
+    """`server`'s report from `task_id`'s return values: a mapped task's per-server value, or a per-host list."""
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
@@ -21,8 +21,9 @@ def xcom_for(dag_id: str, run_id: str, task_id: str, server: str) -> Any:
         values = [r.value for r in rows]
     for raw in values:
         v = json.loads(raw) if isinstance(raw, str) else raw
-        if isinstance(v, dict) and v.get("server") == server:
-            return v
+        for item in v if isinstance(v, list) else [v]:
+            if isinstance(item, dict) and item.get("server") == server:
+                return item
     return None
 
 

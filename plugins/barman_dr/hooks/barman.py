@@ -19,8 +19,9 @@ from typing import Any
 
 from airflow.sdk import BaseHook
 
+from barman_dr.barman_files import FILES_SCRIPT, FileSection, ServerFiles, files_args, parse_files_output
 from barman_dr.exceptions import BarmanCommandError, BarmanOutputError
-from barman_dr.hooks.remote import RemoteHost, parse_json_output
+from barman_dr.hooks.remote import RemoteHost, parse_json_output, sh_argv
 from barman_dr.models import (
     BackupInfo,
     BackupSummary,
@@ -137,6 +138,12 @@ def receive_wal_running(processes: Sequence[dict[str, Any]]) -> bool:
     return any(p.get("name") == "receive-wal" for p in processes)
 
 
+def _keyed(payload: Any, what: str) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise BarmanOutputError(f"barman {what}: expected an object keyed by server, got {type(payload).__name__}")
+    return payload
+
+
 class BarmanHook(BaseHook):
     """Runs `barman -f json ...` on a barman host reached through an SSH connection."""
 
@@ -201,6 +208,51 @@ class BarmanHook(BaseHook):
             else:
                 raise
         return CheckReport.from_json(payload, server)
+
+    # ------------------------------------------------ batched queries (one barman run per host)
+    def check_all(self) -> dict[str, Any]:
+        """`barman -f json check all`: every server's checks in one run, keyed by server name.
+
+        Exits 1 when any check of any server fails, which is a result here. Two inventory
+        entries may share one Barman installation, so the payload can hold other entries'
+        servers: callers take their own servers' sections (`barman_dr.fleet_verification`).
+        """
+        try:
+            payload = self.run_json("check", "all")
+        except BarmanCommandError as exc:
+            if exc.exit_code == 1 and exc.stdout.strip().startswith("{"):
+                payload = parse_json_output(exc.stdout, "barman check all")
+            else:
+                raise
+        return _keyed(payload, "check all")
+
+    def list_backups_all(self) -> dict[str, Any]:
+        """`barman -f json list-backups all`: {server: [backup rows]} (parse with `parse_list_backups`)."""
+        return _keyed(self.run_json("list-backups", "all"), "list-backups all")
+
+    def show_servers_all(self) -> dict[str, Any]:
+        """`barman -f json show-servers all`: each server's configuration and live PostgreSQL view.
+
+        Barman connects to each server for it: `current_xlog` (the primary's current WAL
+        file), `replication_slot` (its slot: name, active, restart LSN) and
+        `connection_error` when PostgreSQL cannot be reached.
+        """
+        return _keyed(self.run_json("show-servers", "all"), "show-servers all")
+
+    def replication_status_all(self) -> dict[str, Any]:
+        """`barman -f json replication-status all`: {server: {"streaming_clients": [...], ...}}."""
+        return _keyed(self.run_json("replication-status", "all"), "replication-status all")
+
+    def server_files(self, backup_directory: str, entries: Sequence[tuple[str, str, str, str | None, str | None]],
+                     ) -> tuple[FileSection, dict[str, ServerFiles]]:
+        """WAL catalogue, WAL files and oldest begin WAL of many servers, `df -P`: one SSH exec (barman_files).
+
+        `entries`: (server, xlog.db path, wals directory, server's backup directory, oldest
+        DONE backup id or None). A failed read is that server's section error, not an exception.
+        """
+        out = self.host.run(sh_argv(FILES_SCRIPT, *files_args(backup_directory, entries)),
+                            timeout=max(self.cmd_timeout, 120)).stdout
+        return parse_files_output(out)
 
     def show_server(self, server: str) -> dict[str, Any]:
         data = server_section(self.run_json("show-server", server), server, "show-server")

@@ -1,7 +1,8 @@
-"""Operators of the scheduled fleet DAGs: weekly full backup, daily verification, monthly drill.
+"""Operators of the scheduled fleet DAGs: weekly full backup, the verification summary, monthly drill.
 
 One task instance per server (dynamic task mapping over the inventory's server names),
-each bounded by the Airflow pool of its barman host. Unlike the PITR steps, these take no
+each bounded by the Airflow pool of its barman host. The daily verification's per-host
+task is in operators/verify_host.py. Unlike the PITR steps, these take no
 validated request: the server name is the mapped, templated argument. Every step is
 audited like the PITR steps (started / ok / failed), and retry-safe: a retried backup
 attaches to the job its first attempt started, a retried drill finds its restore job.
@@ -21,31 +22,18 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from barman_dr.exceptions import BarmanCommandError, BarmanDrError, PreflightError
 from barman_dr.forensics.walswitch import nudging
-from barman_dr.hooks.barman import receive_wal_running
 from barman_dr.hooks.remote import sh_argv
-from barman_dr.models import RecoveryTarget, is_wal_segment_name
+from barman_dr.models import RecoveryTarget
 from barman_dr.operators.base import DrBaseOperator, utcnow
 from barman_dr.operators.pitr import VerificationError, clear_recovery_settings
 from barman_dr.operators.pitr.resolve import TargetResolver, prove_resolved, restore_target_of, target_tli_of
 from barman_dr.safety.audit import AuditContext, AuditTrail
 from barman_dr.safety.locks import ServerLock
-from barman_dr.safety.orphans import LIST_SCRIPT, Orphan, classify, parse_listing, recorded_paths
 from barman_dr.verification import (
     CRITICAL,
     SKIPPED,
-    Finding,
-    build_report,
-    check_findings,
-    disk_finding,
-    freshness_finding,
-    orphan_findings,
-    parse_df_percent,
     retention_plan,
-    standby_findings,
-    streaming_findings,
     summarise,
-    thresholds_for,
-    wal_continuity_findings,
 )
 
 VERIFIED_BACKUP_ALIAS = "barman-verified-backups"
@@ -225,133 +213,11 @@ class WeeklyBackupOperator(FleetServerOperator):
 
 
 # ------------------------------------------------------------------------------- daily verification
-
-
-class DailyVerificationOperator(FleetServerOperator):
-    """Every check of the seed's monitoring for one server: OK / WARNING / CRITICAL with reasons.
-
-    Never fails on a CRITICAL *result* (the report is the result; the summary task fails
-    the run): it fails only when it could not produce a report. Each probe that errors
-    becomes a CRITICAL finding of its own, so one broken probe does not hide the others.
-    """
-
-    action = "verify"
-
-    def _probe(self, findings: list[Finding], name: str, fn: Any) -> Any:
-        try:
-            return fn()
-        except Exception as exc:  # noqa: BLE001 - a failed probe is a finding, not a crash
-            findings.append(Finding(name, CRITICAL, f"{name} could not be measured: {type(exc).__name__}: "
-                                    f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"))
-            return None
-
-    def run(self, context: Any) -> dict[str, Any]:
-        srv = self.srv
-        th = thresholds_for(srv.verification)
-        now = datetime.now(UTC)
-        findings: list[Finding] = []
-        facts: dict[str, Any] = {"thresholds": th}
-        prim = srv.primary
-        pdb = self.db(prim.host)
-
-        check = self._probe(findings, "barman_check", lambda: self.barman.check(srv.name))
-        if check is not None:
-            findings += check_findings(check)
-            facts["barman_check_failed"] = [c.name for c in check.failed]
-
-        backups = self._probe(findings, "list_backups", lambda: self.barman.list_backups(srv.name))
-        oldest_begin = None
-        if backups is not None:
-            findings.append(freshness_finding(backups, now, th["max_backup_age_hours"]))
-            done = sorted((b for b in backups if b.is_done), key=lambda b: b.backup_id)
-            facts["done_backups"] = [b.backup_id for b in done]
-            ends = sorted(b.end_time for b in done if b.end_time)
-            # what /barman-dr/metrics exports, without running Barman again
-            facts["newest_backup_end"] = ends[-1].isoformat() if ends else None
-            facts["oldest_backup_end"] = ends[0].isoformat() if ends else None
-            if done:
-                info = self._probe(findings, "show_backup", lambda: self.barman.show_backup(srv.name, done[0].backup_id))
-                oldest_begin = info.begin_wal if info else None
-
-        current = self._probe(findings, "primary_current_wal",
-                              lambda: pdb.psql(prim, "SELECT pg_walfile_name(pg_current_wal_lsn())"))
-        catalog = self._probe(findings, "wal_catalog", lambda: self.barman.wal_catalog(srv.name))
-        # the catalogue alone would not see a segment file deleted by hand: list the files too
-        on_disk = self._probe(findings, "wal_files", lambda: self._wal_files_on_disk(srv.name))
-        if catalog:
-            times = [e.time for e in catalog if is_wal_segment_name(e.name) and e.time]
-            facts["newest_wal_time"] = datetime.fromtimestamp(max(times), UTC).isoformat() if times else None
-        if catalog is not None and backups is not None:
-            wal_f, wal_facts = wal_continuity_findings([e.name for e in catalog if is_wal_segment_name(e.name)],
-                                                       oldest_begin, current, th["max_wal_lag_files"],
-                                                       files_on_disk=on_disk)
-            findings += wal_f
-            facts["wal"] = wal_facts
-
-        procs = self._probe(findings, "list_processes", lambda: self.barman.list_processes(srv.name))
-        server_info = self._probe(findings, "show_server", lambda: self.barman.show_server(srv.name))
-        if procs is not None and server_info is not None:
-            slot = server_info.get("slot_name")
-            active = None
-            if slot:
-                state = self._probe(findings, "slot_state", lambda: pdb.psql(
-                    prim, "SELECT active FROM pg_replication_slots WHERE slot_name = " + self._sql_literal(str(slot))))
-                active = None if not state else state == "t"
-            findings += streaming_findings(receive_wal_running(procs), slot, active)
-
-        if srv.standbys:
-            rep = self._probe(findings, "replication_status", lambda: self.barman.replication_status(srv.name))
-            if rep is not None:
-                findings += standby_findings([s.name for s in srv.standbys], rep.get("streaming_clients") or [],
-                                             th["max_standby_lag_bytes"])
-
-        bh = self.inventory.barman_host_of(srv)
-        df = self._probe(findings, "disk_usage",
-                         lambda: self.barman.host.run(["df", "-P", bh.backup_directory], timeout=60).stdout)
-        if df is not None:
-            pct, mount = parse_df_percent(df)
-            facts["disk_usage_percent"] = pct
-            findings.append(disk_finding(pct, mount, bh.backup_directory, th["max_disk_usage_percent"]))
-
-        orphans = self._probe(findings, "orphans", lambda: self._orphans(context))
-        if orphans is not None:
-            findings += orphan_findings(orphans)
-            facts["orphans"] = [o.to_dict() for o in orphans]
-
-        report = build_report(srv.name, findings, facts, checked_at=now.isoformat())
-        self.audit(context).record("verify_report", report["status"].lower(), server=srv.name, details=report)
-        log = self.log.error if report["status"] == CRITICAL else self.log.info
-        log("%s: %s\n%s", srv.name, report["status"], "\n".join(report["reasons"]) or "all checks OK")
-        return report
-
-
-    def _orphans(self, context: Any) -> list[Orphan]:
-        """Staging/salvage copies and their postmasters next to each data directory of the server (barman_dr.safety.orphans)."""
-        srv = self.srv
-        holder = ServerLock(postgres_conn_id=self.audit_conn_id).holder(srv.name)
-        trail = self.audit(context)
-        recorded = recorded_paths([*trail.events(server=srv.name, action="staging_directory", limit=500),
-                                   *trail.events(server=srv.name, action="salvage_prepare", limit=200)])
-        found: list[Orphan] = []
-        for inst in (srv.primary, *srv.standbys):
-            text = self.db(inst.host).host.run(sh_argv(LIST_SCRIPT, inst.data_directory), timeout=120).stdout
-            dirs, postmasters = parse_listing(text)
-            found += classify(inst.host, dirs, postmasters, recorded, holder.run_id if holder else None)
-        return found
-
-    def _wal_files_on_disk(self, server: str) -> set[str]:
-        """Names of the WAL segment files in Barman's `wals/<hex16>/` directories of the server."""
-        directory = self.barman.show_server(server).get("wals_directory")
-        if not directory:
-            raise BarmanDrError("show-server: no wals_directory")
-        out = self.barman.host.run(["find", str(directory), "-mindepth", "2", "-maxdepth", "2", "-type", "f",
-                                    "-printf", "%f\\n"], timeout=120).stdout
-        # compressed or encrypted segments may carry a suffix; the segment name is the first 24 characters
-        return {n[:24] for n in out.split() if is_wal_segment_name(n[:24])}
+# The per-barman-host verification task is operators/verify_host.py (batched probes, one report per server).
 
 
 class FleetSummaryOperator(BaseOperator):
-    """Runs after every per-server task (all_done): the fleet view; fails when any server is CRITICAL.
+    """Runs after every verification task (all_done): the fleet view; fails when any server is CRITICAL.
 
     A server whose task failed (no report) counts as CRITICAL: a broken check must not
     read as a healthy server.
@@ -370,12 +236,9 @@ class FleetSummaryOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         pulled = context["ti"].xcom_pull(task_ids=self.report_task_ids) or []
-        if isinstance(pulled, dict):
-            pulled = [pulled]
         reports: dict[str, Any] = {s: None for s in self.servers}
-        for rep in pulled:
-            if isinstance(rep, dict) and rep.get("server"):
-                reports[str(rep["server"])] = rep
+        for rep in _flatten_reports(pulled):
+            reports[str(rep["server"])] = rep
         summary = summarise(reports)
         AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context)).record(
             self.action, summary["status"].lower(), details=summary)
@@ -383,6 +246,15 @@ class FleetSummaryOperator(BaseOperator):
             lines = [f"{s}: {'; '.join(summary['reasons'].get(s, []))}" for s in summary["critical"]]
             raise AirflowFailException("CRITICAL servers: " + " | ".join(lines))
         return summary
+
+
+def _flatten_reports(pulled: Any) -> list[dict[str, Any]]:
+    """Per-server reports from XCom: one report (per-server task), or a list of them (per-host task), or lists of those."""
+    if isinstance(pulled, dict):
+        return [pulled] if pulled.get("server") else []
+    if isinstance(pulled, (list, tuple)):
+        return [r for item in pulled for r in _flatten_reports(item)]
+    return []
 
 
 # ------------------------------------------------------------------------------------ monthly drill

@@ -150,6 +150,78 @@ class AuditTrail:
         finally:
             conn.close()
 
+    def record_many(self, events: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Several events in one transaction (keys: action, outcome, and `record`'s keyword arguments).
+
+        A fleet check writes one report per server: one connection for all of them instead of
+        one each. All or nothing, like a single `record`.
+        """
+        ctx = self.context
+        rows = []
+        for e in events:
+            if e["outcome"] not in OUTCOMES:
+                raise ValueError(f"outcome must be one of {OUTCOMES}, not {e['outcome']!r}")
+            argv = e.get("argv")
+            rows.append((ctx.dag_id, ctx.run_id, ctx.task_id, ctx.try_number, ctx.triggered_by, e.get("server"),
+                         e["action"], redact(e["target"]) if e.get("target") else None,
+                         json.dumps(redact(list(argv))) if argv is not None else None, e.get("exit_code"),
+                         e.get("duration_s"), e["outcome"], ctx.incident_id,
+                         json.dumps(redact({**ctx.extra, **(e.get("details") or {})}), default=str)))
+        if not rows:
+            return []
+        conn = self._connect()
+        try:
+            ids = []
+            with conn.cursor() as cur:
+                for row in rows:
+                    cur.execute(
+                        "INSERT INTO audit.events (dag_id, run_id, task_id, try_number, triggered_by, server, action,"
+                        " target, argv, exit_code, duration_s, outcome, incident_id, details)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s, %s::jsonb)"
+                        " RETURNING event_id", row)
+                    ids.append(int(cur.fetchone()[0]))
+            conn.commit()
+            return ids
+        except AuditUnavailableError:
+            raise
+        except Exception as exc:
+            raise AuditUnavailableError(f"writing {len(rows)} audit events failed: {redact(str(exc))}") from exc
+        finally:
+            conn.close()
+
+    def events_per_server(self, servers: Sequence[str], actions: Mapping[str, int]) -> dict[str, list[dict[str, Any]]]:
+        """{server: its newest events of each action (at most `actions[action]` each), newest first}: one query.
+
+        What `events(server=..., action=..., limit=...)` returns per server and action, for a whole
+        fleet at once.
+        """
+        out: dict[str, list[dict[str, Any]]] = {s: [] for s in servers}
+        if not servers or not actions:
+            return out
+        names = list(actions)
+        limits = [int(actions[a]) for a in names]
+        sql = ("SELECT event_id, event_time, dag_id, run_id, task_id, try_number, triggered_by, server, action,"
+               " target, argv, exit_code, duration_s, outcome, incident_id, details FROM ("
+               " SELECT e.*, row_number() OVER (PARTITION BY e.server, e.action ORDER BY e.event_id DESC) AS n"
+               " FROM audit.events e WHERE e.server = ANY(%s) AND e.action = ANY(%s)) x"
+               " JOIN unnest(%s::text[], %s::int[]) AS l(action, lim) USING (action)"
+               " WHERE x.n <= l.lim ORDER BY event_id DESC")
+        conn = self._connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql, (list(servers), names, names, limits))
+                cols = [d[0] for d in cur.description]
+                rows = [dict(zip(cols, r, strict=False)) for r in cur.fetchall()]
+        finally:
+            conn.close()
+        for r in rows:
+            r["event_time"] = r["event_time"].isoformat()
+            for k in ("argv", "details"):
+                if isinstance(r[k], str):
+                    r[k] = json.loads(r[k])
+            out.setdefault(r["server"], []).append(r)
+        return out
+
     def events(self, *, server: str | None = None, run_id: str | None = None, dag_id: str | None = None,
                incident_id: str | None = None, action: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
         where, params = [], []

@@ -58,6 +58,18 @@ class ServerLock:
             conn.close()
         return LockHolder(row[0], row[1], row[2], row[3], row[4].isoformat()) if row else None
 
+    def holders(self, servers: list[str]) -> dict[str, LockHolder]:
+        """The holder of each locked server among `servers`, in one query (a fleet check reads 50 at once)."""
+        conn = self._conn()
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT server, dag_id, run_id, purpose, acquired_at FROM control.server_locks"
+                            " WHERE server = ANY(%s)", (list(servers),))
+                rows = cur.fetchall()
+        finally:
+            conn.close()
+        return {r[0]: LockHolder(r[0], r[1], r[2], r[3], r[4].isoformat()) for r in rows}
+
     def acquire(self, server: str, *, dag_id: str, run_id: str, purpose: str) -> LockHolder:
         conn = self._conn()
         try:

@@ -30,6 +30,20 @@ done
 ps -eo pid=,args= | awk '{ for (i = 2; i < NF; i++) if ($i == "-D") { print "pm", $1, $(i + 1); break } }'
 """
 
+#: LIST_SCRIPT for many data directories of one host in one SSH exec: `@@dir <path>` before each
+#: directory's `dir` lines, the host's postmasters (`pm` lines) once at the end.
+LIST_MANY_SCRIPT = r"""
+for d0 in "$@"; do
+  echo "@@dir $d0"
+  d="${d0%/}"; parent=$(dirname -- "$d"); base=$(basename -- "$d")
+  for x in "$parent/$base".staged-* "$parent"/salvage-*; do
+    [ -d "$x" ] || continue
+    echo "dir $(du -sk -- "$x" 2>/dev/null | cut -f1) $x"
+  done
+done
+ps -eo pid=,args= | awk '{ for (i = 2; i < NF; i++) if ($i == "-D") { print "pm", $1, $(i + 1); break } }'
+"""
+
 
 @dataclass(frozen=True)
 class Orphan:
@@ -61,6 +75,22 @@ def parse_listing(text: str) -> tuple[list[tuple[str, int]], dict[str, int]]:
         elif len(parts) == 3 and parts[0] == "pm" and parts[1].isdigit():
             pms[parts[2].rstrip("/")] = int(parts[1])
     return dirs, pms
+
+
+def parse_listing_many(text: str) -> tuple[dict[str, list[tuple[str, int]]], dict[str, int]]:
+    """`LIST_MANY_SCRIPT` output -> ({data directory: [(path, KiB)]}, {data dir: postmaster pid})."""
+    per_dir: dict[str, list[str]] = {}
+    rest: list[str] = []
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("@@dir "):
+            current = per_dir.setdefault(line[len("@@dir "):], [])
+        elif line.startswith("pm "):
+            rest.append(line)
+        elif current is not None:
+            current.append(line)
+    _, pms = parse_listing("\n".join(rest))
+    return {d: parse_listing("\n".join(lines))[0] for d, lines in per_dir.items()}, pms
 
 
 def owner_dir(path: str) -> str:
