@@ -17,7 +17,13 @@ def lab_is_up() -> bool:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Integration and e2e tests need the lab's environment (`source .lab/env.sh`)."""
+    """Integration and e2e tests need the lab's environment (`source .lab/env.sh`); the Celery
+    suites need a Celery lab (make test runs them in a second phase, LAB_EXECUTOR=celery)."""
+    if os.environ.get("LAB_EXECUTOR") != "celery":
+        not_celery = pytest.mark.skip(reason="needs the Celery lab: make test's Celery phase (LAB_EXECUTOR=celery)")
+        for item in items:
+            if "celery_lab" in item.keywords:
+                item.add_marker(not_celery)
     if lab_is_up():
         return
     skip = pytest.mark.skip(reason="the lab is not up: run `make test` (or make lab-up && source .lab/env.sh)")

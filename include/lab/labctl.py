@@ -45,6 +45,13 @@ SMTP_PORT = 2525
 WEBHOOK_PORT = 2580  # the chat-webhook sink (Slack-style), same process as the SMTP sink
 AIRFLOW_API_PORT = 8080
 PROMETHEUS_PORT = 9090
+REDIS_PORT = 6379  # on the ops address; Debian's packaged instance (never started here) would be 127.0.0.1
+
+# LocalExecutor by default (make demo); LAB_EXECUTOR=celery make lab-up runs CeleryExecutor with
+# a private Redis broker and the Celery workers of the inventory's `workers:` section
+LAB_EXECUTOR = os.environ.get("LAB_EXECUTOR", "local")
+if LAB_EXECUTOR not in ("local", "celery"):
+    raise SystemExit(f"[lab] LAB_EXECUTOR={LAB_EXECUTOR!r}: use local (the default) or celery")
 
 # A second lab (a CI check from a fresh clone next to a developer's lab) takes another
 # /24 of the loopback range: LAB_NET=127.0.20 make lab-up.
@@ -249,7 +256,7 @@ class Lab:
     def secrets(self) -> dict[str, str]:
         names = ("dr_admin", "barman", "streaming_barman", "replicator", "app", "pgbouncer_admin",
                  "airflow", "dr_audit_owner", "dr_audit_writer", "airflow_admin_ui", "jwt", "webhook_token",
-                 "metrics_token", "airflow_approver_ui")
+                 "metrics_token", "airflow_approver_ui", "redis")
         data = json.loads(self.secrets_file.read_text()) if self.secrets_file.exists() else {}
         if all(n in data for n in names):
             return data
@@ -681,6 +688,7 @@ class Lab:
         """Stop and start the Airflow components only (new settings or inventory), then rewrite env.sh."""
         for comp in reversed(AIRFLOW_COMPONENTS):
             self.stop_pid(self.p("run", f"airflow-{comp}.pid"), f"airflow {comp}", group=True)
+        self.stop_celery()
         self.write_env()
         self.setup_airflow(start=True)
         log(f"airflow restarted with inventory {self.inventory_file()}")
@@ -720,6 +728,8 @@ class Lab:
             pools_stamp.write_bytes(inventory)
         if not start:
             return
+        if LAB_EXECUTOR == "celery":
+            self.setup_redis()
         for comp in AIRFLOW_COMPONENTS:
             pidf = self.p("run", f"airflow-{comp}.pid")
             pid = read_pid(pidf)
@@ -733,6 +743,8 @@ class Lab:
                                         cwd=str(home))
             pidf.write_text(str(proc.pid))
         wait_for(lambda: self.airflow_healthy(), "the Airflow api-server /api/v2/monitor/health", 120, 1)
+        if LAB_EXECUTOR == "celery":
+            self.start_workers(env)
 
     def airflow_healthy(self) -> bool:
         import urllib.request
@@ -800,7 +812,8 @@ class Lab:
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if LAB_EXECUTOR == "celery" else "LocalExecutor",
+            "LAB_EXECUTOR": LAB_EXECUTOR,
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,approver:op",
@@ -847,9 +860,111 @@ class Lab:
             "LAB_MAIL_DIR": str(self.p("mail")),
             "LAB_PROMETHEUS_URL": f"http://{OPS}:{PROMETHEUS_PORT}",
         }
+        if LAB_EXECUTOR == "celery":
+            env.update(self.celery_exports())
         for conn_id, conn in self.connections().items():
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn, separators=(",", ":"))
         return env
+
+    def celery_exports(self) -> dict[str, str]:
+        """CeleryExecutor settings: Redis as the broker, the ops PostgreSQL as the result backend."""
+        s = self.secrets()
+        return {
+            # hex-only password: nothing to percent-encode in the URL
+            "AIRFLOW__CELERY__BROKER_URL": f"redis://:{s['redis']}@{OPS}:{REDIS_PORT}/0",
+            "AIRFLOW__CELERY__RESULT_BACKEND": f"db+postgresql+psycopg2://airflow:{s['airflow']}@{OPS}:{PG_PORT}/airflow",
+            # ti.hostname names the worker (all lab workers share one machine: the FQDN would not)
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "barman_dr.routing.worker_hostname",
+            # a worker SIGKILLed mid-task: its task is failed and retried this long after its last
+            # heartbeat (default 300 s; the lab's worker-loss tests converge within a minute)
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "45",
+            # a task nobody picks up (no worker serves its queue) fails after this (default 600 s);
+            # validate_params refuses such a run first, through Celery's inspect
+            "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "300",
+            # an unacknowledged task (its worker died) is redelivered after this; longer than any
+            # DR copy, so a running task is never delivered twice (apache/airflow#58441); the
+            # heartbeat timeout above is what retries a lost task
+            "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "21600",
+            "LAB_REDIS_URL": f"redis://{OPS}:{REDIS_PORT}/0",
+        }
+
+    # ------------------------------------------------------------------ celery
+    def celery_workers(self) -> dict[str, tuple[list[str], int]]:
+        """{worker name: (queues, concurrency)} from the inventory's `workers:` (one default worker without it)."""
+        import yaml  # the venv's (labctl runs under .venv/bin/python)
+
+        raw = yaml.safe_load(self.inventory_file().read_text()) or {}
+        out = {}
+        for name, d in (raw.get("workers") or {}).items():
+            out[str(name)] = ([str(q) for q in d["queues"]], int(d.get("concurrency", 4)))
+        return out or {"worker-a": (["default"], 8)}
+
+    def setup_redis(self) -> None:
+        """A private redis-server for this lab: loopback ops address, a password, no persistence."""
+        d = self.p("redis")
+        d.mkdir(parents=True, exist_ok=True)
+        conf = d / "redis.conf"
+        conf.write_text("\n".join([
+            "# the lab's Celery broker (generated by labctl.py); the password stays out of argv",
+            f"bind {OPS}", f"port {REDIS_PORT}", "protected-mode yes", f"requirepass {self.secrets()['redis']}",
+            "daemonize no", f"dir {d}", f"logfile {self.p('log', 'redis.log')}", 'save ""', "appendonly no", "",
+        ]))
+        os.chmod(conf, 0o600)
+        pidf = self.p("run", "redis.pid")
+        pid = read_pid(pidf)
+        if pid and pid_alive(pid):
+            return
+        proc = subprocess.Popen(["redis-server", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(d))
+        pidf.write_text(str(proc.pid))
+        wait_for(lambda: self.redis_ping(), f"redis-server on {OPS}:{REDIS_PORT}", 30)
+
+    def redis_ping(self) -> bool:
+        env = {**os.environ, "REDISCLI_AUTH": self.secrets()["redis"]}
+        r = subprocess.run(["redis-cli", "-h", OPS, "-p", str(REDIS_PORT), "ping"], capture_output=True, text=True,
+                           env=env, check=False, timeout=10)
+        return r.stdout.strip() == "PONG"
+
+    def start_workers(self, env: dict[str, str]) -> None:
+        """`airflow celery worker` per inventory worker, each in its own session with its own pid file."""
+        airflow = str(self.venv / "bin" / "airflow")
+        home = Path(env["AIRFLOW_HOME"])
+        for name, (queues, conc) in self.celery_workers().items():
+            pidf = self.p("run", f"airflow-celery-{name}.pid")
+            pid = read_pid(pidf)
+            if pid and pid_alive(pid):
+                continue
+            wenv = {**env, "BARMAN_DR_WORKER_HOSTNAME": name}
+            # every lab worker shares one machine and one log folder: none serves logs (port clash);
+            # the api-server reads the task logs from the shared folder
+            argv = [airflow, "celery", "worker", "-q", ",".join(queues), "-c", str(conc), "-H", f"{name}@{LAB_NET}",
+                    "--skip-serve-logs", "--without-mingle", "--without-gossip"]
+            with open(self.p("log", f"airflow-celery-{name}.log"), "ab") as out:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=wenv, start_new_session=True,
+                                        cwd=str(home))
+            pidf.write_text(str(proc.pid))
+        want = set(self.celery_workers())
+        wait_for(lambda: want <= set(self.celery_queues(env)), f"celery workers {sorted(want)} answering", 120, 2)
+
+    def celery_queues(self, env: dict[str, str] | None = None) -> dict[str, list[str]]:
+        """{worker name: [queues]} of the workers answering Celery's inspect now (barman_dr.routing)."""
+        env = env or self.airflow_env()
+        r = subprocess.run([str(self.venv / "bin" / "python"), "-c",
+                            "import json; from barman_dr.routing import served_queues; "
+                            "print(json.dumps(served_queues(timeout=2.0)))"],
+                           capture_output=True, text=True, env={**env, "PYTHONPATH": str(REPO / "plugins")},
+                           check=False, timeout=60)
+        try:
+            return json.loads(r.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {}
+
+    def stop_celery(self) -> None:
+        for pidf in sorted(self.p("run").glob("airflow-celery-*.pid")):
+            # SIGTERM is Celery's warm shutdown (waits for running tasks); SIGKILL after the timeout
+            self.stop_pid(pidf, f"airflow celery worker {pidf.stem.removeprefix('airflow-celery-')}", group=True,
+                          timeout=30)
+        self.stop_pid(self.p("run", "redis.pid"), "redis-server", group=True)
 
     def write_env(self) -> None:
         env = self.exports()
@@ -906,6 +1021,13 @@ class Lab:
             pid = read_pid(self.p("run", f"airflow-{comp}.pid"))
             addr = f"{OPS}:{AIRFLOW_API_PORT}" if comp == "api-server" else OPS
             rows.append((f"airflow {comp}", addr, "up" if pid and pid_alive(pid) else "down", f"Airflow {aver}"))
+        pid = read_pid(self.p("run", "redis.pid"))
+        if pid or LAB_EXECUTOR == "celery":
+            rows.append(("redis (celery broker)", f"{OPS}:{REDIS_PORT}", "up" if pid and pid_alive(pid) else "down", ""))
+        for pidf in sorted(self.p("run").glob("airflow-celery-*.pid")):
+            pid = read_pid(pidf)
+            rows.append((f"airflow celery {pidf.stem.removeprefix('airflow-celery-')}", OPS,
+                         "up" if pid and pid_alive(pid) else "down", f"Airflow {aver}"))
         return rows
 
     def print_status(self) -> None:
@@ -1030,6 +1152,7 @@ class Lab:
             return
         for comp in reversed(AIRFLOW_COMPONENTS):
             self.stop_pid(self.p("run", f"airflow-{comp}.pid"), f"airflow {comp}", group=True)
+        self.stop_celery()
         self.stop_pid(self.p("run", "barman-cron.pid"), "barman cron loop", group=True)
         self.stop_pid(self.p("run", "smtp-sink.pid"), "smtp sink", group=True)
         self.stop_pid(self.p("run", "prometheus.pid"), "prometheus", group=True)

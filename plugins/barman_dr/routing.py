@@ -22,6 +22,8 @@ import os
 import socket
 from typing import Any
 
+from barman_dr.exceptions import PreflightError
+
 log = logging.getLogger(__name__)
 
 #: parse-time placeholder of a site-bound task; never a real queue (no worker serves it)
@@ -67,3 +69,53 @@ def worker_hostname() -> str:
     """`[core] hostname_callable`: each lab worker records its own name on the task instances it
     runs (all workers share one machine, so the FQDN would not tell them apart)."""
     return os.environ.get("BARMAN_DR_WORKER_HOSTNAME") or socket.getfqdn()
+
+
+class QueueNotServedError(PreflightError):
+    """The broker is unreachable, or no live worker serves a queue this run needs."""
+
+
+def celery_enabled() -> bool:
+    from airflow.configuration import conf
+
+    return "CeleryExecutor" in (conf.get("core", "executor", fallback="") or "")
+
+
+def served_queues(timeout: float = 3.0) -> dict[str, list[str]]:
+    """{worker name: [queues]} of the Celery workers answering a broadcast now (`inspect active_queues`).
+
+    The worker name is the part of the Celery node name before '@'. Raises QueueNotServedError when
+    the broker cannot be reached (Redis down, wrong password).
+    """
+    from airflow.providers.celery.executors.celery_executor_utils import app
+
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+        answers = app.control.inspect(timeout=timeout).active_queues() or {}
+    except Exception as exc:
+        broker = str(app.conf.broker_url or "")
+        safe = broker.split("@")[-1] if "@" in broker else broker
+        why = str(exc).rstrip(".")
+        raise QueueNotServedError(f"the Celery broker ({safe}) cannot be reached: {type(exc).__name__}: {why}. "
+                                  "Start Redis (or fix [celery] broker_url); nothing was run") from exc
+    return {node.split("@")[0]: sorted(q["name"] for q in qs) for node, qs in answers.items()}
+
+
+def require_served(queues: list[str], timeout: float = 3.0) -> dict[str, list[str]]:
+    """Refuse a run whose queues no live worker serves (before any side effect), naming the queue and the fix.
+
+    LocalExecutor: nothing to check (returns {}).
+    """
+    if not celery_enabled():
+        return {}
+    live = served_queues(timeout)
+    served = {q for qs in live.values() for q in qs}
+    missing = [q for q in queues if q not in served]
+    if missing:
+        who = "; ".join(f"{w}: {', '.join(qs)}" for w, qs in sorted(live.items())) or "no worker answered"
+        raise QueueNotServedError(f"no live Celery worker serves queue(s) {', '.join(missing)} that this run needs "
+                                  f"(live workers: {who}). Start a worker with `airflow celery worker -q "
+                                  f"{','.join(missing)}` beside the barman host, or fix barman_hosts.*.queue in the "
+                                  "inventory; nothing was run")
+    return live

@@ -79,3 +79,30 @@ def test_local_settings_exports_the_policy():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.task_instance_mutation_hook is task_instance_mutation_hook
+
+
+def test_require_served_names_the_missing_queue_and_the_fix(monkeypatch):
+    from barman_dr import routing
+
+    monkeypatch.setattr(routing, "celery_enabled", lambda: True)
+    monkeypatch.setattr(routing, "served_queues", lambda timeout=3.0: {"worker-a": ["default"],
+                                                                      "worker-b": ["barman-lab"]})
+    assert routing.require_served(["default", "barman-lab"]) == {"worker-a": ["default"], "worker-b": ["barman-lab"]}
+    with pytest.raises(routing.QueueNotServedError, match=r"no live Celery worker serves queue\(s\) barman-lab2 .*"
+                                                          r"worker-b: barman-lab.*airflow celery worker -q barman-lab2"):
+        routing.require_served(["default", "barman-lab2"])
+
+
+def test_require_served_is_inert_on_local_executor(monkeypatch):
+    from barman_dr import routing
+
+    monkeypatch.setattr(routing, "celery_enabled", lambda: False)
+    monkeypatch.setattr(routing, "served_queues", lambda timeout=3.0: pytest.fail("must not broadcast"))
+    assert routing.require_served(["barman-lab"]) == {}
+
+
+def test_queue_not_served_is_a_preflight_refusal():
+    from barman_dr.exceptions import PreflightError
+    from barman_dr.routing import QueueNotServedError
+
+    assert issubclass(QueueNotServedError, PreflightError)

@@ -33,7 +33,7 @@ from barman_dr.hooks.barman import BarmanHook
 from barman_dr.hooks.dbhost import DbHostHook
 from barman_dr.inventory import Instance, Inventory, Server, load_inventory
 from barman_dr.params.pitr_request import PitrRequest
-from barman_dr.routing import SITE_QUEUE
+from barman_dr.routing import DEFAULT_QUEUE, SITE_QUEUE, require_served
 from barman_dr.safety.audit import AuditContext, AuditTrail
 from barman_dr.safety.locks import ServerLock, ServerLockedError
 
@@ -135,6 +135,13 @@ class DrBaseOperator(BaseOperator):
         self._remote_jobs: list[tuple[str, str, str, str]] = []
         self._remote_cleanups: list[tuple[str, str, list[str], str]] = []
         self._audit_trail: AuditTrail | None = None
+
+    def require_workers(self, server: str) -> None:
+        """CeleryExecutor: a live worker serves `default` and the server's site queue, else refuse now,
+        before any side effect (a task on an unserved queue would sit queued until task_queued_timeout)."""
+        live = require_served([DEFAULT_QUEUE, self.inventory.queue_of(server)])
+        if live:
+            self.log.info("celery workers serving this run's queues: %s", live)
 
     # ------------------------------------------------------------------ context
     @cached_property

@@ -205,7 +205,6 @@ class SalvageMixin:
 
 class ValidateSalvageOperator(SalvageMixin, DrBaseOperator):
     """Step 1: params validated (no I/O), the audit trail writable, the server lock, the PITR's facts."""
-    runs_on_site = False  # bookkeeping: the `default` queue
 
     action = "salvage_validate"
     request_task_id = None
@@ -215,6 +214,7 @@ class ValidateSalvageOperator(SalvageMixin, DrBaseOperator):
         req = validate_salvage_conf(conf, self.inventory)
         self.request = req.to_dict()
         self.__dict__.pop("sreq", None)
+        self.require_workers(req.server)
         # every run starts a postmaster on a copy: one DR run per server, plan-only included
         ServerLock(postgres_conn_id=self.audit_conn_id).acquire(req.server, dag_id=context["dag"].dag_id,
                                                                 run_id=context["run_id"], purpose="salvage")

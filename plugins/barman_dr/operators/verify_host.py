@@ -2,10 +2,11 @@
 
 The per-server task ran ~12 Barman/SSH commands for each server (each Barman start costs
 ~0.3 s of Python startup, and 50 servers queued 4 at a time behind the host's pool). This
-task runs, per barman host, `barman -f json check all`, `list-backups all`, `show-servers
-all` and (when a server has standbys) `replication-status all` concurrently over one SSH
-connection, then one SSH exec for every server's WAL catalogue, WAL files, oldest backup's
-begin WAL and `df -P` (barman_files.py), one SSH exec per database host for orphaned
+task runs, per barman host, `barman -f json check`, `list-backups`, `show-servers` and (when
+a server has standbys) `replication-status`, each once with all the host's server names
+(`all` would also check the servers of another inventory entry sharing that Barman
+installation), concurrently over one SSH connection, then one SSH exec for every server's
+WAL catalogue, WAL files, oldest backup's begin WAL and `df -P` (barman_files.py), one SSH exec per database host for orphaned
 staging/salvage copies, and one query each for the audit trail and the locks. Each
 server's report is then evaluated in-process (fleet_verification.py), with the same
 findings, facts and `verify_report` audit event as before. Nothing stays mapped: the only
@@ -110,14 +111,14 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                                 orphans=Probe.run(lambda: self._orphans(context)),
                                 backup_directory=self.barman_host.backup_directory), timings
         with ThreadPoolExecutor(max_workers=6, thread_name_prefix="verify") as pool:
-            f_check = pool.submit(timed("check_all", lambda: own_sections(self.barman.check_all(), names)))
+            f_check = pool.submit(timed("check_all", lambda: own_sections(self.barman.check_all(names), names)))
             f_backups = pool.submit(timed("list_backups_all",
-                                          lambda: own_sections(self.barman.list_backups_all(), names)))
+                                          lambda: own_sections(self.barman.list_backups_all(names), names)))
             f_servers = pool.submit(timed("show_servers_all",
-                                          lambda: own_sections(self.barman.show_servers_all(), names)))
-            f_repl = pool.submit(timed("replication_status_all",
-                                       lambda: own_sections(self.barman.replication_status_all(), names))) \
-                if any(s.standbys for s in self.fleet) else None
+                                          lambda: own_sections(self.barman.show_servers_all(names), names)))
+            with_standbys = [s.name for s in self.fleet if s.standbys]
+            f_repl = pool.submit(timed("replication_status_all", lambda: own_sections(
+                self.barman.replication_status_all(with_standbys), with_standbys))) if with_standbys else None
             f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
             backups, servers = _probe(f_backups), _probe(f_servers)
             files = Probe.run(timed("server_files", lambda: self._files(backups, servers)))
@@ -130,9 +131,11 @@ class BarmanHostVerificationOperator(DrBaseOperator):
         """WAL catalogue, WAL files, oldest begin WAL of every server, and df: one SSH exec."""
         if servers.error is not None:
             raise BarmanOutputError(f"needs show-servers, which failed: {servers.error}")
-        oldest = oldest_done_backup_ids(backups.value or {}, list(servers.value)) if backups.error is None else {}
+        names = [s.name for s in self.fleet if s.name in servers.value]
+        oldest = oldest_done_backup_ids(backups.value or {}, names) if backups.error is None else {}
         entries = []
-        for name, raw in sorted(servers.value.items()):
+        for name in names:
+            raw = servers.value[name]
             info = raw if isinstance(raw, dict) else {}
             xlogdb_dir = info.get("xlogdb_directory") or info.get("wals_directory")
             entries.append((name, f"{xlogdb_dir}/{name}-xlog.db" if xlogdb_dir else "",
