@@ -95,9 +95,18 @@ class HostSnapshot:
 
 
 def own_sections(payload: Mapping[str, Any], servers: Sequence[str]) -> dict[str, Any]:
-    """The sections of `servers` only: a shared Barman installation returns other entries' servers too."""
-    wanted = set(servers)
+    """The sections of `servers` only (and Barman's `_ERROR` list): `all` on a shared installation
+    returns other entries' servers too, which are never looked at."""
+    wanted = {*servers, "_ERROR"}
     return {k: v for k, v in payload.items() if k in wanted}
+
+
+def _require(payload: Any, server: str, what: str) -> Any:
+    """The payload itself, once it is known to hold `server`'s section; else why not (Barman's own error)."""
+    if isinstance(payload, Mapping) and server not in payload and payload.get("_ERROR"):
+        raise BarmanOutputError(f"{what}: no section for server {server!r}; Barman: "
+                                + "; ".join(str(e) for e in payload["_ERROR"]))
+    return payload
 
 
 def oldest_done_backup_ids(backups_payload: Mapping[str, Any], servers: Sequence[str]) -> dict[str, str | None]:
@@ -162,12 +171,13 @@ def evaluate_server(spec: ServerSpec, snap: HostSnapshot, now: datetime) -> tupl
                                     f"{describe_error(exc)}"))
             return None
 
-    check = take("barman_check", snap.check, lambda p: CheckReport.from_json(p, name))
+    check = take("barman_check", snap.check, lambda p: CheckReport.from_json(_require(p, name, "check"), name))
     if check is not None:
         findings += check_findings(check)
         facts["barman_check_failed"] = [c.name for c in check.failed]
 
-    backups = take("list_backups", snap.backups, lambda p: parse_list_backups(p, name))
+    backups = take("list_backups", snap.backups,
+                   lambda p: parse_list_backups(_require(p, name, "list-backups"), name))
     oldest_begin = None
     if backups is not None:
         findings.append(freshness_finding(backups, now, th["max_backup_age_hours"]))
@@ -223,8 +233,8 @@ def evaluate_server(spec: ServerSpec, snap: HostSnapshot, now: datetime) -> tupl
         findings += streaming_findings(receiving, slot, active)
 
     if spec.standbys:
-        rep = take("replication_status", snap.replication, lambda p: dict(server_section(p, name,
-                                                                                         "replication-status")))
+        rep = take("replication_status", snap.replication, lambda p: dict(server_section(
+            _require(p, name, "replication-status"), name, "replication-status")))
         if rep is not None:
             findings += standby_findings(list(spec.standbys), rep.get("streaming_clients") or [],
                                          th["max_standby_lag_bytes"])
@@ -260,7 +270,7 @@ def _begin_wal(files: Any, server: str, backup_id: str) -> str | None:
 
 
 def _server_info(payload: Any, server: str) -> dict[str, Any]:
-    data = server_section(payload, server, "show-servers")
+    data = server_section(_require(payload, server, "show-servers"), server, "show-servers")
     if not isinstance(data, dict):
         raise BarmanOutputError("show-servers: expected an object")
     return data

@@ -286,3 +286,29 @@ def test_summary_reads_per_host_lists_and_counts_missing_servers_critical():
     summary = summarise(reports)
     assert summary["servers"] == {"a": "OK", "b": "WARNING", "c": "CRITICAL"}
     assert _flatten_reports({"server": "a"}) == [{"server": "a"}]
+
+
+def test_an_unknown_name_is_that_servers_finding_with_barmans_error(monkeypatch):
+    """Barman 3.19.1 answers `check a ghost` with exit 1, a's section and `_ERROR: Unknown server 'ghost'`."""
+    from barman_dr.hooks.barman import BarmanHook
+
+    payload = {"_ERROR": ["Unknown server 'pg-ghost'"], **load("check-all.json")}
+    hook = BarmanHook(ssh_conn_id="x")
+    seen = []
+
+    def run(*args, **kwargs):
+        seen.append(args)
+        raise BarmanCommandError("barman", ["barman", *args], 1, "", json.dumps(payload))
+
+    monkeypatch.setattr(hook, "run", run)
+    got = hook.check_all(["pg-primary2", "pg-ghost"])
+    assert seen[-1] == ("check", "pg-primary2", "pg-ghost")
+    hook.check_all()
+    assert seen[-1] == ("check", "all")
+    mine = own_sections(got, ["pg-primary2", "pg-ghost"])
+    assert set(mine) == {"_ERROR", "pg-primary2"}
+    snap = snapshot(check=Probe(value=mine))
+    by = by_check(report(ServerSpec("pg-ghost"), snap))
+    assert by["barman_check"]["status"] == CRITICAL
+    assert "Unknown server 'pg-ghost'" in by["barman_check"]["reason"]
+    assert report(PRIMARY2, snap)["status"] == OK

@@ -138,12 +138,6 @@ def receive_wal_running(processes: Sequence[dict[str, Any]]) -> bool:
     return any(p.get("name") == "receive-wal" for p in processes)
 
 
-def _keyed(payload: Any, what: str) -> dict[str, Any]:
-    if not isinstance(payload, dict):
-        raise BarmanOutputError(f"barman {what}: expected an object keyed by server, got {type(payload).__name__}")
-    return payload
-
-
 class BarmanHook(BaseHook):
     """Runs `barman -f json ...` on a barman host reached through an SSH connection."""
 
@@ -210,38 +204,48 @@ class BarmanHook(BaseHook):
         return CheckReport.from_json(payload, server)
 
     # ------------------------------------------------ batched queries (one barman run per host)
-    def check_all(self) -> dict[str, Any]:
-        """`barman -f json check all`: every server's checks in one run, keyed by server name.
+    def run_batch(self, command: str, servers: Sequence[str] | None = None) -> dict[str, Any]:
+        """`barman -f json COMMAND s1 s2 ...` (or `all`): every server's section in one Barman run.
 
-        Exits 1 when any check of any server fails, which is a result here. Two inventory
-        entries may share one Barman installation, so the payload can hold other entries'
-        servers: callers take their own servers' sections (`barman_dr.fleet_verification`).
+        Barman exits 1 and still prints every known server's section when a name is unknown
+        (`{"_ERROR": ["Unknown server 'x'"], ...}`) or, for `check`, when any check fails: that
+        is a result here, with the errors under `_ERROR`. With `all`, an installation shared by
+        two inventory entries returns the other entry's servers too: callers keep their own
+        (`fleet_verification.own_sections`).
         """
+        argv = [command, *(list(servers) if servers else ["all"])]
         try:
-            payload = self.run_json("check", "all")
+            payload = self.run_json(*argv)
         except BarmanCommandError as exc:
             if exc.exit_code == 1 and exc.stdout.strip().startswith("{"):
-                payload = parse_json_output(exc.stdout, "barman check all")
+                payload = parse_json_output(exc.stdout, f"barman {command}")
             else:
                 raise
-        return _keyed(payload, "check all")
+        if not isinstance(payload, dict):
+            raise BarmanOutputError(f"barman {command}: expected an object keyed by server, got "
+                                    f"{type(payload).__name__}")
+        return payload
 
-    def list_backups_all(self) -> dict[str, Any]:
-        """`barman -f json list-backups all`: {server: [backup rows]} (parse with `parse_list_backups`)."""
-        return _keyed(self.run_json("list-backups", "all"), "list-backups all")
+    def check_all(self, servers: Sequence[str] | None = None) -> dict[str, Any]:
+        """`barman -f json check` of many servers at once: {server: {check: {status, hint}}}."""
+        return self.run_batch("check", servers)
 
-    def show_servers_all(self) -> dict[str, Any]:
-        """`barman -f json show-servers all`: each server's configuration and live PostgreSQL view.
+    def list_backups_all(self, servers: Sequence[str] | None = None) -> dict[str, Any]:
+        """`barman -f json list-backups` of many servers: {server: [backup rows]} (`parse_list_backups`)."""
+        return self.run_batch("list-backups", servers)
+
+    def show_servers_all(self, servers: Sequence[str] | None = None) -> dict[str, Any]:
+        """`barman -f json show-servers` of many servers: configuration and live PostgreSQL view.
 
         Barman connects to each server for it: `current_xlog` (the primary's current WAL
         file), `replication_slot` (its slot: name, active, restart LSN) and
         `connection_error` when PostgreSQL cannot be reached.
         """
-        return _keyed(self.run_json("show-servers", "all"), "show-servers all")
+        return self.run_batch("show-servers", servers)
 
-    def replication_status_all(self) -> dict[str, Any]:
-        """`barman -f json replication-status all`: {server: {"streaming_clients": [...], ...}}."""
-        return _keyed(self.run_json("replication-status", "all"), "replication-status all")
+    def replication_status_all(self, servers: Sequence[str] | None = None) -> dict[str, Any]:
+        """`barman -f json replication-status` of many servers: {server: {"streaming_clients": [...]}}."""
+        return self.run_batch("replication-status", servers)
 
     def server_files(self, backup_directory: str, entries: Sequence[tuple[str, str, str, str | None, str | None]],
                      ) -> tuple[FileSection, dict[str, ServerFiles]]:
