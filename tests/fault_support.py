@@ -14,6 +14,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -177,6 +178,30 @@ def kill_airflow(component: str = "scheduler") -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     return victims
+
+
+def kill_celery_worker(name: str) -> list[int]:
+    """SIGKILL a Celery worker as if its machine died: its session (the worker, its pool, the task
+    supervisors) and every process it started, whatever their session. Remote jobs on the barman
+    host survive (they run under that host's sshd)."""
+    leader = int((LAB / "run" / f"airflow-celery-{name}.pid").read_text().split()[0])
+    victims = set(_descendants(leader)) | {leader}
+    sid = session_of(leader)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if session_of(int(entry.name)) == sid:
+                    victims.add(int(entry.name))
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sorted(victims)
+
+
+def restart_celery_workers() -> subprocess.CompletedProcess:
+    """What a supervisor (systemd) does for a lost worker: start the inventory's workers that are not running."""
+    return subprocess.run([sys.executable, str(REPO / "include" / "lab" / "labctl.py"), "workers"], capture_output=True,
+                          text=True, timeout=300, check=False, env=dict(os.environ))
 
 
 def make_lab_up(timeout: float = 900) -> subprocess.CompletedProcess:

@@ -1197,7 +1197,7 @@ def resolve_lab_dir() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow"])
+    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow", "workers"])
     ap.add_argument("--no-airflow", action="store_true", help="do not start the Airflow components")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -1214,6 +1214,10 @@ def main() -> None:
         print(lab.p("env.sh"))
     elif args.action == "restart-airflow":
         lab.restart_airflow()
+    elif args.action == "workers":  # (re)start the Celery workers that are not running (a lost worker's restart)
+        if LAB_EXECUTOR != "celery":
+            sys.exit("[lab] `workers` needs LAB_EXECUTOR=celery")
+        lab.start_workers(lab.airflow_env())
 
 
 if __name__ == "__main__":
