@@ -58,7 +58,6 @@ def test_plan_only_without_confirm(baseline):
     ({"target_xid": "12; rm -rf /"}, "target_xid"),
     ({"target_lsn": "0/ZZ"}, "target_lsn"),
     ({"target_time": "2026-11-25T10:00:00+00:00", "confirm": "yes"}, "confirm"),
-    ({"target_time": "2000-01-01T00:00:00+00:00"}, "target_time"),  # before the oldest backup
 ])
 def test_bad_params_fail_in_the_first_task(baseline, conf, field):
     tli, before = baseline
@@ -68,6 +67,23 @@ def test_bad_params_fail_in_the_first_task(baseline, conf, field):
     events = assert_untouched(run_id, tli, before)
     refused = [e for e in events if e["action"] == "validate" and e["outcome"] == "refused"]
     assert refused and field in refused[0]["details"]
+
+
+@pytest.mark.parametrize(("conf", "field"), [
+    ({"target_time": "2000-01-01T00:00:00+00:00"}, "target_time"),  # before the oldest backup
+    ({"target_time": "2026-11-25T10:00:00+00:00", "backup_id": "20000101T000000"}, "backup_id"),  # no such backup
+])
+def test_a_target_the_catalogue_cannot_serve_is_refused_first_thing_on_the_site(baseline, conf, field):
+    """The catalogue half of validation opens resolve_target (the first step on the barman host's
+    site: validate_params runs centrally and needs no barman host). Still before any side effect."""
+    tli, before = baseline
+    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", **conf})
+    assert state == "failed"
+    assert tasks["validate_params"] == "success" and tasks["resolve_target"] == "failed"
+    assert tasks["preflight"] == "upstream_failed"
+    events = assert_untouched(run_id, tli, before)
+    refused = [e for e in events if e["task_id"] == "resolve_target" and e["outcome"] == "refused"]
+    assert refused and field in refused[0]["details"], events
 
 
 @pytest.mark.parametrize(("conf", "field"), [
