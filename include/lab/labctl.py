@@ -890,14 +890,11 @@ class Lab:
 
     # ------------------------------------------------------------------ celery
     def celery_workers(self) -> dict[str, tuple[list[str], int]]:
-        """{worker name: (queues, concurrency)} from the inventory's `workers:` (one default worker without it)."""
-        import yaml  # the venv's (labctl runs under .venv/bin/python)
+        """{worker name: (queues, concurrency)} from the inventory's `workers:` (docker-compose.yaml reads the same)."""
+        sys.path.insert(0, str(REPO / "plugins"))
+        from barman_dr.fleet import worker_specs
 
-        raw = yaml.safe_load(self.inventory_file().read_text()) or {}
-        out = {}
-        for name, d in (raw.get("workers") or {}).items():
-            out[str(name)] = ([str(q) for q in d["queues"]], int(d.get("concurrency", 4)))
-        return out or {"worker-a": (["default"], 8)}
+        return worker_specs(self.inventory_file()) or {"worker-a": (["default"], 8)}
 
     def setup_redis(self) -> None:
         """A private redis-server for this lab: loopback ops address, a password, no persistence."""

@@ -96,3 +96,41 @@ def pool_of(server: str, path: str | Path | None = None) -> str:
         if server in servers:
             return pool
     raise KeyError(server)
+
+
+def worker_specs(path: str | Path | None = None) -> dict[str, tuple[list[str], int]]:
+    """{worker name: (queues, concurrency)}: what the lab starts and docker-compose.yaml runs."""
+    raw = _raw(path).get("workers") or {}
+    out = {}
+    for name, qs in workers(path).items():
+        d = raw.get(name) if isinstance(raw, dict) else None
+        conc = d.get("concurrency", 4) if isinstance(d, dict) else 4
+        out[name] = (qs, conc if isinstance(conc, int) and not isinstance(conc, bool) else 4)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m barman_dr.fleet queues <worker>`: the comma-joined queues of one inventory worker
+    (docker-compose.yaml's worker commands read their `-q` from here, so compose and the lab share
+    one queue layout); `python -m barman_dr.fleet pools`: `<pool> <slots>` lines for `airflow pools set`."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "queues":
+        spec = worker_specs().get(args[1])
+        if not spec:
+            print(f"no worker {args[1]!r} in the inventory's workers: ({', '.join(workers()) or 'none'})",
+                  file=sys.stderr)
+            return 2
+        print(",".join(spec[0]))
+        return 0
+    if args == ["pools"]:
+        for pool, slots in sorted(pool_slots().items()):
+            print(pool, slots)
+        return 0
+    print("usage: python -m barman_dr.fleet queues <worker> | pools", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

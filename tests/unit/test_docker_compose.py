@@ -32,10 +32,39 @@ def test_celery_executor_with_redis_and_workers(compose):
     env = compose["x-airflow-common"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
-    for svc in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker",
-                "airflow-triggerer", "airflow-init", "redis", "ops-db"):
+    for svc in ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-triggerer",
+                "airflow-init", "redis", "ops-db"):
         assert svc in compose["services"], svc
-    assert compose["services"]["airflow-worker"]["command"] == "celery worker"
+
+
+def test_workers_and_queues_come_from_the_inventory(compose, monkeypatch):
+    """One worker service per inventory worker; its -q is read from the inventory at start (one layout)."""
+    from barman_dr.fleet import main, queue_by_pool, worker_specs
+
+    inv = REPO / "include" / "inventory" / "compose.yaml"
+    specs = worker_specs(inv)
+    assert specs == {"central": (["default"], 8), "barman": (["barman"], 4)}
+    services = {k: v for k, v in compose["services"].items() if k.startswith("airflow-worker")}
+    assert set(services) == {f"airflow-worker-{name}" for name in specs}
+    for name in specs:
+        svc = services[f"airflow-worker-{name}"]
+        assert svc["environment"]["BARMAN_DR_WORKER"] == name
+        assert svc["environment"]["PYTHONPATH"] == "/opt/airflow/plugins"
+        assert svc["command"][:2] == ["bash", "-c"]
+        assert 'airflow celery worker -q "$$(python -m barman_dr.fleet queues $${BARMAN_DR_WORKER})"' in svc["command"][2]
+    served = {q for qs, _ in specs.values() for q in qs}
+    assert set(queue_by_pool(inv).values()) <= served and "default" in served
+    monkeypatch.setenv("BARMAN_DR_INVENTORY", str(inv))
+    assert main(["queues", "barman"]) == 0 and main(["queues", "nobody"]) == 2 and main(["pools"]) == 0
+
+
+def test_compose_inventory_parses_with_its_workers():
+    import yaml as _yaml
+
+    from barman_dr.inventory import parse_inventory
+
+    inv = parse_inventory(_yaml.safe_load((REPO / "include" / "inventory" / "compose.yaml").read_text()), "compose")
+    assert inv.queue_of("pg-primary") == "barman" and set(inv.workers) == {"central", "barman"}
 
 
 def test_dr_fleet_is_there(compose):
