@@ -21,7 +21,7 @@ import pytest
 
 from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
-from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline
+from tests.pitr_support import audit, counts, pgbouncer_paused, primary_timeline, sql
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.celery_lab]
 
@@ -93,7 +93,8 @@ def test_daily_verification_of_both_servers_routes_per_barman_host(api, inventor
     summary = next(t for t in tis if t["task_id"] == "summary")
     assert summary["queue"] == "default" and summary["hostname"] == "worker-a"
     # a report per server, as on LocalExecutor
-    reported = {e["server"] for e in audit(run_id) if e["action"] == "verify_report"}
+    reported = {s for (s,) in sql("LAB_AUDIT_DSN", "SELECT server FROM audit.events WHERE run_id = %s AND "
+                                                    "action = 'verify_report'", (run_id,))}
     assert reported == {"pg-primary", "pg-primary2"}
 
 
