@@ -350,6 +350,10 @@ def verification_run(api: Any, n: int, executor: str) -> dict:
             "measured_s": probes.get("measured_s"), "statuses": statuses}
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
+
+
 def main() -> int:
     sizes = [int(x) for x in os.environ.get("BENCH_FLEET", "1,10,50").split(",") if x]
     executors = [x for x in os.environ.get("BENCH_EXECUTORS", "local").split(",") if x]
@@ -403,6 +407,9 @@ def main() -> int:
             ratios[executor] = {f"wall_{top}_over_1": round(by[top]["wall_s"] / by[1]["wall_s"], 2),
                                 f"wall_{top}_over_raw_{top}": round(by[top]["wall_s"] / raw_top, 2),
                                 f"raw_{top}_s": raw_top, f"wall_{top}_s": by[top]["wall_s"], "wall_1_s": by[1]["wall_s"],
+                                # the operator's own work (probes + evaluation + audit), without the task start
+                                f"step_{top}_over_1": _ratio(by[top].get("measured_s"), by[1].get("measured_s")),
+                                f"step_{top}_over_raw_{top}": _ratio(by[top].get("measured_s"), raw_top),
                                 "all_ok": all(set(r["statuses"]) == {"OK"} and sum(r["statuses"].values()) ==
                                               r["servers"] for r in by.values())}
     summary = {"parse": parse, "runs": runs, "raw_commands": raw, "ratios": ratios, "errors": errors,

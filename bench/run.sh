@@ -3,7 +3,7 @@
 #   BENCH_PARTS=1,2,3 (default all)   part 1: bench/run.py (orchestration overhead, BENCH_REPS)
 #                                             bench/xid_vs_time.py (xid vs time target, BENCH_XID_WAL=512M)
 #                                     part 2: bench/size_scaling.py (BENCH_SIZES=100M,1G,4G, BENCH_WAL, ...)
-#                                     part 3: bench/fleet_scale.py (BENCH_FLEET=1,10,50)
+#                                     part 3: bench/fleet_scale.py (BENCH_FLEET=1,10,50, BENCH_EXECUTORS=local,celery)
 # Results: bench/results/latest.json (one section per part) and a table per part on stdout.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"

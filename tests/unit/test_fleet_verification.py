@@ -312,3 +312,27 @@ def test_an_unknown_name_is_that_servers_finding_with_barmans_error(monkeypatch)
     assert by["barman_check"]["status"] == CRITICAL
     assert "Unknown server 'pg-ghost'" in by["barman_check"]["reason"]
     assert report(PRIMARY2, snap)["status"] == OK
+
+
+def test_the_batched_listing_finds_what_the_per_directory_script_finds(tmp_path):
+    """LIST_MANY_SCRIPT over two data directories == LIST_SCRIPT run once per directory (real sh, du, ps)."""
+    import subprocess
+
+    from barman_dr.safety.orphans import LIST_MANY_SCRIPT, LIST_SCRIPT, parse_listing
+
+    a, b = tmp_path / "a" / "data", tmp_path / "b" / "data"
+    for d in (a, b, a.with_name("data.staged-0123456789"), a.with_name("data.staged-0123456789-wal"),
+              b.parent / "salvage-feedbeef"):
+        d.mkdir(parents=True)
+    (a.with_name("data.staged-0123456789") / "f").write_bytes(b"x" * 5000)
+
+    def sh(script: str, *args: str) -> str:
+        return subprocess.run(["sh", "-c", script, "barman-dr", *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    per_dir, _ = parse_listing_many(sh(LIST_MANY_SCRIPT, str(a), str(b)))
+    for d in (a, b):
+        assert per_dir[str(d)] == parse_listing(sh(LIST_SCRIPT, str(d)))[0]
+    assert [p for p, _ in per_dir[str(a)]] == [str(a.with_name("data.staged-0123456789")),
+                                               str(a.with_name("data.staged-0123456789-wal"))]
+    assert [p for p, _ in per_dir[str(b)]] == [str(b.parent / "salvage-feedbeef")]
