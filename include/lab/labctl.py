@@ -48,10 +48,12 @@ PROMETHEUS_PORT = 9090
 REDIS_PORT = 6379  # on the ops address; Debian's packaged instance (never started here) would be 127.0.0.1
 
 # LocalExecutor by default (make demo); LAB_EXECUTOR=celery make lab-up runs CeleryExecutor with
-# a private Redis broker and the Celery workers of the inventory's `workers:` section
-LAB_EXECUTOR = os.environ.get("LAB_EXECUTOR", "local")
-if LAB_EXECUTOR not in ("local", "celery"):
-    raise SystemExit(f"[lab] LAB_EXECUTOR={LAB_EXECUTOR!r}: use local (the default) or celery")
+# a private Redis broker and the Celery workers of the inventory's `workers:` section. The mode is
+# remembered in $LAB_DIR/executor: a later command without LAB_EXECUTOR keeps the lab's mode, and
+# one with another mode restarts the Airflow components in it (Lab.executor).
+LAB_EXECUTOR_ENV = os.environ.get("LAB_EXECUTOR")
+if LAB_EXECUTOR_ENV not in (None, "", "local", "celery"):
+    raise SystemExit(f"[lab] LAB_EXECUTOR={LAB_EXECUTOR_ENV!r}: use local (the default) or celery")
 
 # A second lab (a CI check from a fresh clone next to a developer's lab) takes another
 # /24 of the loopback range: LAB_NET=127.0.20 make lab-up.
@@ -207,6 +209,14 @@ class Lab:
         return part in self.owned
 
     # ---------------------------------------------------------------- layout
+    @property
+    def executor(self) -> str:
+        """`celery` or `local`: LAB_EXECUTOR when set, else the mode this lab was last started in, else local."""
+        if LAB_EXECUTOR_ENV:
+            return LAB_EXECUTOR_ENV
+        saved = self.p("executor")
+        return saved.read_text().strip() if saved.exists() and saved.read_text().strip() in ("local", "celery") else "local"
+
     def p(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
 
@@ -728,7 +738,14 @@ class Lab:
             pools_stamp.write_bytes(inventory)
         if not start:
             return
-        if LAB_EXECUTOR == "celery":
+        saved = self.p("executor")
+        if saved.exists() and saved.read_text().strip() != self.executor:
+            log(f"executor {saved.read_text().strip()} -> {self.executor}: restarting the Airflow components")
+            for comp in reversed(AIRFLOW_COMPONENTS):
+                self.stop_pid(self.p("run", f"airflow-{comp}.pid"), f"airflow {comp}", group=True)
+            self.stop_celery()
+        saved.write_text(self.executor + "\n")
+        if self.executor == "celery":
             self.setup_redis()
         for comp in AIRFLOW_COMPONENTS:
             pidf = self.p("run", f"airflow-{comp}.pid")
@@ -743,7 +760,7 @@ class Lab:
                                         cwd=str(home))
             pidf.write_text(str(proc.pid))
         wait_for(lambda: self.airflow_healthy(), "the Airflow api-server /api/v2/monitor/health", 120, 1)
-        if LAB_EXECUTOR == "celery":
+        if self.executor == "celery":
             self.start_workers(env)
 
     def airflow_healthy(self) -> bool:
@@ -812,8 +829,8 @@ class Lab:
             "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
-            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if LAB_EXECUTOR == "celery" else "LocalExecutor",
-            "LAB_EXECUTOR": LAB_EXECUTOR,
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor" if self.executor == "celery" else "LocalExecutor",
+            "LAB_EXECUTOR": self.executor,
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,approver:op",
@@ -860,7 +877,7 @@ class Lab:
             "LAB_MAIL_DIR": str(self.p("mail")),
             "LAB_PROMETHEUS_URL": f"http://{OPS}:{PROMETHEUS_PORT}",
         }
-        if LAB_EXECUTOR == "celery":
+        if self.executor == "celery":
             env.update(self.celery_exports())
         for conn_id, conn in self.connections().items():
             env[f"AIRFLOW_CONN_{conn_id.upper()}"] = json.dumps(conn, separators=(",", ":"))
@@ -892,15 +909,19 @@ class Lab:
     def celery_workers(self) -> dict[str, tuple[list[str], int]]:
         """{worker name: (queues, concurrency)} from the inventory's `workers:` (docker-compose.yaml reads the same)."""
         sys.path.insert(0, str(REPO / "plugins"))
-        from barman_dr.fleet import worker_specs
+        from barman_dr.fleet import queue_by_pool, worker_specs
 
-        return worker_specs(self.inventory_file()) or {"worker-a": (["default"], 8)}
+        # no `workers:` section: one worker serving every queue a task may be sent to
+        every = sorted({"default", *queue_by_pool(self.inventory_file()).values()})
+        return worker_specs(self.inventory_file()) or {"worker-a": (every, 8)}
 
     def setup_redis(self) -> None:
         """A private redis-server for this lab: loopback ops address, a password, no persistence."""
         d = self.p("redis")
         d.mkdir(parents=True, exist_ok=True)
         conf = d / "redis.conf"
+        conf.touch(mode=0o600)
+        os.chmod(conf, 0o600)  # before the password is written
         conf.write_text("\n".join([
             "# the lab's Celery broker (generated by labctl.py); the password stays out of argv",
             f"bind {OPS}", f"port {REDIS_PORT}", "protected-mode yes", f"requirepass {self.secrets()['redis']}",
@@ -958,9 +979,20 @@ class Lab:
 
     def stop_celery(self) -> None:
         for pidf in sorted(self.p("run").glob("airflow-celery-*.pid")):
-            # SIGTERM is Celery's warm shutdown (waits for running tasks); SIGKILL after the timeout
-            self.stop_pid(pidf, f"airflow celery worker {pidf.stem.removeprefix('airflow-celery-')}", group=True,
-                          timeout=30)
+            name = pidf.stem.removeprefix("airflow-celery-")
+            pid = read_pid(pidf)
+            if pid and pid_alive(pid):
+                # SIGTERM to the worker alone is Celery's warm shutdown (running tasks finish); then the
+                # whole session (pool, supervisors, tasks) goes with SIGKILL after 30 s
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                log(f"stopped airflow celery worker {name} (pid {pid})")
+            pidf.unlink(missing_ok=True)
         self.stop_pid(self.p("run", "redis.pid"), "redis-server", group=True)
 
     def write_env(self) -> None:
@@ -1019,7 +1051,7 @@ class Lab:
             addr = f"{OPS}:{AIRFLOW_API_PORT}" if comp == "api-server" else OPS
             rows.append((f"airflow {comp}", addr, "up" if pid and pid_alive(pid) else "down", f"Airflow {aver}"))
         pid = read_pid(self.p("run", "redis.pid"))
-        if pid or LAB_EXECUTOR == "celery":
+        if pid or self.executor == "celery":
             rows.append(("redis (celery broker)", f"{OPS}:{REDIS_PORT}", "up" if pid and pid_alive(pid) else "down", ""))
         for pidf in sorted(self.p("run").glob("airflow-celery-*.pid")):
             pid = read_pid(pidf)
@@ -1212,8 +1244,8 @@ def main() -> None:
     elif args.action == "restart-airflow":
         lab.restart_airflow()
     elif args.action == "workers":  # (re)start the Celery workers that are not running (a lost worker's restart)
-        if LAB_EXECUTOR != "celery":
-            sys.exit("[lab] `workers` needs LAB_EXECUTOR=celery")
+        if lab.executor != "celery":
+            sys.exit("[lab] `workers` needs a Celery lab (LAB_EXECUTOR=celery)")
         lab.start_workers(lab.airflow_env())
 
 

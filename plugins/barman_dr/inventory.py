@@ -285,6 +285,8 @@ def _queue(value: Any, where: str) -> str:
     if not isinstance(value, str) or not _QUEUE_RE.match(value):
         raise InventoryError(f"{where}: {value!r} is not a valid Celery queue name (letters, digits, '.', '_', '-'; "
                              "max 63), e.g. barman-site-a")
+    if value == "barman-dr-site":  # barman_dr.routing.SITE_QUEUE: a placeholder no worker may serve
+        raise InventoryError(f"{where}: {value!r} is reserved by barman-dr (the routing placeholder); choose another")
     return value
 
 

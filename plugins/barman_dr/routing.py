@@ -42,6 +42,8 @@ def queue_for_run(conf: dict[str, Any] | None) -> str:
 
         inv = load_inventory()
         server = (conf or {}).get("server")
+        if isinstance(server, str):
+            server = server.strip() or None  # as the request's validation reads it
         if server is None:
             names = server_names_for_dags()
             server = names[0] if names else None
@@ -109,9 +111,13 @@ def require_served(queues: list[str], timeout: float = 3.0) -> dict[str, list[st
     """
     if not celery_enabled():
         return {}
-    live = served_queues(timeout)
-    served = {q for qs in live.values() for q in qs}
-    missing = [q for q in queues if q not in served]
+    missing: list[str] = []
+    for _attempt in range(3):  # a busy worker may miss one broadcast's window: ask again before refusing
+        live = served_queues(timeout)
+        served = {q for qs in live.values() for q in qs}
+        missing = [q for q in queues if q not in served]
+        if not missing:
+            break
     if missing:
         who = "; ".join(f"{w}: {', '.join(qs)}" for w, qs in sorted(live.items())) or "no worker answered"
         raise QueueNotServedError(f"no live Celery worker serves queue(s) {', '.join(missing)} that this run needs "

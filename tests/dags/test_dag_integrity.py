@@ -137,7 +137,7 @@ def test_the_plan_is_followed_by_four_eyes_approval(dags, dag_id):
 
 
 #: dr_pitr's bookkeeping steps: on the central `default` queue, everything else on the run's site
-PITR_DEFAULT_QUEUE = {"validate_params", "plan", "approve", "list_standbys", "report", "failure_summary",
+PITR_DEFAULT_QUEUE = {"validate_params", "plan", "approve", "list_standbys", "failure_summary",
                       "release_lock"}
 
 
@@ -157,6 +157,25 @@ def test_every_task_goes_to_a_served_queue(dags):
                 continue
             if q not in served:
                 bad.append(f"{d}.{t.task_id}: {q!r}")
+    assert not bad, bad
+
+
+def test_every_site_bound_step_leaves_the_default_queue(dags):
+    """A step whose class runs Barman or SSH (runs_on_site) is never on `default`, mapped or not: in a DAG
+    whose server is a Param it carries the placeholder the policy resolves, else its barman host's queue."""
+    from barman_dr.fleet import queue_by_pool
+    from barman_dr.routing import SITE_QUEUE
+
+    site_queues = set(queue_by_pool().values())
+    bad = []
+    for d, dag in dags.items():
+        for t in dag.tasks:
+            cls = getattr(t, "operator_class", type(t))
+            if not getattr(cls, "runs_on_site", False):
+                continue
+            want = {SITE_QUEUE} if "server" in dag.params else site_queues
+            if t.queue not in want:
+                bad.append(f"{d}.{t.task_id}: {t.queue!r}")
     assert not bad, bad
 
 

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.celery_lab]
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
 #: dr_pitr's bookkeeping steps (the `default` queue); every other step runs on the server's site
-PITR_DEFAULT = {"validate_params", "plan", "approve", "list_standbys", "report", "failure_summary", "release_lock"}
+PITR_DEFAULT = {"validate_params", "plan", "approve", "list_standbys", "failure_summary", "release_lock"}
 
 
 def workers_serving(inventory, queue: str) -> set[str]:
@@ -62,9 +62,9 @@ def test_seed_pitr_runs_each_step_on_its_queue(api, inventory):
     assert len(hosts) >= 2, hosts  # the central worker and at least one site worker
     # the steps that ran Barman (restore) and SSH (stop, start) ran beside the barman host
     for task in ("resolve_target", "stage_restore", "stop_postgres", "barman_restore", "start_recovery",
-                 "verify_target"):
+                 "verify_target", "report"):
         assert next(t for t in ran if t["task_id"] == task)["hostname"] in {"worker-b", "worker-c"}
-    for task in ("validate_params", "plan", "report"):
+    for task in ("validate_params", "plan", "release_lock"):
         assert next(t for t in ran if t["task_id"] == task)["hostname"] == "worker-a"
 
 
@@ -93,9 +93,13 @@ def test_daily_verification_of_both_servers_routes_per_barman_host(api, inventor
     summary = next(t for t in tis if t["task_id"] == "summary")
     assert summary["queue"] == "default" and summary["hostname"] == "worker-a"
     # a report per server, as on LocalExecutor
-    reported = {s for (s,) in sql("LAB_AUDIT_DSN", "SELECT server FROM audit.events WHERE run_id = %s AND "
-                                                    "action = 'verify_report'", (run_id,))}
-    assert reported == {"pg-primary", "pg-primary2"}
+    rows = sql("LAB_AUDIT_DSN", "SELECT server, outcome, details::text FROM audit.events WHERE run_id = %s AND "
+                                "action = 'verify_report'", (run_id,))
+    assert {r[0] for r in rows} == {"pg-primary", "pg-primary2"}
+    # every probe ran from the site's worker: nothing unmeasured (a worker that cannot reach the barman
+    # host would turn each probe into "could not be measured")
+    for server, _outcome, details in rows:
+        assert "could not be measured" not in details, (server, details[:2000])
 
 
 def celery_control(action: str, queue: str, worker: str) -> None:

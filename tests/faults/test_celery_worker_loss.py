@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def test_worker_lost_mid_copy_the_retry_runs_on_a_live_worker(api, inventory, ta
     staged = CASES[task]
     import time
 
+    # a staging directory left by an earlier run would look like this run's copy
+    assert not [p for p in glob.glob(f"{DATA}.staged-*") if not p.endswith("-run")]
     scenario = seed_scenario.play()
     incident = f"INC-WLOSS-{task}-{int(time.time())}"
     run_id = incident_run_id("dr_pitr", incident)
@@ -90,3 +93,11 @@ def test_worker_lost_mid_copy_the_retry_runs_on_a_live_worker(api, inventory, ta
     if staged:
         left = [p for p in glob.glob(f"{DATA}.staged-*") if not p.endswith("-run")]
         assert not left, left  # no staging copy left behind
+    # nothing of the lost try's remote job still runs on the barman host
+    assert not restore_processes(), restore_processes()
+
+
+def restore_processes() -> list[str]:
+    out = subprocess.run(["pgrep", "-af", f"barman.* restore .*{DATA}"], capture_output=True, text=True,
+                         check=False).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]

@@ -51,7 +51,9 @@ def test_workers_and_queues_come_from_the_inventory(compose, monkeypatch):
         assert svc["environment"]["BARMAN_DR_WORKER"] == name
         assert svc["environment"]["PYTHONPATH"] == "/opt/airflow/plugins"
         assert svc["command"][:2] == ["bash", "-c"]
-        assert 'airflow celery worker -q "$$(python -m barman_dr.fleet queues $${BARMAN_DR_WORKER})"' in svc["command"][2]
+        cmd = svc["command"][2]
+        assert 'q="$$(python -m barman_dr.fleet queues "$${BARMAN_DR_WORKER}")" && [ -n "$$q" ] || exit 1;' in cmd
+        assert cmd.endswith('exec airflow celery worker -q "$$q"')
     served = {q for qs, _ in specs.values() for q in qs}
     assert set(queue_by_pool(inv).values()) <= served and "default" in served
     monkeypatch.setenv("BARMAN_DR_INVENTORY", str(inv))

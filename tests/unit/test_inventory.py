@@ -313,6 +313,14 @@ def test_bad_queue_name_names_the_field(raw, value):
         parse_inventory(raw, "x.yaml", ENV)
 
 
+def test_the_routing_placeholder_is_not_a_queue(raw):
+    from barman_dr.routing import SITE_QUEUE
+
+    raw["barman_hosts"]["barman-lab"]["queue"] = SITE_QUEUE
+    with pytest.raises(InventoryError, match="reserved by barman-dr"):
+        parse_inventory(raw, "x.yaml", ENV)
+
+
 def test_queue_no_worker_serves_is_refused(raw):
     raw["barman_hosts"]["barman-lab2"]["queue"] = "barman-lab3"
     with pytest.raises(InventoryError, match=r"barman_hosts\.barman-lab2\.queue: 'barman-lab3' is not served by any "

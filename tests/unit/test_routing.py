@@ -29,6 +29,7 @@ def ti(queue: str = SITE_QUEUE) -> SimpleNamespace:
     ({"server": "pg-primary2"}, "barman-lab2"),
     ({}, "barman-lab"),              # the Param default: the first server
     (None, "barman-lab"),
+    ({"server": " pg-primary2 "}, "barman-lab2"),  # stripped, as the request's validation reads it
     ({"server": "nope"}, DEFAULT_QUEUE),          # validate_params refuses it there; nothing site-bound runs
     ({"server": "pg-primary; rm -rf /"}, DEFAULT_QUEUE),
     ({"server": ["pg-primary"]}, DEFAULT_QUEUE),

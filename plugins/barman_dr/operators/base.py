@@ -33,7 +33,7 @@ from barman_dr.hooks.barman import BarmanHook
 from barman_dr.hooks.dbhost import DbHostHook
 from barman_dr.inventory import Instance, Inventory, Server, load_inventory
 from barman_dr.params.pitr_request import PitrRequest
-from barman_dr.routing import DEFAULT_QUEUE, SITE_QUEUE, require_served
+from barman_dr.routing import DEFAULT_QUEUE, SITE_QUEUE, celery_enabled, queue_for_run, require_served
 from barman_dr.safety.audit import AuditContext, AuditTrail
 from barman_dr.safety.locks import ServerLock, ServerLockedError
 
@@ -136,12 +136,21 @@ class DrBaseOperator(BaseOperator):
         self._remote_cleanups: list[tuple[str, str, list[str], str]] = []
         self._audit_trail: AuditTrail | None = None
 
-    def require_workers(self, server: str) -> None:
-        """CeleryExecutor: a live worker serves `default` and the server's site queue, else refuse now,
-        before any side effect (a task on an unserved queue would sit queued until task_queued_timeout)."""
-        live = require_served([DEFAULT_QUEUE, self.inventory.queue_of(server)])
-        if live:
-            self.log.info("celery workers serving this run's queues: %s", live)
+    def require_workers(self, server: str, context: Any = None) -> None:
+        """CeleryExecutor: the run's site steps are routed to `server`'s queue, and a live worker serves it
+        and `default`; else refuse now, before any side effect (a task on an unserved queue would sit
+        queued until task_queued_timeout; one routed elsewhere would run where the barman host is out of reach)."""
+        if not celery_enabled():
+            return
+        want = self.inventory.queue_of(server)
+        routed = queue_for_run(dict(getattr((context or {}).get("dag_run"), "conf", None) or {}))
+        if routed != want:
+            raise PreflightError(f"this run's site steps were routed to queue {routed!r}, but server {server!r} is "
+                                 f"served by queue {want!r} (barman host {self.inventory.server(server).barman_host}): "
+                                 "is plugins/airflow_local_settings.py (the routing policy) loaded by the scheduler? "
+                                 "Nothing was run; fix it and trigger again")
+        live = require_served([DEFAULT_QUEUE, want])
+        self.log.info("celery workers serving this run's queues: %s", live)
 
     # ------------------------------------------------------------------ context
     @cached_property

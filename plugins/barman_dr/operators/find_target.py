@@ -76,7 +76,7 @@ class ValidateFindTargetOperator(FindTargetBaseOperator):
         req = validate_find_target_conf(conf, self.inventory)
         self.request = req.to_dict()
         self.__dict__.pop("find_req", None)
-        self.require_workers(req.server)
+        self.require_workers(req.server, context)
         return req.to_dict()
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:

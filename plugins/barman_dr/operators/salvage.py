@@ -214,7 +214,7 @@ class ValidateSalvageOperator(SalvageMixin, DrBaseOperator):
         req = validate_salvage_conf(conf, self.inventory)
         self.request = req.to_dict()
         self.__dict__.pop("sreq", None)
-        self.require_workers(req.server)
+        self.require_workers(req.server, context)
         # every run starts a postmaster on a copy: one DR run per server, plan-only included
         ServerLock(postgres_conn_id=self.audit_conn_id).acquire(req.server, dag_id=context["dag"].dag_id,
                                                                 run_id=context["run_id"], purpose="salvage")

@@ -55,7 +55,7 @@ class ValidatePitrRequestOperator(DrBaseOperator):
         req = self.validate(conf)
         self.request = req.to_dict()
         self.__dict__.pop("req", None)
-        self.require_workers(req.server)
+        self.require_workers(req.server, context)
         self.take_lock(req, context)
         return req.to_dict()
 

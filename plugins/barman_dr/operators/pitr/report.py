@@ -28,7 +28,7 @@ def staging_leftover(op: DrBaseOperator, staging: dict[str, Any]) -> list[str]:
 
 class PitrReportOperator(DrBaseOperator):
     """Step 15: the report: RTO freeze -> resume with a per-phase breakdown (audit + run note)."""
-    runs_on_site = False  # bookkeeping: the `default` queue
+    # checks over SSH whether the run left staging directories: on the site
 
     action = "report"
 
@@ -119,7 +119,9 @@ class PitrReportOperator(DrBaseOperator):
 
 class PitrFailureSummaryOperator(DrBaseOperator):
     """Runs when any step failed: where things stand and what to do next, in the audit and the run note."""
-    runs_on_site = False  # bookkeeping: the `default` queue
+    # on `default`, so the failure is summarised even when the site is unreachable or unserved; its
+    # staging-leftover check is best effort from there (a leftover it cannot see is listed as unchecked)
+    runs_on_site = False
 
     action = "failure_summary"
 
