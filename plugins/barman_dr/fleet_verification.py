@@ -142,7 +142,8 @@ def slot_active(info: Mapping[str, Any]) -> bool | None:
 def _files_of(files: Any, server: str) -> ServerFiles:
     per_server = files[1]
     if server not in per_server:
-        raise BarmanOutputError(f"no files read for server {server!r} (not in show-servers all?)")
+        raise BarmanOutputError(f"no files read for server {server!r}: its paths come from show-servers (see "
+                                "show_server)")
     return per_server[server]
 
 

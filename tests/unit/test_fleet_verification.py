@@ -336,3 +336,28 @@ def test_the_batched_listing_finds_what_the_per_directory_script_finds(tmp_path)
     assert [p for p, _ in per_dir[str(a)]] == [str(a.with_name("data.staged-0123456789")),
                                                str(a.with_name("data.staged-0123456789-wal"))]
     assert [p for p, _ in per_dir[str(b)]] == [str(b.parent / "salvage-feedbeef")]
+
+
+def test_the_files_exec_takes_paths_from_show_servers_and_still_reads_df_without_it():
+    from types import SimpleNamespace
+
+    from barman_dr.inventory import BarmanHost
+    from barman_dr.operators.verify_host import BarmanHostVerificationOperator
+
+    op = BarmanHostVerificationOperator(task_id="verify__barman_x", servers=["pg-primary2", "pg-ghost"])
+    calls = []
+    op.__dict__.update(
+        fleet=[SimpleNamespace(name="pg-primary2"), SimpleNamespace(name="pg-ghost")],
+        barman_host=BarmanHost(name="x", address="a", ssh_conn_id="c", barman_command=("barman",), job_dir="/j",
+                               backup_directory="/b"),
+        barman=SimpleNamespace(server_files=lambda directory, entries: calls.append((directory, entries)) or "ok"))
+    servers = Probe(value=own_sections(load("show-servers-all.json"), ["pg-primary2", "pg-ghost"]))
+    op._files(Probe(value=load("list-backups-all.json")), servers)
+    directory, entries = calls[-1]
+    info = load("show-servers-all.json")["pg-primary2"]
+    oldest = min(b["backup_id"] for b in load("list-backups-all.json")["pg-primary2"])
+    assert directory == "/b"
+    assert entries == [("pg-primary2", f"{info['xlogdb_directory']}/pg-primary2-xlog.db", info["wals_directory"],
+                        info["backup_directory"], oldest)]  # pg-ghost: not in show-servers, no paths to read
+    op._files(Probe.failed("x"), Probe.failed("BarmanCommandError: show-servers died"))
+    assert calls[-1] == ("/b", [])  # df alone

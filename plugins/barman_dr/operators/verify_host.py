@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
-from barman_dr.exceptions import BarmanOutputError, InventoryError
+from barman_dr.exceptions import InventoryError
 from barman_dr.fleet_verification import (
     HostSnapshot,
     Probe,
@@ -128,14 +128,17 @@ class BarmanHostVerificationOperator(DrBaseOperator):
         return snap, timings
 
     def _files(self, backups: Probe, servers: Probe) -> Any:
-        """WAL catalogue, WAL files, oldest begin WAL of every server, and df: one SSH exec."""
-        if servers.error is not None:
-            raise BarmanOutputError(f"needs show-servers, which failed: {servers.error}")
-        names = [s.name for s in self.fleet if s.name in servers.value]
+        """WAL catalogue, WAL files, oldest begin WAL of every server, and df: one SSH exec.
+
+        The paths come from show-servers: without it only `df` is read (the disk check stays
+        independent), and each server's catalogue finding points at show-servers' own.
+        """
+        known = servers.value if servers.error is None and isinstance(servers.value, dict) else {}
+        names = [s.name for s in self.fleet if s.name in known]
         oldest = oldest_done_backup_ids(backups.value or {}, names) if backups.error is None else {}
         entries = []
         for name in names:
-            raw = servers.value[name]
+            raw = known[name]
             info = raw if isinstance(raw, dict) else {}
             xlogdb_dir = info.get("xlogdb_directory") or info.get("wals_directory")
             entries.append((name, f"{xlogdb_dir}/{name}-xlog.db" if xlogdb_dir else "",
