@@ -22,6 +22,7 @@ not produce the reports at all (the inventory, the audit trail).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,6 +83,10 @@ class BarmanHostVerificationOperator(DrBaseOperator):
 
     @cached_property
     def barman(self) -> BarmanHook:
+        return self.new_barman_hook()
+
+    def new_barman_hook(self) -> BarmanHook:
+        """A hook (and so an SSH connection) of its own on this barman host."""
         bh = self.barman_host
         return BarmanHook(ssh_conn_id=bh.ssh_conn_id, barman_command=bh.barman_command, job_dir=bh.job_dir)
 
@@ -103,28 +108,42 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                     timings[key] = round(time.monotonic() - t0, 3)
             return call
 
-        # one SSH connection, opened here: the probes below open their channels on it concurrently
+        # the host must answer before anything else is asked (one clear reason when it does not)
         connect = Probe.run(lambda: self.barman.host.run(["true"], timeout=60))
         if connect.error is not None:
             failed = Probe.failed(connect.error)
             return HostSnapshot(check=failed, backups=failed, servers=failed, replication=failed, files=failed,
                                 orphans=Probe.run(lambda: self._orphans(context)),
                                 backup_directory=self.barman_host.backup_directory), timings
-        with ThreadPoolExecutor(max_workers=6, thread_name_prefix="verify") as pool:
-            f_check = pool.submit(timed("check_all", lambda: own_sections(self.barman.check_all(names), names)))
-            f_backups = pool.submit(timed("list_backups_all",
-                                          lambda: own_sections(self.barman.list_backups_all(names), names)))
-            f_servers = pool.submit(timed("show_servers_all",
-                                          lambda: own_sections(self.barman.show_servers_all(names), names)))
-            with_standbys = [s.name for s in self.fleet if s.standbys]
-            f_repl = pool.submit(timed("replication_status_all", lambda: own_sections(
-                self.barman.replication_status_all(with_standbys), with_standbys))) if with_standbys else None
-            f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
-            backups, servers = _probe(f_backups), _probe(f_servers)
-            files = Probe.run(timed("server_files", lambda: self._files(backups, servers)))
-            snap = HostSnapshot(check=_probe(f_check), backups=backups, servers=servers,
-                                replication=_probe(f_repl) if f_repl else Probe(value={}), files=files,
-                                orphans=_probe(f_orphans), backup_directory=self.barman_host.backup_directory)
+        # each concurrent Barman probe on an SSH connection of its own: a probe that times out or
+        # breaks closes only its own connection, never the channels of the others
+        hooks: list[BarmanHook] = []
+
+        def own(fn: Any) -> Any:
+            hook = self.new_barman_hook()
+            hooks.append(hook)
+            return lambda: fn(hook)
+
+        try:
+            with ThreadPoolExecutor(max_workers=6, thread_name_prefix="verify") as pool:
+                f_check = pool.submit(timed("check_all", own(lambda b: own_sections(b.check_all(names), names))))
+                f_backups = pool.submit(timed("list_backups_all",
+                                              own(lambda b: own_sections(b.list_backups_all(names), names))))
+                f_servers = pool.submit(timed("show_servers_all",
+                                              own(lambda b: own_sections(b.show_servers_all(names), names))))
+                with_standbys = [s.name for s in self.fleet if s.standbys]
+                f_repl = pool.submit(timed("replication_status_all", own(lambda b: own_sections(
+                    b.replication_status_all(with_standbys), with_standbys)))) if with_standbys else None
+                f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
+                backups, servers = _probe(f_backups), _probe(f_servers)
+                files = Probe.run(timed("server_files", lambda: self._files(backups, servers)))
+                snap = HostSnapshot(check=_probe(f_check), backups=backups, servers=servers,
+                                    replication=_probe(f_repl) if f_repl else Probe(value={}), files=files,
+                                    orphans=_probe(f_orphans), backup_directory=self.barman_host.backup_directory)
+        finally:
+            for hook in hooks:
+                with contextlib.suppress(Exception):
+                    hook.close()
         return snap, timings
 
     def _files(self, backups: Probe, servers: Probe) -> Any:
@@ -189,11 +208,12 @@ class BarmanHostVerificationOperator(DrBaseOperator):
             spec = ServerSpec(srv.name, tuple(s.name for s in srv.standbys), srv.verification)
             try:
                 findings, facts = evaluate_server(spec, snap, now)
+                report = build_report(srv.name, findings, facts, checked_at=now.isoformat())
             except Exception as exc:  # one server's broken evaluation must not hide the others
                 self.log.exception("evaluating %s failed", srv.name)
-                findings, facts = [Finding("evaluation", CRITICAL, f"the report could not be evaluated: "
-                                           f"{describe_error(exc)}")], {}
-            reports.append(build_report(srv.name, findings, facts, checked_at=now.isoformat()))
+                report = build_report(srv.name, [Finding("evaluation", CRITICAL, f"the report could not be evaluated: "
+                                                         f"{describe_error(exc)}")], {}, checked_at=now.isoformat())
+            reports.append(report)
         self.audit(context).record_many([{"action": "verify_report", "outcome": r["status"].lower(),
                                           "server": r["server"], "details": r} for r in reports])
         for r in reports:
