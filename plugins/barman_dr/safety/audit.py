@@ -206,19 +206,7 @@ class AuditTrail:
                " FROM audit.events e WHERE e.server = ANY(%s) AND e.action = ANY(%s)) x"
                " JOIN unnest(%s::text[], %s::int[]) AS l(action, lim) USING (action)"
                " WHERE x.n <= l.lim ORDER BY event_id DESC")
-        conn = self._connect()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(sql, (list(servers), names, names, limits))
-                cols = [d[0] for d in cur.description]
-                rows = [dict(zip(cols, r, strict=False)) for r in cur.fetchall()]
-        finally:
-            conn.close()
-        for r in rows:
-            r["event_time"] = r["event_time"].isoformat()
-            for k in ("argv", "details"):
-                if isinstance(r[k], str):
-                    r[k] = json.loads(r[k])
+        for r in self._select_events(sql, (list(servers), names, names, limits)):
             out.setdefault(r["server"], []).append(r)
         return out
 
@@ -234,6 +222,10 @@ class AuditTrail:
                " argv, exit_code, duration_s, outcome, incident_id, details FROM audit.events"
                + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY event_id DESC LIMIT %s")
         params.append(int(limit))
+        return self._select_events(sql, params)
+
+    def _select_events(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        """Rows of audit.events as dicts: the time as ISO 8601, argv and details decoded from JSON."""
         conn = self._connect()
         try:
             with conn.cursor() as cur:
