@@ -549,6 +549,77 @@ class Lab:
             log("standby cloned from the primary")
         self.pg_start("pg-standby", HOSTS["pg-standby"][0])
 
+    # --------------------------------------------------------------- failback
+    def in_recovery(self, name: str) -> bool:
+        return self.psql(name, "SELECT pg_is_in_recovery()") == "t"
+
+    def failback(self) -> None:
+        """The lab's topology back after `dr_pitr` with `restore_to: pg-standby` (a lab chore, not a DR step).
+
+        That run leaves pg-standby serving (PgBouncer and Barman point at it) and pg-primary
+        fenced. The inventory names pg-primary as the primary, so the suites after it need it
+        back, with the *recovered* data: pg-primary's fenced directory is moved aside (kept), a
+        copy of pg-standby streams into it, pg-standby stops cleanly (every WAL record sent),
+        pg-primary is promoted, pg-standby is cloned from it again, and PgBouncer and Barman
+        point at pg-primary (a WAL switch archived, a fresh backup). Refused while a DR run
+        owns pg-primary.
+        """
+        self.claim_owned()
+        if self.leave_alone("pg-primary"):
+            raise SystemExit(f"[lab] failback refused: {self.owned['pg-primary']}")
+        if not self.pg_running("pg-standby") or self.in_recovery("pg-standby"):
+            log("failback: pg-standby is not serving as a primary: nothing to do")
+            return
+        if self.pg_running("pg-primary"):
+            raise SystemExit("[lab] failback refused: pg-primary and pg-standby both run as primaries. Fence one "
+                             "(pg_ctl stop) before anything else")
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        data = self.p("pg", "pg-primary", "data")
+        if data.exists():
+            aside = data.with_name(f"data.pre-failback-{stamp}")
+            data.rename(aside)
+            log(f"failback: pg-primary's fenced data directory kept at {aside}")
+        conninfo = (f"host={HOSTS['pg-standby'][0]} port={PG_PORT} user=replicator "
+                    f"passfile={self.p('secrets', 'pgpass-postgres')} application_name=pg-primary")
+        run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R", "-c", "fast"],
+            user="postgres")
+        self.pg_start("pg-primary", HOSTS["pg-primary"][0])
+        wait_for(lambda: self.psql("pg-standby", "SELECT count(*) FROM pg_stat_replication WHERE application_name = "
+                                   "'pg-primary' AND state = 'streaming'") == "1", "pg-primary streaming", 60, 0.5)
+        # a clean (fast) shutdown sends every WAL record, its shutdown checkpoint included, to pg-primary
+        run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", "pg-standby", "data")), "-m", "fast", "-w", "stop"],
+            user="postgres")
+        run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
+        self.psql("pg-primary", "ALTER SYSTEM RESET primary_conninfo")
+        self.psql("pg-primary", "SELECT pg_reload_conf()")
+        log("failback: pg-primary promoted with the recovered data")
+        sb = self.p("pg", "pg-standby", "data")
+        sb.rename(sb.with_name(f"data.pre-failback-{stamp}"))
+        self.setup_standby()  # a fresh clone of pg-primary, on its slot
+        ini = self.p("pgbouncer", "pgbouncer.ini")
+        lines = ini.read_text().splitlines()
+        line = f"shop = host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop"
+        ini.write_text("\n".join(line if ln.startswith("shop = ") else ln for ln in lines) + "\n")
+        pid = read_pid(self.p("run", "pgbouncer.pid"))
+        if pid and pid_alive(pid):
+            os.kill(pid, signal.SIGHUP)  # PgBouncer re-reads its config (RELOAD)
+        log("failback: PgBouncer points at pg-primary")
+        change = {"scope": "server", "server_name": BARMAN_SERVER,
+                  "conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=barman dbname=postgres "
+                              f"passfile={self.p('secrets', 'pgpass-barman')}",
+                  "streaming_conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=streaming_barman "
+                                        f"passfile={self.p('secrets', 'pgpass-barman')}"}
+        self.barman(["config-update", json.dumps([change])])
+
+        def streaming() -> bool:  # cron creates Barman's slot on pg-primary (create_slot = auto), then streams
+            self.barman(["cron"], check=False)
+            return self.receive_wal_running()
+
+        wait_for(streaming, "barman receive-wal from pg-primary", 90, 2)
+        self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "60", BARMAN_SERVER])
+        self.barman(["backup", "--wait", "--wait-timeout", "120", BARMAN_SERVER])
+        log("failback: Barman streams from pg-primary; a fresh backup taken")
+
     # -------------------------------------------------------------- pgbouncer
     def setup_pgbouncer(self) -> None:
         # a DR run froze the app with PAUSE: a (re)started PgBouncer would silently unfreeze it
@@ -1226,7 +1297,7 @@ def resolve_lab_dir() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow", "workers"])
+    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow", "workers", "failback"])
     ap.add_argument("--no-airflow", action="store_true", help="do not start the Airflow components")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -1243,6 +1314,8 @@ def main() -> None:
         print(lab.p("env.sh"))
     elif args.action == "restart-airflow":
         lab.restart_airflow()
+    elif args.action == "failback":  # after dr_pitr restore_to: pg-standby (tests, demos)
+        lab.failback()
     elif args.action == "workers":  # (re)start the Celery workers that are not running (a lost worker's restart)
         if lab.executor != "celery":
             sys.exit("[lab] `workers` needs a Celery lab (LAB_EXECUTOR=celery)")

@@ -20,7 +20,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from barman_dr.barman_files import FILES_SCRIPT, FileSection, ServerFiles, files_args, parse_files_output
-from barman_dr.exceptions import BarmanCommandError, BarmanOutputError
+from barman_dr.exceptions import BarmanCommandError, BarmanDrError, BarmanOutputError
 from barman_dr.hooks.remote import RemoteHost, parse_json_output, sh_argv
 from barman_dr.models import (
     BackupInfo,
@@ -36,6 +36,47 @@ from barman_dr.models import (
 )
 
 _CLOSED_WAL_RE = re.compile(r"WAL file ([0-9A-F]{24}) has been closed")
+
+#: the connection strings Barman uses for a server: both follow a new primary
+CONNINFO_KEYS = ("conninfo", "streaming_conninfo")
+
+
+def repointed_conninfo(conninfo: str, host: str, port: int) -> str:
+    """`conninfo` with its host and port replaced, every other keyword (user, passfile, sslmode...) kept.
+
+    Barman's own value is the base, so its user, database and credentials stay what the DBA
+    configured; only where the server lives changes. A password Barman shows redacted cannot
+    be written back, so it is refused (a passfile or .pgpass is the fix).
+    """
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    params = parse_dsn(conninfo)
+    if set(str(params.get("password", ""))) == {"*"}:
+        raise BarmanOutputError("Barman shows this server's conninfo with its password redacted: it cannot be "
+                                "re-pointed without losing it. Fix: keep the password in a passfile (libpq "
+                                "`passfile=`) or the barman user's ~/.pgpass instead of the conninfo")
+    params.pop("hostaddr", None)
+    params.update(host=host, port=str(int(port)))
+    return make_dsn(**params)
+
+
+def _host_port(conninfo: Any) -> str | None:
+    from psycopg2.extensions import parse_dsn
+
+    if not conninfo:
+        return None
+    p = parse_dsn(str(conninfo))
+    return f"{p.get('host', '')}:{p.get('port') or 5432}"
+
+
+def conninfo_points_at(conninfo: str | None, host: str, port: int) -> bool:
+    """Does this libpq conninfo name exactly this host and port (5432 when it names none)?"""
+    from psycopg2.extensions import parse_dsn
+
+    if not conninfo:
+        return False
+    params = parse_dsn(conninfo)
+    return params.get("host") == host and str(params.get("port") or 5432) == str(int(port))
 
 
 @dataclass(frozen=True)
@@ -341,6 +382,33 @@ class BarmanHook(BaseHook):
 
     def cron(self) -> CommandResult:
         return self.run("cron", json_output=False, timeout=120)
+
+    def point_at(self, server: str, host: str, port: int) -> dict[str, Any]:
+        """Barman's `conninfo` and `streaming_conninfo` for `server` name `host:port`: `barman config-update`.
+
+        config-update rewrites the option where it is defined (the server's file in barman.d, or
+        `.barman.auto.conf` for a default) and restarts the server's receive-wal. It logs and exits 0
+        when a change cannot be applied, so the result is read back with `show-server`: a value still
+        pointing elsewhere raises. Idempotent: nothing is written when both already point there.
+        """
+        import json
+
+        before = self.show_server(server)
+        changes = {k: repointed_conninfo(str(before[k]), host, port) for k in CONNINFO_KEYS
+                   if before.get(k) and not conninfo_points_at(str(before[k]), host, port)}
+        out: dict[str, Any] = {"server": server, "host": host, "port": int(port), "changed": sorted(changes),
+                               "previous": {k: _host_port(before.get(k)) for k in CONNINFO_KEYS}}
+        if not changes:
+            return out
+        self.run("config-update", json.dumps([{"scope": "server", "server_name": server, **changes}]),
+                 json_output=False, timeout=120)
+        after = self.show_server(server)
+        wrong = [k for k in changes if not conninfo_points_at(str(after.get(k) or ""), host, port)]
+        if wrong:
+            raise BarmanDrError(f"`barman config-update` exited 0 but left {', '.join(wrong)} of {server} pointing at "
+                                f"{[_host_port(after.get(k)) for k in wrong]}, not {host}:{port}. Fix: see Barman's "
+                                "log (a config file it cannot write, or a concurrent config-update), then retry")
+        return out
 
     def start_receive_wal(self, server: str) -> None:
         """(Re)start WAL streaming: `barman cron` starts receive-wal and creates the slot if needed."""

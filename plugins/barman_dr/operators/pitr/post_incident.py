@@ -359,8 +359,22 @@ class RebaseBarmanOperator(DrBaseOperator):
                              "after it; a PITR into that stretch is impossible)", lost)
         return out
 
+    def follow_new_primary(self) -> dict[str, Any] | None:
+        """After `restore_to: <standby>`, Barman's conninfo and streaming_conninfo name that standby.
+
+        The old primary is fenced: streaming, `switch-wal` and the new backup must reach the
+        server now serving the app. Host and port come from the inventory (the standby's db
+        host address and port), everything else from Barman's own value (`BarmanHook.point_at`).
+        `create_slot = auto` makes the next `barman cron` create Barman's slot there.
+        """
+        if self.req.in_place:
+            return None
+        inst = self.target_instance
+        return self.barman.point_at(self.srv.name, self.inventory.db_host(inst.host).address, inst.port)
+
     def run(self, context: Any) -> dict[str, Any]:
         srv = self.srv
+        follows = self.follow_new_primary()
         # pg_receivewal follows a timeline switch when its position is before the fork; past the
         # fork (the old primary kept streaming after the target) it must be restarted at the fork
         fork = None
@@ -385,10 +399,14 @@ class RebaseBarmanOperator(DrBaseOperator):
             self.barman.backup_job(srv.name, job_id, wait_timeout=300)
             latest = max((b for b in self.barman.list_backups(srv.name) if b.is_done), key=lambda b: b.backup_id)
             backup = self.barman.show_backup(srv.name, latest.backup_id).to_dict()
-        return {"streaming": True, "fork": fork, "closed_wal": closed, "backfill": backfill,
+        return {"streaming": True, "barman_follows": follows, "fork": fork, "closed_wal": closed, "backfill": backfill,
                 "new_backup_id": backup["backup_id"] if backup else None,
                 "new_backup_timeline": backup["timeline"] if backup else None}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
+        moved = "" if self.req.in_place else (
+            f" Barman must stream from {self.req.restore_to} now: its conninfo and streaming_conninfo for "
+            f"{self.srv.name} are re-pointed by this task (`barman config-update`); check them with "
+            f"`barman show-server {self.srv.name}`.")
         return ("The database is recovered and serving. Barman is not yet protecting the new timeline: run "
-                "`barman cron`, `barman check`, `barman backup` on the barman host, or clear this task.")
+                "`barman cron`, `barman check`, `barman backup` on the barman host, or clear this task." + moved)

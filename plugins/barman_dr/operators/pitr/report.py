@@ -64,6 +64,9 @@ class PitrReportOperator(DrBaseOperator):
             "app_check": x["unfreeze_app"].get("app_check"),
             "standbys": [s for s in standbys if s],
             "new_backup_id": x["rebase_barman"].get("new_backup_id"),
+            # restore_to a standby: the server PgBouncer and Barman now point at (None: in place)
+            "serving_instance": None if req.in_place else req.restore_to,
+            "barman_follows": x["rebase_barman"].get("barman_follows"),
             "rto_s": rto, "rto_objective_s": srv.rto_objective_seconds,
             "rto_met": rto is not None and rto <= srv.rto_objective_seconds,
             "estimated_rto_s": (x["plan"].get("estimated_rto") or {}).get("downtime_s"),
@@ -111,6 +114,10 @@ class PitrReportOperator(DrBaseOperator):
                    f"{report['prepared_transactions']}" if report["prepared_transactions"] else "")
                 + f"\ncounts {report['counts']}\nold data kept at {report['moved_aside']}\n"
                   f"new backup {report['new_backup_id']}"
+                + ("" if req.in_place else
+                   f"\nnow serving: {req.restore_to} (PgBouncer and Barman point at it; the old primary "
+                   f"{srv.primary.name} is fenced, its data untouched). Update the inventory: {req.restore_to} "
+                   f"is {srv.name}'s primary now")
                 + (f"\nstaging directories left: {', '.join(report['staging_leftover'])}"
                    if report["staging_leftover"] else ""))
         set_run_note(context["dag"].dag_id, context["run_id"], note)
