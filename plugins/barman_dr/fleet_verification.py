@@ -32,8 +32,10 @@ from barman_dr.exceptions import BarmanOutputError
 from barman_dr.models import CheckReport, is_wal_segment_name, parse_list_backups, server_section
 from barman_dr.verification import (
     CRITICAL,
+    DelayedReplay,
     Finding,
     check_findings,
+    delayed_standby_finding,
     disk_finding,
     freshness_finding,
     orphan_findings,
@@ -77,6 +79,8 @@ class ServerSpec:
     name: str
     standbys: tuple[str, ...] = ()
     verification: Mapping[str, float] | None = None
+    #: its delayed standbys: (name, delay seconds, tolerance seconds)
+    delayed: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass
@@ -91,6 +95,8 @@ class HostSnapshot:
     files: Probe = field(default_factory=lambda: Probe(error="not measured"))
     #: {server: [Orphan], or the error of its database host's listing}
     orphans: Probe = field(default_factory=lambda: Probe(value={}))
+    #: {delayed standby name: DelayedReplay, or why it could not be asked}
+    delayed: Probe = field(default_factory=lambda: Probe(value={}))
     backup_directory: str = ""
 
 
@@ -238,7 +244,16 @@ def evaluate_server(spec: ServerSpec, snap: HostSnapshot, now: datetime) -> tupl
             _require(p, name, "replication-status"), name, "replication-status")))
         if rep is not None:
             findings += standby_findings(list(spec.standbys), rep.get("streaming_clients") or [],
-                                         th["max_standby_lag_bytes"])
+                                         th["max_standby_lag_bytes"], delayed=[d[0] for d in spec.delayed])
+    windows = []
+    for sb, delay_s, tol_s in spec.delayed:
+        replay = take(f"delayed.{sb}", snap.delayed, lambda d, sb=sb: _delayed_of(d, sb))
+        if replay is not None:
+            finding, window = delayed_standby_finding(sb, delay_s, tol_s, replay)
+            findings.append(finding)
+            windows.append(window)
+    if spec.delayed:
+        facts["delayed_standbys"] = windows
 
     df = take("disk_usage", snap.files, _df_section)
     if df is not None:
@@ -251,6 +266,15 @@ def evaluate_server(spec: ServerSpec, snap: HostSnapshot, now: datetime) -> tupl
         findings += orphan_findings(orphans)
         facts["orphans"] = [o.to_dict() for o in orphans]
     return findings, facts
+
+
+def _delayed_of(per_standby: Mapping[str, Any], standby: str) -> DelayedReplay:
+    found = per_standby.get(standby)
+    if found is None:
+        raise BarmanOutputError(f"delayed standby {standby!r} was not asked")
+    if isinstance(found, str):  # its database host or PostgreSQL did not answer
+        raise BarmanOutputError(found)
+    return found
 
 
 def _orphans_of(per_server: Mapping[str, Any], server: str) -> list[Any]:

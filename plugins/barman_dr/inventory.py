@@ -105,6 +105,31 @@ class Instance:
     log_file: str
     postgres_conn_id: str
     replication_slot: str | None = None
+    #: a delayed standby (`delayed: <interval>`): PostgreSQL's recovery_min_apply_delay, in seconds
+    apply_delay_s: int | None = None
+    #: how far past its delay a delayed standby may fall before the verification says so (seconds)
+    delay_tolerance_s: int | None = None
+
+    @property
+    def delayed(self) -> bool:
+        return bool(self.apply_delay_s)
+
+
+#: `delayed:` / `delay_tolerance:` values: an integer number of seconds, or a number and a unit
+INTERVAL_RE = re.compile(r"^\s*(\d+)\s*([a-z]*)\s*$")
+_UNIT_S = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 60, "mins": 60, "minute": 60,
+           "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
+
+
+def parse_interval(value: Any, where: str) -> int:
+    """`90`, `"30s"`, `"5min"`, `"4h"`, `"1d"` -> seconds; anything else names the field and the fix."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = INTERVAL_RE.match(value) if isinstance(value, str) else None
+    if not m or int(m.group(1)) <= 0 or m.group(2) not in _UNIT_S:
+        raise InventoryError(f"{where}: {value!r} is not a positive interval. Fix: seconds (e.g. 3600) or a number "
+                             "with a unit: 30s, 5min, 4h, 1d")
+    return int(m.group(1)) * _UNIT_S[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -215,7 +240,10 @@ class Inventory:
         return sorted(self.servers)
 
 
-def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> Instance:
+def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost], standby: bool = False) -> Instance:
+    if not standby and (data.get("delayed") is not None or data.get("delay_tolerance") is not None):
+        raise InventoryError(f"{where}.delayed: only a standby can be delayed. Fix: move `delayed` to an entry of "
+                             "`standbys`")
     host = _name(data.get("host"), f"{where}.host")
     if host not in db_hosts:
         raise InventoryError(f"{where}.host: {host!r} is not in db_hosts")
@@ -231,7 +259,22 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost]) -> 
         log_file=_abs_path(data.get("log_file"), f"{where}.log_file"),
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
+        **_delay(data, where),
     )
+
+
+def _delay(data: dict[str, Any], where: str) -> dict[str, int | None]:
+    """A standby's `delayed` and `delay_tolerance` (default: a tenth of the delay, at least 60 s)."""
+    if data.get("delayed") is None:
+        if data.get("delay_tolerance") is not None:
+            raise InventoryError(f"{where}.delay_tolerance: set only on a delayed standby. Fix: add `delayed: <interval>`"
+                                 " or remove it")
+        return {}
+    delay = parse_interval(data["delayed"], f"{where}.delayed")
+    tol = data.get("delay_tolerance")
+    return {"apply_delay_s": delay,
+            "delay_tolerance_s": parse_interval(tol, f"{where}.delay_tolerance") if tol is not None
+            else max(60, delay // 10)}
 
 
 def _positive_int(value: Any, where: str) -> int:
@@ -371,7 +414,8 @@ def parse_inventory(raw: dict[str, Any], path: str = "<memory>", env: dict[str, 
             barman_host=bh,
             database=_name(d.get("database"), f"{w}.database"),
             primary=_instance(d.get("primary") or {}, f"{w}.primary", db_hosts),
-            standbys=tuple(_instance(s, f"{w}.standbys[{i}]", db_hosts) for i, s in enumerate(d.get("standbys") or [])),
+            standbys=tuple(_instance(s, f"{w}.standbys[{i}]", db_hosts, standby=True)
+                           for i, s in enumerate(d.get("standbys") or [])),
             nonprod=_instance(d["nonprod"], f"{w}.nonprod", db_hosts) if d.get("nonprod") else None,
             app_freeze=AppFreeze(
                 method=freeze["method"],

@@ -182,11 +182,15 @@ def streaming_findings(receive_wal_running: bool, slot_name: str | None, slot_ac
     return out
 
 
-def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any]], max_lag_bytes: float) -> list[Finding]:
+def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any]], max_lag_bytes: float,
+                     delayed: Iterable[str] = ()) -> list[Finding]:
     """Each inventory standby must stream from the primary, with replay lag under the threshold.
 
     Lag comes from Barman's `replication-status` (`replay_lsn_diff_bytes` is negative when behind).
+    A delayed standby replays late on purpose: for it only the streaming state counts here, and
+    `delayed_standby_finding` judges its replay against its delay.
     """
+    delayed = set(delayed)
     by_name = {str(c.get("application_name")): c for c in clients}
     out = []
     for name in expected:
@@ -200,6 +204,9 @@ def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any
         lag = abs(int(diff)) if diff is not None else None
         if state != "streaming":
             out.append(Finding(f"standby.{name}", CRITICAL, f"standby {name} is {state}, not streaming"))
+        elif name in delayed:
+            out.append(Finding(f"standby.{name}", OK, f"standby {name} streaming (delayed: replay "
+                                                      f"{'?' if lag is None else lag} bytes behind, on purpose)"))
         elif lag is None:
             out.append(Finding(f"standby.{name}", WARNING, f"standby {name} streams but reports no replay position"))
         elif lag > max_lag_bytes:
@@ -208,6 +215,96 @@ def standby_findings(expected: Sequence[str], clients: Sequence[Mapping[str, Any
         else:
             out.append(Finding(f"standby.{name}", OK, f"standby {name} streaming, replay lag {lag} bytes"))
     return out
+
+
+@dataclass(frozen=True)
+class DelayedReplay:
+    """What a delayed standby says about its own replay (one query on it, see DELAYED_REPLAY_SQL)."""
+
+    in_recovery: bool
+    paused: bool
+    #: bytes received but not yet replayed (0: everything received is applied)
+    pending_bytes: int
+    #: seconds since the commit time of the last transaction it replayed (None: none replayed yet)
+    replay_age_s: float | None
+    #: its recovery_min_apply_delay, in seconds, as PostgreSQL runs it
+    configured_delay_s: float
+
+    @classmethod
+    def from_row(cls, row: Sequence[str]) -> DelayedReplay:
+        """The psql -At row of DELAYED_REPLAY_SQL (t/f, t/f, bytes, seconds or empty, milliseconds)."""
+        in_rec, paused, pending, age, delay_ms = (list(row) + [""] * 5)[:5]
+        return cls(in_recovery=in_rec == "t", paused=paused == "t", pending_bytes=int(float(pending or 0)),
+                   replay_age_s=float(age) if age not in ("", None) else None,
+                   configured_delay_s=float(delay_ms or 0) / 1000)
+
+
+#: on the delayed standby: recovery state, replay pause, received-but-not-replayed bytes, the age
+#: of the last replayed commit, and the delay it runs with (ms)
+DELAYED_REPLAY_SQL = (
+    "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, "
+    "coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::bigint, "
+    "round(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::numeric, 3), "
+    "(SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay')")
+
+
+def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: DelayedReplay
+                            ) -> tuple[Finding, dict[str, Any]]:
+    """Is the delayed standby a usable recovery source, and how far back does it protect?
+
+    Its protected window is the age of the last transaction it replayed: damage younger than
+    that is not applied there yet, so it can be undone from it in seconds. Healthy is a window
+    in `[delay, delay + tolerance]`. Exceptions, each named:
+    - nothing pending (an idle primary): the window is everything since its last commit (OK);
+    - a window below the delay while WAL waits: it applies too early (the delay is not what the
+      inventory says, e.g. `recovery_min_apply_delay` lost in a rebuild): WARNING;
+    - a window past `delay + tolerance` while WAL waits: it has fallen behind (replay paused
+      or too slow): the window still protects, but older damage is applied later than planned
+      and a PITR from it replays more WAL: WARNING;
+    - not in recovery (promoted), or its configured delay differs from the inventory's: CRITICAL,
+      it is no delayed standby at all.
+    """
+    check = f"delayed.{name}"
+    facts: dict[str, Any] = {"standby": name, "delay_s": delay_s, "tolerance_s": tolerance_s,
+                             "configured_delay_s": replay.configured_delay_s, "paused": replay.paused,
+                             "pending_bytes": replay.pending_bytes, "protected_window_s": None}
+    if not replay.in_recovery:
+        return Finding(check, CRITICAL, f"delayed standby {name} is not in recovery (promoted?): no delayed copy "
+                                        "protects this server", "rebuild it (a PITR's rebuild_standby does)"), facts
+    if abs(replay.configured_delay_s - delay_s) > 1:
+        return Finding(check, CRITICAL, f"delayed standby {name} runs with recovery_min_apply_delay "
+                                        f"{replay.configured_delay_s:g}s, the inventory says {delay_s}s",
+                       "set recovery_min_apply_delay to the inventory's delay (ALTER SYSTEM, reload), or fix "
+                       "the inventory"), facts
+    age = replay.replay_age_s
+    facts["protected_window_s"] = age
+    if age is None:
+        return Finding(check, WARNING, f"delayed standby {name} has replayed no transaction yet: its window is "
+                                       "unknown"), facts
+    window = f"damage younger than {_human(age)} can be undone from it"
+    pause = " (replay paused)" if replay.paused else ""
+    if replay.pending_bytes <= 0:
+        return Finding(check, OK, f"delayed standby {name}: nothing waiting to be applied (idle primary); "
+                                  f"{window}{pause}"), facts
+    if age < delay_s - tolerance_s:
+        return Finding(check, WARNING, f"delayed standby {name} applies too early: window {_human(age)}, delay "
+                                       f"{_human(delay_s)}; {window}", "check its recovery_min_apply_delay"), facts
+    if age > delay_s + tolerance_s:
+        return Finding(check, WARNING, f"delayed standby {name} has fallen behind its window: {_human(age)} behind, "
+                                       f"delay {_human(delay_s)} + tolerance {_human(tolerance_s)}{pause}; {window}",
+                       "resume replay (SELECT pg_wal_replay_resume()) unless a DR run paused it; check its I/O "
+                       "and restore_command"), facts
+    return Finding(check, OK, f"delayed standby {name} within its window ({_human(age)}, delay {_human(delay_s)})"
+                              f"{pause}; {window}"), facts
+
+
+def _human(seconds: float) -> str:
+    s = round(seconds)
+    if s < 120:
+        return f"{s}s"
+    if s < 7200:
+        return f"{s // 60}min {s % 60}s" if s % 60 else f"{s // 60}min"
+    return f"{s // 3600}h {s % 3600 // 60}min"
 
 
 def orphan_findings(orphans: Sequence[Any]) -> list[Finding]:

@@ -339,3 +339,34 @@ def test_bad_workers_refused(raw, workers, match):
     raw["workers"] = workers
     with pytest.raises(InventoryError, match=match):
         parse_inventory(raw, "x.yaml", ENV)
+
+
+# ------------------------------------------------------------------ delayed standbys (issue 17)
+@pytest.mark.parametrize(("value", "seconds"), [(90, 90), ("30s", 30), ("5min", 300), ("5 minutes", 300),
+                                                ("4h", 14400), ("1d", 86400), ("120", 120)])
+def test_a_delayed_standby_takes_seconds_or_a_unit(raw, value, seconds):
+    raw["servers"]["pg-primary"]["standbys"][0]["delayed"] = value
+    sb = parse_inventory(raw, env=ENV).server("pg-primary").standbys[0]
+    assert sb.delayed and sb.apply_delay_s == seconds
+    assert sb.delay_tolerance_s == max(60, seconds // 10)
+
+
+@pytest.mark.parametrize("value", ["soon", "-5min", "0", 0, True, "5 fortnights", "1.5h", [], "5min; rm -rf /"])
+def test_a_bad_delay_names_the_field_and_the_fix(raw, value):
+    raw["servers"]["pg-primary"]["standbys"][0]["delayed"] = value
+    with pytest.raises(InventoryError, match=r"servers\.pg-primary\.standbys\[0\]\.delayed: .*Fix: seconds"):
+        parse_inventory(raw, env=ENV)
+
+
+def test_only_a_standby_can_be_delayed_and_tolerance_needs_a_delay(raw):
+    bad = copy.deepcopy(raw)
+    bad["servers"]["pg-primary"]["primary"]["delayed"] = "1h"
+    with pytest.raises(InventoryError, match=r"primary\.delayed: only a standby"):
+        parse_inventory(bad, env=ENV)
+    bad = copy.deepcopy(raw)
+    bad["servers"]["pg-primary"]["standbys"][0]["delay_tolerance"] = "1min"
+    with pytest.raises(InventoryError, match=r"delay_tolerance: set only on a delayed standby"):
+        parse_inventory(bad, env=ENV)
+    raw["servers"]["pg-primary"]["standbys"][0].update(delayed="1h", delay_tolerance="15min")
+    sb = parse_inventory(raw, env=ENV).server("pg-primary").standbys[0]
+    assert (sb.apply_delay_s, sb.delay_tolerance_s) == (3600, 900)

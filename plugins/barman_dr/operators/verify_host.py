@@ -46,7 +46,7 @@ from barman_dr.inventory import BarmanHost, Server
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.safety.locks import ServerLock
 from barman_dr.safety.orphans import LIST_MANY_SCRIPT, Orphan, classify, parse_listing_many, recorded_paths
-from barman_dr.verification import CRITICAL, Finding, build_report
+from barman_dr.verification import CRITICAL, DELAYED_REPLAY_SQL, DelayedReplay, Finding, build_report
 
 
 class BarmanHostVerificationOperator(DrBaseOperator):
@@ -135,11 +135,13 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                 f_repl = pool.submit(timed("replication_status_all", own(lambda b: own_sections(
                     b.replication_status_all(with_standbys), with_standbys)))) if with_standbys else None
                 f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
+                f_delayed = pool.submit(timed("delayed_standbys", self._delayed_replay))
                 backups, servers = _probe(f_backups), _probe(f_servers)
                 files = Probe.run(timed("server_files", lambda: self._files(backups, servers)))
                 snap = HostSnapshot(check=_probe(f_check), backups=backups, servers=servers,
                                     replication=_probe(f_repl) if f_repl else Probe(value={}), files=files,
-                                    orphans=_probe(f_orphans), backup_directory=self.barman_host.backup_directory)
+                                    orphans=_probe(f_orphans), delayed=_probe(f_delayed),
+                                    backup_directory=self.barman_host.backup_directory)
         finally:
             for hook in hooks:
                 with contextlib.suppress(Exception):
@@ -164,6 +166,22 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                             str(info.get("wals_directory") or ""), str(info.get("backup_directory") or ""),
                             oldest.get(name)))
         return self.barman.server_files(self.barman_host.backup_directory, entries)
+
+    def _delayed_replay(self) -> dict[str, DelayedReplay | str]:
+        """Each delayed standby's own view of its replay (DELAYED_REPLAY_SQL): one psql on each.
+
+        A standby that does not answer is that standby's finding (the error), not the host's.
+        """
+        out: dict[str, DelayedReplay | str] = {}
+        for srv in self.fleet:
+            for sb in srv.standbys:
+                if not sb.delayed:
+                    continue
+                try:
+                    out[sb.name] = DelayedReplay.from_row(self.db(sb.host).psql(sb, DELAYED_REPLAY_SQL).split("|"))
+                except Exception as exc:  # noqa: BLE001 - one standby's error, reported as its finding
+                    out[sb.name] = f"{sb.host}: {describe_error(exc)}"
+        return out
 
     def _orphans(self, context: Any) -> dict[str, list[Orphan] | str]:
         """Staging/salvage copies next to every data directory of the host's servers: one SSH exec per db host."""
@@ -205,7 +223,9 @@ class BarmanHostVerificationOperator(DrBaseOperator):
         now = datetime.now(UTC)
         reports = []
         for srv in self.fleet:
-            spec = ServerSpec(srv.name, tuple(s.name for s in srv.standbys), srv.verification)
+            spec = ServerSpec(srv.name, tuple(s.name for s in srv.standbys), srv.verification,
+                              delayed=tuple((s.name, int(s.apply_delay_s or 0), int(s.delay_tolerance_s or 0))
+                                            for s in srv.standbys if s.delayed))
             try:
                 findings, facts = evaluate_server(spec, snap, now)
                 report = build_report(srv.name, findings, facts, checked_at=now.isoformat())

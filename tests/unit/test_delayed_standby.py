@@ -1,0 +1,78 @@
+"""Delayed standbys in the daily verification: window, lag, and what makes one unusable (issue 17)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from barman_dr.fleet_verification import HostSnapshot, Probe, ServerSpec, evaluate_server
+from barman_dr.verification import CRITICAL, OK, WARNING, DelayedReplay, delayed_standby_finding, standby_findings
+
+ROWS = [ln.split("|") for ln in (Path(__file__).resolve().parents[1] / "fixtures" / "postgres" /
+                                 "delayed-replay.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+HEALTHY, PAUSED, UNDELAYED, FRESH, PRIMARY = (DelayedReplay.from_row(r) for r in ROWS)
+
+
+def test_recorded_rows_parse():
+    assert DelayedReplay(True, False, 1968, 20.952, 20.0) == HEALTHY
+    assert PAUSED.paused and PAUSED.replay_age_s == 29.233
+    assert FRESH.replay_age_s is None and not PRIMARY.in_recovery
+
+
+def test_within_its_window_is_ok_and_says_what_it_protects():
+    f, facts = delayed_standby_finding("pg-delayed", 20, 5, HEALTHY)
+    assert f.status == OK and "damage younger than 21s can be undone" in f.reason
+    assert facts["protected_window_s"] == 20.952 and facts["delay_s"] == 20
+
+
+def test_fallen_behind_its_window_is_reported_with_the_fix():
+    f, facts = delayed_standby_finding("pg-delayed", 20, 5, PAUSED)
+    assert f.status == WARNING and "fallen behind its window" in f.reason and "(replay paused)" in f.reason
+    assert "pg_wal_replay_resume" in f.hint and facts["protected_window_s"] == 29.233
+
+
+def test_a_standby_that_lost_its_delay_is_critical():
+    f, _ = delayed_standby_finding("pg-delayed", 20, 5, UNDELAYED)
+    assert f.status == CRITICAL and "recovery_min_apply_delay 0s" in f.reason and "inventory says 20s" in f.reason
+
+
+def test_promoted_is_critical_and_nothing_replayed_is_unknown():
+    assert delayed_standby_finding("pg-delayed", 20, 5, PRIMARY)[0].status == CRITICAL
+    fresh = DelayedReplay(True, False, 0, None, 20.0)
+    assert delayed_standby_finding("pg-delayed", 20, 5, fresh)[0].status == WARNING
+
+
+def test_idle_primary_is_ok_whatever_the_age():
+    idle = DelayedReplay(True, False, 0, 7200.0, 20.0)
+    f, facts = delayed_standby_finding("pg-delayed", 20, 5, idle)
+    assert f.status == OK and "idle primary" in f.reason and facts["protected_window_s"] == 7200.0
+
+
+def test_applying_too_early_is_a_warning():
+    early = DelayedReplay(True, False, 500, 3.0, 3600.0)
+    f, _ = delayed_standby_finding("pg-delayed", 3600, 360, early)
+    assert f.status == WARNING and "too early" in f.reason
+
+
+def test_byte_lag_is_not_judged_for_a_delayed_standby():
+    clients = [{"application_name": "pg-delayed", "current_state": "streaming", "replay_lsn_diff_bytes": -10**9},
+               {"application_name": "pg-standby", "current_state": "streaming", "replay_lsn_diff_bytes": -10**9}]
+    got = {f.check: f.status for f in standby_findings(["pg-standby", "pg-delayed"], clients, 16 * 2**20,
+                                                       delayed=["pg-delayed"])}
+    assert got == {"standby.pg-standby": WARNING, "standby.pg-delayed": OK}
+
+
+@pytest.mark.parametrize(("probe", "status"), [(Probe(value={"pg-delayed": PAUSED}), WARNING),
+                                               (Probe(value={"pg-delayed": "pg-standby: connection refused"}), CRITICAL),
+                                               (Probe(value={}), CRITICAL),
+                                               (Probe(error="ssh: timeout"), CRITICAL)])
+def test_evaluate_server_reports_the_delayed_standby(probe, status):
+    spec = ServerSpec("pg-primary", ("pg-delayed",), None, delayed=(("pg-delayed", 20, 5),))
+    failed = Probe(error="not measured")
+    snap = HostSnapshot(check=failed, backups=failed, servers=failed, replication=failed, delayed=probe)
+    findings, facts = evaluate_server(spec, snap, datetime.now(UTC))
+    mine = [f for f in findings if f.check == "delayed.pg-delayed"]
+    assert len(mine) == 1 and mine[0].status == status
+    assert "delayed_standbys" in facts
