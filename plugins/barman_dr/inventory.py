@@ -109,6 +109,8 @@ class Instance:
     apply_delay_s: int | None = None
     #: how far past its delay a delayed standby may fall before the verification says so (seconds)
     delay_tolerance_s: int | None = None
+    #: a standby's fallback to Barman's archive (e.g. `barman-wal-restore ... %f %p`), written by its rebuild
+    restore_command: str | None = None
 
     @property
     def delayed(self) -> bool:
@@ -259,8 +261,21 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost], sta
         log_file=_abs_path(data.get("log_file"), f"{where}.log_file"),
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
+        restore_command=_restore_command(data.get("restore_command"), f"{where}.restore_command", standby),
         **_delay(data, where),
     )
+
+
+def _restore_command(value: Any, where: str, standby: bool) -> str | None:
+    if value is None:
+        return None
+    if not standby:
+        raise InventoryError(f"{where}: only a standby has one (the rebuild writes it). Fix: remove it")
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\n\r\0") or "%f" not in value \
+            or "%p" not in value:
+        raise InventoryError(f"{where}: {value!r} must be one line with %f and %p, e.g. "
+                             "\"barman-wal-restore -U barman barman-host pg-primary %f %p\"")
+    return value
 
 
 def _delay(data: dict[str, Any], where: str) -> dict[str, int | None]:

@@ -256,8 +256,8 @@ def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: D
     that is not applied there yet, so it can be undone from it in seconds. Healthy is a window
     in `[delay, delay + tolerance]`. Exceptions, each named:
     - nothing pending (an idle primary): the window is everything since its last commit (OK);
-    - a window below the delay while WAL waits: it applies too early (the delay is not what the
-      inventory says, e.g. `recovery_min_apply_delay` lost in a rebuild): WARNING;
+    - a window below the delay while WAL waits, with the inventory's delay configured: it was
+      rebuilt or restarted lately and its window is still growing (OK, said so);
     - a window past `delay + tolerance` while WAL waits: it has fallen behind (replay paused
       or too slow): the window still protects, but older damage is applied later than planned
       and a PITR from it replays more WAL: WARNING;
@@ -286,9 +286,9 @@ def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: D
     if replay.pending_bytes <= 0:
         return Finding(check, OK, f"delayed standby {name}: nothing waiting to be applied (idle primary); "
                                   f"{window}{pause}"), facts
-    if age < delay_s - tolerance_s:
-        return Finding(check, WARNING, f"delayed standby {name} applies too early: window {_human(age)}, delay "
-                                       f"{_human(delay_s)}; {window}", "check its recovery_min_apply_delay"), facts
+    if age < delay_s - tolerance_s:  # its delay is the inventory's (checked above): rebuilt or restarted lately
+        return Finding(check, OK, f"delayed standby {name}: window {_human(age)}, growing to its delay "
+                                  f"{_human(delay_s)} (rebuilt or restarted lately){pause}; {window}"), facts
     if age > delay_s + tolerance_s:
         return Finding(check, WARNING, f"delayed standby {name} has fallen behind its window: {_human(age)} behind, "
                                        f"delay {_human(delay_s)} + tolerance {_human(tolerance_s)}{pause}; {window}",

@@ -173,6 +173,9 @@ class RebuildStandbyOperator(DrBaseOperator):
         self.track_job(db.host, host_jobs, job_id)
         db.host.run_job(host_jobs, job_id, argv, timeout=6 * 3600)
         copy_s = round(time.monotonic() - t0, 3)
+        settings = standby_settings(sb)
+        if settings:  # what pg_basebackup -R does not know: a delayed standby's delay, the fallback to the archive
+            db.host.run(sh_argv(SET_CONF_SCRIPT, f"{sb.data_directory}/postgresql.auto.conf", *settings))
         db.start(sb, wait=False)
         db.wait_ready(sb, timeout=300)
         deadline = time.monotonic() + self.stream_timeout
@@ -188,11 +191,37 @@ class RebuildStandbyOperator(DrBaseOperator):
             raise VerificationError(f"standby {sb.name} started but is not streaming from {primary.name} "
                                     f"(pg_stat_replication: {state!r}); see {sb.log_file}")
         return {"standby": sb.name, "moved_to": moved, "copy_s": copy_s, "replication": state,
-                "in_recovery": db.in_recovery(sb)}
+                "in_recovery": db.in_recovery(sb), "settings": settings, "delayed_s": sb.apply_delay_s}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         return ("The primary is recovered and serving. Only the standby rebuild failed: its old data directory is kept "
                 "(moved aside). Clear this task to retry.")
+
+
+#: on the db host: $1 = postgresql.auto.conf, then `key = 'value'` lines; each key's earlier lines are
+#: dropped first, so a retry writes the same file (ALTER SYSTEM's own file format: one line per key)
+SET_CONF_SCRIPT = r"""
+f="$1"; shift
+tmp="$f.barman-dr.$$"
+cp -p -- "$f" "$tmp" || exit 1
+for kv in "$@"; do
+  key="${kv%% = *}"
+  grep -v -e "^$key = " -- "$tmp" > "$tmp.next"
+  mv -- "$tmp.next" "$tmp"
+  printf '%s\n' "$kv" >> "$tmp"
+done
+mv -- "$tmp" "$f"
+"""
+
+
+def standby_settings(sb: Instance) -> list[str]:
+    """postgresql.auto.conf lines a rebuilt standby needs beyond pg_basebackup -R's (inventory values)."""
+    out = []
+    if sb.apply_delay_s:
+        out.append(f"recovery_min_apply_delay = '{int(sb.apply_delay_s)}s'")
+    if sb.restore_command:
+        out.append("restore_command = " + _sql_literal(sb.restore_command))
+    return out
 
 
 class StandbysToRebuildOperator(DrBaseOperator):
