@@ -73,3 +73,14 @@ def test_token():
     assert token_ok("Bearer s3cret", "s3cret") and token_ok("bearer s3cret ", "s3cret")
     assert not token_ok("Bearer wrong", "s3cret") and not token_ok(None, "s3cret")
     assert not token_ok("Basic s3cret", "s3cret") and not token_ok("Bearer ", "")
+
+
+def test_a_delayed_standbys_window_and_delay_from_the_verification_facts():
+    latest = [{"server": "pg-primary", "action": "verify_report", "outcome": "ok", "event_time": at(5),
+               "details": {"status": "OK", "facts": {"delayed_standbys": [
+                   {"standby": "pg-delayed", "delay_s": 180, "protected_window_s": 181.5},
+                   {"standby": "pg-delayed2", "delay_s": 3600, "protected_window_s": None}]}}}]
+    text = render(collect({"pg-primary": 900}, latest, [], {}, NOW))
+    assert 'barman_dr_delayed_standby_window_seconds{server="pg-primary",standby="pg-delayed"} 181.5\n' in text
+    assert 'barman_dr_delayed_standby_delay_seconds{server="pg-primary",standby="pg-delayed2"} 3600\n' in text
+    assert 'standby="pg-delayed2"} ' not in text.split("barman_dr_delayed_standby_delay_seconds")[0]  # unknown: none

@@ -78,6 +78,10 @@ def collect(servers: Mapping[str, int], latest: Iterable[Mapping[str, Any]], loc
         Family("barman_dr_pitr_in_progress", "1 while a dr_pitr run holds the server's lock."),
         Family("barman_dr_run_in_progress", "1 while any DR run holds the server's lock.", ),
         Family("barman_dr_app_frozen", "1 while a DR run has left the server's app frozen (not resumed)."),
+        Family("barman_dr_delayed_standby_window_seconds",
+               "Delayed standby: damage younger than this can be undone from it (age of its last replayed "
+               "transaction, last verification)."),
+        Family("barman_dr_delayed_standby_delay_seconds", "Delayed standby: its apply delay (inventory)."),
     )}
     by = {(e["server"], e["action"], e["outcome"]): e for e in latest if e.get("server") in servers}
     held = {str(lk["server"]): lk for lk in locks}
@@ -97,6 +101,10 @@ def collect(servers: Mapping[str, int], latest: Iterable[Mapping[str, Any]], loc
             fam["barman_dr_last_backup_age_seconds"].add(lab, t_now - newest if newest else None)
             fam["barman_dr_recoverable_since_timestamp_seconds"].add(lab, oldest)
             fam["barman_dr_wal_archive_lag_seconds"].add(lab, t_now - wal if wal else None)
+            for w in facts.get("delayed_standbys") or []:
+                sb = {"server": name, "standby": str(w.get("standby"))}
+                fam["barman_dr_delayed_standby_window_seconds"].add(sb, w.get("protected_window_s"))
+                fam["barman_dr_delayed_standby_delay_seconds"].add(sb, w.get("delay_s"))
         drill = by.get((name, "drill_result", "ok"))
         if drill is not None:
             fam["barman_dr_last_successful_drill_timestamp_seconds"].add(lab, _ts(drill["event_time"]))
