@@ -34,6 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -78,11 +79,16 @@ AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # image under $LAB_DIR/disks; tmpfs where loop devices are not available): the staging-space fault
 # test fills it while a staged restore copies, as another writer on a production volume would
 SMALL_FS_MIB = {"pg-primary2": 1024}
+# the delayed standby of pg-primary (issue 17): a second PostgreSQL on pg-standby's host, its own port.
+# Its delay is the inventory's `delayed` (include/inventory/lab.yaml: minutes, so tests stay fast)
+DELAYED = "pg-delayed"
+PG_PORTS = {DELAYED: 5433}
+PG_ADDRS = {DELAYED: HOSTS["pg-standby"][0]}
 # what a DR run of each Barman server may touch: while a run owns the server (its lock, or an
 # app it froze and has not resumed: barman_dr.safety.ownership), `up` initialises, starts and
 # reconfigures none of these
 OWNED_BY_SERVER = {
-    BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-nonprod", "pgbouncer", f"barman:{BARMAN_SERVER}"),
+    BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-delayed", "pg-nonprod", "pgbouncer", f"barman:{BARMAN_SERVER}"),
     BARMAN_SERVER2: ("pg-primary2", f"barman:{BARMAN_SERVER2}"),
 }
 
@@ -245,6 +251,8 @@ class Lab:
         for name in ("ops", *HOSTS):
             self.p("run", name).mkdir(exist_ok=True)
             self.p("hosts", name, "jobs").mkdir(parents=True, exist_ok=True)
+        self.p("run", DELAYED).mkdir(exist_ok=True)
+        self.chown(self.p("run", DELAYED), "postgres")
         for name in ("pg-primary", "pg-standby", "pg-nonprod", "pg-primary2", "ops"):
             self.chown(self.p("run", name), "postgres")
             self.chown(self.p("hosts", name), "postgres", recursive=True)
@@ -279,7 +287,7 @@ class Lab:
     def setup_ssh(self) -> None:
         Path("/run/sshd").mkdir(exist_ok=True)
         keys = self.p("ssh", "keys")
-        for name, owner in (("airflow_ed25519", "root"), ("barman_ed25519", "barman")):
+        for name, owner in (("airflow_ed25519", "root"), ("barman_ed25519", "barman"), ("postgres_ed25519", "postgres")):
             key = keys / name
             if not key.exists():
                 run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"barman-dr-lab-{name}", "-f", str(key)])
@@ -288,8 +296,11 @@ class Lab:
         airflow_pub = (keys / "airflow_ed25519.pub").read_text().strip()
         barman_pub = (keys / "barman_ed25519.pub").read_text().strip()
         # who may log in as whom: Airflow -> barman@barman-host, postgres@db-hosts; barman -> postgres@db-hosts
+        postgres_pub = (keys / "postgres_ed25519.pub").read_text().strip()
         ak = self.p("ssh", "authorized_keys")
-        (ak / "barman").write_text(airflow_pub + "\n")
+        # the db hosts' postgres (barman-wal-restore of a standby) may only run `barman get-wal`
+        forced = f'command="{self.p("bin", "barman-get-wal-only")}",restrict {postgres_pub}'
+        (ak / "barman").write_text(airflow_pub + "\n" + forced + "\n")
         (ak / "postgres").write_text(airflow_pub + "\n" + barman_pub + "\n")
         for f in ak.iterdir():
             os.chmod(f, 0o644)
@@ -329,7 +340,8 @@ class Lab:
         os.chmod(self.p("ssh", "known_hosts"), 0o644)
         # ssh client configs: one for the lab's own use (root/Airflow key), one for the barman user
         mux = self.p("run", "barman-lab")
-        for cfg, key in (("ssh_config", keys / "airflow_ed25519"), ("barman_ssh_config", keys / "barman_ed25519")):
+        for cfg, key in (("ssh_config", keys / "airflow_ed25519"), ("barman_ssh_config", keys / "barman_ed25519"),
+                         ("postgres_ssh_config", keys / "postgres_ed25519")):
             lines = []
             for name, (addr, user) in HOSTS.items():
                 lines += [
@@ -368,14 +380,14 @@ class Lab:
         data = self.p("pg", name, "data")
         if self.pg_running(name):
             return
-        opts = shlex.join(["-c", f"listen_addresses={addr}", "-c", f"port={PG_PORT}",
+        opts = shlex.join(["-c", f"listen_addresses={addr}", "-c", f"port={PG_PORTS.get(name, PG_PORT)}",
                            "-c", f"unix_socket_directories={self.p('run', name)}", "-c", f"cluster_name={name}"])
         run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-l", str(self.p("log", f"{name}.log")),
              "-w", "-t", "120", "-o", opts, "start"], user="postgres")
 
     def psql(self, name: str, sql: str, db: str = "postgres") -> str:
         return run([str(PG_BIN / "psql"), "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(self.p("run", name)),
-                    "-p", str(PG_PORT), "-d", db, "-c", sql], user="postgres").stdout.strip()
+                    "-p", str(PG_PORTS.get(name, PG_PORT)), "-d", db, "-c", sql], user="postgres").stdout.strip()
 
     def psql_file(self, name: str, path: Path, db: str, variables: dict[str, str] | None = None) -> None:
         argv = [str(PG_BIN / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(self.p("run", name)),
@@ -549,6 +561,75 @@ class Lab:
             log("standby cloned from the primary")
         self.pg_start("pg-standby", HOSTS["pg-standby"][0])
 
+    def delayed_standby(self) -> Any:
+        """pg-primary's delayed standby as the lab inventory describes it (its delay, restore_command)."""
+        sys.path.insert(0, str(REPO / "plugins"))
+        import yaml
+
+        from barman_dr.inventory import parse_inventory
+
+        path = self.inventory_file()
+        env = {**os.environ, "LAB_DIR": str(self.dir), "LAB_NET": LAB_NET}
+        inv = parse_inventory(yaml.safe_load(path.read_text()), str(path), env=env)
+        return inv.server(BARMAN_SERVER).standby(DELAYED)
+
+    def setup_delayed_standby(self) -> None:
+        """A copy of pg-primary that applies WAL `delayed` late, and falls back to Barman's archive.
+
+        It streams at once (its slot pg_delayed), replays `recovery_min_apply_delay` late, and its
+        `restore_command` is barman-wal-restore (get-wal over SSH, the key restricted to get-wal on
+        the barman host): with the primary gone it still reaches what Barman archived. The
+        settings are the ones dr_pitr's rebuild writes (barman_dr...post_incident.standby_settings).
+        """
+        if self.leave_alone(DELAYED):
+            return
+        data = self.p("pg", DELAYED, "data")
+        if not (data / "PG_VERSION").exists():
+            sys.path.insert(0, str(REPO / "plugins"))
+            from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, standby_settings
+
+            sb = self.delayed_standby()
+            if self.psql("pg-primary", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pg_delayed'") != "1":
+                self.psql("pg-primary", "SELECT pg_create_physical_replication_slot('pg_delayed')")
+            self.p("pg", DELAYED).mkdir(parents=True, exist_ok=True)
+            self.chown(self.p("pg", DELAYED), "postgres")
+            conninfo = (f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=replicator "
+                        f"passfile={self.p('secrets', 'pgpass-postgres')} application_name={DELAYED}")
+            run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R",
+                 "-S", "pg_delayed", "-c", "fast"], user="postgres")
+            run(["sh", "-c", SET_CONF_SCRIPT, "sh", str(data / "postgresql.auto.conf"), *standby_settings(sb)],
+                user="postgres")
+            log(f"delayed standby cloned from the primary (recovery_min_apply_delay {sb.apply_delay_s}s)")
+        self.pg_start(DELAYED, PG_ADDRS[DELAYED])
+
+    def write_wal_restore(self) -> None:
+        """barman-wal-restore for the db hosts' postgres user: its own SSH config, get-wal only on the barman side."""
+        path_dir = self.p("bin", "wal-restore-path")
+        path_dir.mkdir(parents=True, exist_ok=True)
+        ssh = path_dir / "ssh"  # barman-wal-restore runs `ssh` from PATH: this one uses the lab's config
+        ssh.write_text(f"#!/bin/sh\nexec /usr/bin/ssh -F {self.p('ssh', 'postgres_ssh_config')} \"$@\"\n")
+        wrapper = self.p("bin", "barman-wal-restore")
+        wrapper.write_text(f"#!/bin/sh\n# barman-wal-restore with the lab's ssh (Barman 3.19.1's client)\n"
+                           f"PATH={path_dir}:/usr/bin:/bin exec {BARMAN_VENV}/bin/barman-wal-restore \"$@\"\n")
+        forced = self.p("bin", "barman-get-wal-only")
+        forced.write_text("\n".join([
+            f"#!{BARMAN_VENV}/bin/python",
+            "# the barman host's forced command for the db hosts' key: `barman get-wal` and nothing else",
+            "import os, shlex, sys",
+            "argv = shlex.split(os.environ.get('SSH_ORIGINAL_COMMAND', ''))",
+            "if argv[:1] == ['barman']:",
+            "    argv = argv[1:]",
+            "if argv[:1] in (['--config'], ['-c']):",
+            "    argv = argv[2:]",
+            "ok = {'--peek', '--partial', '--test', '--gzip', '--bzip2', '--keep-compression'}",
+            "if not argv or argv[0] != 'get-wal' or any(a.startswith('-') and a not in ok for a in argv[1:]):",
+            "    sys.exit('only `barman get-wal` is allowed with this key')",
+            f"os.execv({str(self.p('bin', 'barman'))!r}, [{str(self.p('bin', 'barman'))!r}, *argv])",
+            "",
+        ]))
+        for f in (ssh, wrapper, forced):
+            os.chmod(f, 0o755)
+
     # --------------------------------------------------------------- failback
     def in_recovery(self, name: str) -> bool:
         return self.psql(name, "SELECT pg_is_in_recovery()") == "t"
@@ -560,7 +641,7 @@ class Lab:
         fenced. The inventory names pg-primary as the primary, so the suites after it need it
         back, with the *recovered* data: pg-primary's fenced directory is moved aside (kept), a
         copy of pg-standby streams into it, pg-standby stops cleanly (every WAL record sent),
-        pg-primary is promoted, pg-standby is cloned from it again, and PgBouncer and Barman
+        pg-primary is promoted, pg-standby and the delayed standby are cloned from it again, and PgBouncer and Barman
         point at pg-primary (a WAL switch archived, a fresh backup). Refused while a DR run
         owns pg-primary.
         """
@@ -596,6 +677,13 @@ class Lab:
         sb = self.p("pg", "pg-standby", "data")
         sb.rename(sb.with_name(f"data.pre-failback-{stamp}"))
         self.setup_standby()  # a fresh clone of pg-primary, on its slot
+        # the delayed standby followed pg-standby (the run rebuilt it there): clone it from pg-primary again
+        dl = self.p("pg", DELAYED, "data")
+        if dl.exists():
+            if self.pg_running(DELAYED):
+                run([str(PG_BIN / "pg_ctl"), "-D", str(dl), "-m", "fast", "-w", "stop"], user="postgres")
+            dl.rename(dl.with_name(f"data.pre-failback-{stamp}"))
+        self.setup_delayed_standby()
         ini = self.p("pgbouncer", "pgbouncer.ini")
         lines = ini.read_text().splitlines()
         line = f"shop = host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop"
@@ -870,6 +958,7 @@ class Lab:
             "pg_primary2_ssh": ssh("pg-primary2"),
             "pg_primary": pg(HOSTS["pg-primary"][0], "dr_admin", s["dr_admin"], "shop"),
             "pg_standby": pg(HOSTS["pg-standby"][0], "dr_admin", s["dr_admin"], "shop"),
+            "pg_delayed": pg(PG_ADDRS[DELAYED], "dr_admin", s["dr_admin"], "shop", port=PG_PORTS[DELAYED]),
             "pg_nonprod": pg(HOSTS["pg-nonprod"][0], "dr_admin", s["dr_admin"], "shop"),
             "pg_primary2": pg(HOSTS["pg-primary2"][0], "dr_admin", s["dr_admin"], "shop"),
             "pgbouncer_admin": pg(HOSTS["pg-primary"][0], "pgbouncer_admin", s["pgbouncer_admin"], "pgbouncer",
@@ -938,6 +1027,8 @@ class Lab:
             "LAB_PRIMARY_DSN": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
             "LAB_APP_DSN": f"host={HOSTS['pg-primary'][0]} port={PGBOUNCER_PORT} dbname=shop user=app password={s['app']}",
             "LAB_STANDBY_DSN": f"host={HOSTS['pg-standby'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
+            "LAB_DELAYED_DSN": (f"host={PG_ADDRS[DELAYED]} port={PG_PORTS[DELAYED]} dbname=shop user=dr_admin "
+                                f"password={s['dr_admin']}"),
             "LAB_AUDIT_DSN": f"host={OPS} port={PG_PORT} dbname=dr_audit user=dr_audit_writer password={s['dr_audit_writer']}",
             "LAB_BARMAN_SERVER": BARMAN_SERVER,
             "LAB_BARMAN_SERVER2": BARMAN_SERVER2,
@@ -1087,16 +1178,17 @@ class Lab:
             rows.append((f"sshd {name}", f"{addr}:{SSH_PORT}", "up" if pid and pid_alive(pid) else "down",
                          run(["ssh", "-V"]).stderr.split(",")[0]))
         for name, addr in (("ops", OPS), ("pg-primary", HOSTS["pg-primary"][0]), ("pg-standby", HOSTS["pg-standby"][0]),
-                           ("pg-nonprod", HOSTS["pg-nonprod"][0]), ("pg-primary2", HOSTS["pg-primary2"][0])):
+                           (DELAYED, PG_ADDRS[DELAYED]), ("pg-nonprod", HOSTS["pg-nonprod"][0]),
+                           ("pg-primary2", HOSTS["pg-primary2"][0])):
             if not self.p("pg", name, "data").exists() and name == "pg-nonprod":
                 rows.append((f"postgresql {name}", f"{addr}:{PG_PORT}", "idle (drill target)", f"PostgreSQL {pgver()}"))
                 continue
             state = "down"
             if self.pg_running(name):
                 state = "up"
-                if name == "pg-standby" and (self.p("pg", name, "data", "standby.signal")).exists():
-                    state = "up (standby)"
-            rows.append((f"postgresql {name}", f"{addr}:{PG_PORT}", state, f"PostgreSQL {pgver()}"))
+                if name in ("pg-standby", DELAYED) and (self.p("pg", name, "data", "standby.signal")).exists():
+                    state = "up (delayed standby)" if name == DELAYED else "up (standby)"
+            rows.append((f"postgresql {name}", f"{addr}:{PG_PORTS.get(name, PG_PORT)}", state, f"PostgreSQL {pgver()}"))
         pid = read_pid(self.p("run", "pgbouncer.pid"))
         ver = run(["pgbouncer", "--version"], check=False).stdout.splitlines()[0] if shutil.which("pgbouncer") else "?"
         rows.append(("pgbouncer", f"{HOSTS['pg-primary'][0]}:{PGBOUNCER_PORT}", "up" if pid and pid_alive(pid) else "down", ver))
@@ -1171,6 +1263,8 @@ class Lab:
         self.claim_owned()
         self.setup_primary()
         self.setup_standby()
+        self.write_wal_restore()
+        self.setup_delayed_standby()
         self.setup_primary2()
         self.setup_pgbouncer()
         self.setup_barman()
@@ -1269,7 +1363,7 @@ class Lab:
                 check=False)
             log("stopped postgresql pg-bench (benchmark cluster)")
         self.stop_pid(self.p("run", "pgbouncer.pid"), "pgbouncer")
-        for name in ("pg-nonprod", "pg-standby", "pg-primary", "pg-primary2", "ops"):
+        for name in ("pg-nonprod", DELAYED, "pg-standby", "pg-primary", "pg-primary2", "ops"):
             if self.pg_running(name):
                 run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", name, "data")), "-m", "fast", "-w", "-t", "60",
                      "stop"], user="postgres", check=False)

@@ -278,9 +278,9 @@ def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: D
                        "the inventory"), facts
     age = replay.replay_age_s
     facts["protected_window_s"] = age
-    if age is None:
-        return Finding(check, WARNING, f"delayed standby {name} has replayed no transaction yet: its window is "
-                                       "unknown"), facts
+    if age is None:  # started or rebuilt lately, with the inventory's delay (checked above)
+        return Finding(check, OK, f"delayed standby {name} has replayed no transaction since it started: its "
+                                  f"window grows to its delay {_human(delay_s)} from its first one"), facts
     window = f"damage younger than {_human(age)} can be undone from it"
     pause = " (replay paused)" if replay.paused else ""
     if replay.pending_bytes <= 0:

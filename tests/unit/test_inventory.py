@@ -49,8 +49,12 @@ def test_lab_inventory_parses(inv):
     assert srv.primary.port == 5432
     assert srv.primary.socket_directory == "/var/tmp/lab-x/run/pg-primary"
     assert srv.primary.postgres_conn_id == "pg_primary"
-    assert [s.name for s in srv.standbys] == ["pg-standby"]
+    assert [s.name for s in srv.standbys] == ["pg-standby", "pg-delayed"]
     assert srv.standby("pg-standby").replication_slot == "pg_standby"
+    assert not srv.standby("pg-standby").delayed
+    delayed = srv.standby("pg-delayed")
+    assert (delayed.host, delayed.port, delayed.apply_delay_s, delayed.delay_tolerance_s) == ("pg-standby", 5433, 180, 60)
+    assert delayed.restore_command == "/var/tmp/lab-x/bin/barman-wal-restore -U barman barman-lab pg-primary %f %p"
     assert srv.nonprod is not None and srv.nonprod.host == "pg-nonprod"
     assert srv.app_freeze.method == "pgbouncer"
     assert srv.app_freeze.conn_id == "pgbouncer_admin" and srv.app_freeze.database == "shop"

@@ -1,0 +1,110 @@
+"""The lab's delayed standby (issue 17): built as the inventory says, verified, reported when it falls behind.
+
+pg-delayed is a second PostgreSQL on pg-standby's host that applies WAL `delayed` late and
+falls back to Barman's archive through barman-wal-restore (get-wal only, over SSH).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import psycopg2
+import pytest
+from pitr_support import run_dag
+from scheduled_support import temp_inventory, xcom_for
+
+pytestmark = pytest.mark.integration
+
+DAG_ID = "dr_daily_verification"
+
+
+def delayed_sql(query: str) -> list[tuple]:
+    conn = psycopg2.connect(os.environ["LAB_DELAYED_DSN"])
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query)
+            return cur.fetchall() if cur.description else []
+    finally:
+        conn.close()
+
+
+def commit_on_primary(seconds: float) -> None:
+    """The app keeps writing: one commit a second on the primary (WAL the delayed standby holds back)."""
+    conn = psycopg2.connect(os.environ["LAB_PRIMARY_DSN"])
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cur:
+            cur.execute("CREATE TABLE IF NOT EXISTS delayed_probe (at timestamptz DEFAULT now())")
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                cur.execute("INSERT INTO delayed_probe DEFAULT VALUES")
+                time.sleep(1)
+    finally:
+        conn.close()
+
+
+def report_of(run_id: str) -> dict:
+    from barman_dr.fleet import pool_of
+
+    return xcom_for(DAG_ID, run_id, f"verify__{pool_of('pg-primary')}", "pg-primary")
+
+
+def test_the_delayed_standby_is_what_the_inventory_says(inventory):
+    sb = inventory.server("pg-primary").standby("pg-delayed")
+    (row,) = delayed_sql("SELECT pg_is_in_recovery(), current_setting('recovery_min_apply_delay'), "
+                         "current_setting('restore_command'), (SELECT status FROM pg_stat_wal_receiver)")
+    assert row[0] is True and row[1] == f"{sb.apply_delay_s // 60}min" and row[3] == "streaming"
+    assert "barman-wal-restore" in row[2]
+    # its fallback to Barman's archive works from the db host: get-wal of a segment Barman archived
+    show = subprocess.run([*os.environ["LAB_BARMAN"].split(), "-f", "json", "show-backup", "pg-primary", "latest"],
+                          capture_output=True, text=True, check=True).stdout
+    archived = json.loads(show)["pg-primary"]["base_backup_information"]["begin_wal"]
+    restore = sb.restore_command.split(" %f")[0].split()
+    ok = subprocess.run(["runuser", "-u", "postgres", "--", *restore, archived, "/dev/null"], capture_output=True,
+                        text=True, check=False, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    refused = subprocess.run(["runuser", "-u", "postgres", "--", "ssh", "-F",
+                              os.path.join(os.environ["LAB_DIR"], "ssh", "postgres_ssh_config"), "barman-lab",
+                              "barman", "delete", "pg-primary", "oldest"], capture_output=True, text=True,
+                             check=False, timeout=60)
+    assert refused.returncode != 0 and "only `barman get-wal`" in refused.stderr  # the key does get-wal only
+
+
+def test_the_verification_reports_its_window_and_when_it_falls_behind(inventory, tmp_path, monkeypatch):
+    """A 5 s delay and 5 s tolerance for this test, replay paused while the app writes: fallen behind."""
+    _state, run_id, _ = run_dag(DAG_ID, {})
+    finding = next(f for f in report_of(run_id)["findings"] if f["check"] == "delayed.pg-delayed")
+    assert finding["status"] == "OK" and "can be undone from it" in finding["reason"], finding
+
+    def short(doc: dict) -> None:
+        sb = next(s for s in doc["servers"]["pg-primary"]["standbys"] if s["name"] == "pg-delayed")
+        sb.update(delayed="5s", delay_tolerance="5s")
+
+    delayed_sql("ALTER SYSTEM SET recovery_min_apply_delay = '5s'")
+    delayed_sql("SELECT pg_reload_conf()")
+    try:
+        commit_on_primary(8)  # within its window now
+        delayed_sql("SELECT pg_wal_replay_pause()")
+        commit_on_primary(14)
+        temp_inventory(tmp_path, monkeypatch, short)
+        _state, run_id, _ = run_dag(DAG_ID, {})
+        report = report_of(run_id)
+        finding = next(f for f in report["findings"] if f["check"] == "delayed.pg-delayed")
+        assert finding["status"] == "WARNING" and "fallen behind its window" in finding["reason"], finding
+        assert "(replay paused)" in finding["reason"] and "pg_wal_replay_resume" in finding["hint"]
+        window = report["facts"]["delayed_standbys"][0]
+        assert window["standby"] == "pg-delayed" and window["protected_window_s"] > 10 and window["paused"]
+    finally:
+        delayed_sql("SELECT pg_wal_replay_resume()")
+        delay = inventory.server("pg-primary").standby("pg-delayed").apply_delay_s
+        delayed_sql(f"ALTER SYSTEM SET recovery_min_apply_delay = '{delay}s'")  # the inventory's, as rebuilt
+        delayed_sql("SELECT pg_reload_conf()")
+        conn = psycopg2.connect(os.environ["LAB_PRIMARY_DSN"])
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DROP TABLE IF EXISTS delayed_probe")
+        conn.close()
