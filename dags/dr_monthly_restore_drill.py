@@ -60,6 +60,6 @@ with DAG(
         drill_ids.append(f"drill__{pool}")
     summary = FleetSummaryOperator(task_id="summary", servers=sorted(s for v in POOLS.values() for s in v),
                                    report_task_ids=drill_ids, action="drill_summary", trigger_rule="all_done",
-                                   retries=0)
+                                   release_locks=True, retries=0)
     for pool in sorted(POOLS):
         dag.get_task(f"teardown__{pool}") >> summary

@@ -10,10 +10,34 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 
+# `dag.test()` re-parses the dags folder and writes every DAG to the metadata DB, but Airflow skips
+# that write when the DAG's row changed less than `[core] min_serialized_dag_update_interval` (30 s)
+# ago. A test that parsed the DAGs with an edited inventory (temp_inventory: fewer servers, so fewer
+# per-pool tasks) would then leave its version in place for the next test's run, whose tasks missing
+# from it are marked `removed` (a drill's teardown never ran and its lock leaked: CI, 2026-12-04).
+# In-process runs always write the DAG they run.
+os.environ["AIRFLOW__CORE__MIN_SERIALIZED_DAG_UPDATE_INTERVAL"] = "0"
+
 
 def lab_is_up() -> bool:
     return bool(os.environ.get("LAB_DIR")) and Path(os.environ["LAB_DIR"], "env.sh").exists() \
         and bool(os.environ.get("AIRFLOW_CONN_BARMAN_HOST"))
+
+
+@pytest.fixture(autouse=True)
+def dags_back_to_the_lab_inventory():
+    """After a test that used an edited inventory (scheduled_support.temp_inventory): the lab's DAGs re-synced.
+
+    Autouse, so it is torn down after the test's monkeypatch has put BARMAN_DR_INVENTORY back.
+    """
+    yield
+    try:
+        import scheduled_support
+    except ImportError:
+        return
+    if scheduled_support.TEMP_INVENTORY_USED["used"]:
+        scheduled_support.TEMP_INVENTORY_USED["used"] = False
+        scheduled_support.resync_dags()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

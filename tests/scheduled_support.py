@@ -27,6 +27,26 @@ def xcom_for(dag_id: str, run_id: str, task_id: str, server: str) -> Any:
     return None
 
 
+#: set by temp_inventory: conftest's `dags_back_to_the_lab_inventory` re-syncs the DAGs after the test
+TEMP_INVENTORY_USED = {"used": False}
+
+
+def resync_dags() -> None:
+    """Parse the dags folder with the current environment and write every DAG to the metadata DB.
+
+    After a test that ran DAGs parsed from an edited inventory, the next run (in-process or
+    through the scheduler) must find the lab's own DAG shapes in the DB, not the edited ones.
+    """
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+
+    for bundle in DagBundlesManager().get_all_dag_bundles():
+        if not bundle.is_initialized:
+            bundle.initialize()
+        bag = BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name)
+        sync_bag_to_db(bag, bundle.name, bundle.version)
+
+
 def temp_inventory(tmp_path: Path, monkeypatch: Any, edit: Any) -> Path:
     """A copy of the lab inventory changed by `edit(doc)`, made current through BARMAN_DR_INVENTORY.
 
@@ -41,4 +61,5 @@ def temp_inventory(tmp_path: Path, monkeypatch: Any, edit: Any) -> Path:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     monkeypatch.setenv("BARMAN_DR_INVENTORY", str(path))
     assert os.environ["BARMAN_DR_INVENTORY"] == str(path)
+    TEMP_INVENTORY_USED["used"] = True
     return path

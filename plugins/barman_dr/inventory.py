@@ -119,6 +119,8 @@ class Instance:
 
 #: `delayed:` / `delay_tolerance:` values: an integer number of seconds, or a number and a unit
 INTERVAL_RE = re.compile(r"^\s*(\d+)\s*([a-z]*)\s*$")
+#: recovery_min_apply_delay is an int of milliseconds
+MAX_INTERVAL_S = 2147483
 _UNIT_S = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min": 60, "mins": 60, "minute": 60,
            "minutes": 60, "h": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
 
@@ -126,12 +128,16 @@ _UNIT_S = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1, "min":
 def parse_interval(value: Any, where: str) -> int:
     """`90`, `"30s"`, `"5min"`, `"4h"`, `"1d"` -> seconds; anything else names the field and the fix."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
+        value = str(value)
     m = INTERVAL_RE.match(value) if isinstance(value, str) else None
     if not m or int(m.group(1)) <= 0 or m.group(2) not in _UNIT_S:
         raise InventoryError(f"{where}: {value!r} is not a positive interval. Fix: seconds (e.g. 3600) or a number "
                              "with a unit: 30s, 5min, 4h, 1d")
-    return int(m.group(1)) * _UNIT_S[m.group(2)]
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)]
+    if seconds > MAX_INTERVAL_S:
+        raise InventoryError(f"{where}: {value!r} is longer than PostgreSQL's recovery_min_apply_delay allows "
+                             f"({MAX_INTERVAL_S} s, about 24 days). Fix: a shorter interval, e.g. 7d")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -271,9 +277,9 @@ def _restore_command(value: Any, where: str, standby: bool) -> str | None:
         return None
     if not standby:
         raise InventoryError(f"{where}: only a standby has one (the rebuild writes it). Fix: remove it")
-    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\n\r\0") or "%f" not in value \
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\n\r\0\\") or "%f" not in value \
             or "%p" not in value:
-        raise InventoryError(f"{where}: {value!r} must be one line with %f and %p, e.g. "
+        raise InventoryError(f"{where}: {value!r} must be one line with %f and %p and no backslash, e.g. "
                              "\"barman-wal-restore -U barman barman-host pg-primary %f %p\"")
     return value
 

@@ -229,23 +229,30 @@ class DelayedReplay:
     replay_age_s: float | None
     #: its recovery_min_apply_delay, in seconds, as PostgreSQL runs it
     configured_delay_s: float
+    #: what its startup process waits on: `RecoveryApplyDelay` = holding the next commit back on schedule
+    wait_event: str = ""
+
+    @property
+    def waiting_on_delay(self) -> bool:
+        return self.wait_event == "RecoveryApplyDelay"
 
     @classmethod
     def from_row(cls, row: Sequence[str]) -> DelayedReplay:
-        """The psql -At row of DELAYED_REPLAY_SQL (t/f, t/f, bytes, seconds or empty, milliseconds)."""
-        in_rec, paused, pending, age, delay_ms = (list(row) + [""] * 5)[:5]
+        """The psql -At row of DELAYED_REPLAY_SQL (t/f, t/f, bytes, seconds or empty, milliseconds, wait event)."""
+        in_rec, paused, pending, age, delay_ms, wait = (list(row) + [""] * 6)[:6]
         return cls(in_recovery=in_rec == "t", paused=paused == "t", pending_bytes=int(float(pending or 0)),
                    replay_age_s=float(age) if age not in ("", None) else None,
-                   configured_delay_s=float(delay_ms or 0) / 1000)
+                   configured_delay_s=float(delay_ms or 0) / 1000, wait_event=wait.strip())
 
 
 #: on the delayed standby: recovery state, replay pause, received-but-not-replayed bytes, the age
-#: of the last replayed commit, and the delay it runs with (ms)
+#: of the last replayed commit, the delay it runs with (ms), and what its startup process waits on
 DELAYED_REPLAY_SQL = (
     "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END, "
     "coalesce(pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn()), 0)::bigint, "
     "round(extract(epoch FROM now() - pg_last_xact_replay_timestamp())::numeric, 3), "
-    "(SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay')")
+    "(SELECT setting FROM pg_settings WHERE name = 'recovery_min_apply_delay'), "
+    "coalesce((SELECT wait_event FROM pg_stat_activity WHERE backend_type = 'startup'), '')")
 
 
 def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: DelayedReplay
@@ -256,8 +263,10 @@ def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: D
     that is not applied there yet, so it can be undone from it in seconds. Healthy is a window
     in `[delay, delay + tolerance]`. Exceptions, each named:
     - nothing pending (an idle primary): the window is everything since its last commit (OK);
-    - a window below the delay while WAL waits, with the inventory's delay configured: it was
-      rebuilt or restarted lately and its window is still growing (OK, said so);
+    - a window below the delay while WAL waits, with the inventory's delay configured: the last
+      record applied was not a delayed commit (an abort), or the delay was raised lately (OK, said);
+    - a window past `delay + tolerance` while its startup process waits on `RecoveryApplyDelay`:
+      a quiet database whose next commit is waiting its turn (OK, said);
     - a window past `delay + tolerance` while WAL waits: it has fallen behind (replay paused
       or too slow): the window still protects, but older damage is applied later than planned
       and a PITR from it replays more WAL: WARNING;
@@ -286,9 +295,14 @@ def delayed_standby_finding(name: str, delay_s: int, tolerance_s: int, replay: D
     if replay.pending_bytes <= 0:
         return Finding(check, OK, f"delayed standby {name}: nothing waiting to be applied (idle primary); "
                                   f"{window}{pause}"), facts
-    if age < delay_s - tolerance_s:  # its delay is the inventory's (checked above): rebuilt or restarted lately
-        return Finding(check, OK, f"delayed standby {name}: window {_human(age)}, growing to its delay "
-                                  f"{_human(delay_s)} (rebuilt or restarted lately){pause}; {window}"), facts
+    if age < delay_s - tolerance_s:  # its delay is the inventory's (checked above)
+        return Finding(check, OK, f"delayed standby {name}: window {_human(age)}, below its delay "
+                                  f"{_human(delay_s)} (the last record it applied was not a delayed commit, or the "
+                                  f"delay was raised lately){pause}; {window}"), facts
+    if age > delay_s + tolerance_s and replay.waiting_on_delay and not replay.paused:
+        # a quiet database: the next commit is simply waiting its turn (commits further apart than the tolerance)
+        return Finding(check, OK, f"delayed standby {name}: holding the next commit back for its delay "
+                                  f"{_human(delay_s)} (no commit in between: a quiet database); {window}"), facts
     if age > delay_s + tolerance_s:
         return Finding(check, WARNING, f"delayed standby {name} has fallen behind its window: {_human(age)} behind, "
                                        f"delay {_human(delay_s)} + tolerance {_human(tolerance_s)}{pause}; {window}",

@@ -78,7 +78,7 @@ def test_the_verification_reports_its_window_and_when_it_falls_behind(inventory,
     """A 5 s delay and 5 s tolerance for this test, replay paused while the app writes: fallen behind."""
     _state, run_id, _ = run_dag(DAG_ID, {})
     finding = next(f for f in report_of(run_id)["findings"] if f["check"] == "delayed.pg-delayed")
-    assert finding["status"] == "OK" and "can be undone from it" in finding["reason"], finding
+    assert finding["status"] == "OK" and "delayed standby pg-delayed" in finding["reason"], finding
 
     def short(doc: dict) -> None:
         sb = next(s for s in doc["servers"]["pg-primary"]["standbys"] if s["name"] == "pg-delayed")

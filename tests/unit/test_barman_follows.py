@@ -35,9 +35,11 @@ def test_quoted_values_survive():
     assert parse_dsn(new)["application_name"] == "barman dr" and parse_dsn(new)["passfile"] == "/p q/pgpass"
 
 
-def test_a_redacted_password_is_refused_with_the_fix():
-    with pytest.raises(BarmanOutputError, match="passfile"):
-        repointed_conninfo("host=a user=barman password=***", "b", 5432)
+@pytest.mark.parametrize("conninfo", ["host=a user=barman password=*REDACTED*", "host=a password=s3cret user=b"])
+def test_a_password_in_the_conninfo_is_never_copied_and_the_fix_is_named(conninfo):
+    with pytest.raises(BarmanOutputError, match="passfile") as exc:
+        repointed_conninfo(conninfo, "b", 5432)
+    assert "s3cret" not in str(exc.value)
 
 
 def test_points_at_defaults_the_port():
@@ -65,6 +67,14 @@ class FakeBarman(BarmanHook):
         assert change.pop("scope") == "server" and change.pop("server_name") == "pg-primary"
         if self.apply:
             self.section.update(change)
+
+
+def test_the_wal_conninfos_follow_too_when_set():
+    hook = FakeBarman({"conninfo": LAB, "streaming_conninfo": LAB, "wal_streaming_conninfo": LAB,
+                       "wal_conninfo": None})
+    out = hook.point_at("pg-primary", "127.0.10.12", 5432)
+    assert out["changed"] == ["conninfo", "streaming_conninfo", "wal_streaming_conninfo"]
+    assert conninfo_points_at(hook.section["wal_streaming_conninfo"], "127.0.10.12", 5432)
 
 
 def test_point_at_updates_both_and_is_idempotent():

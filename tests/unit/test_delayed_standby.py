@@ -12,7 +12,7 @@ from barman_dr.verification import CRITICAL, OK, WARNING, DelayedReplay, delayed
 
 ROWS = [ln.split("|") for ln in (Path(__file__).resolve().parents[1] / "fixtures" / "postgres" /
                                  "delayed-replay.txt").read_text().splitlines() if ln and not ln.startswith("#")]
-HEALTHY, PAUSED, UNDELAYED, FRESH, PRIMARY = (DelayedReplay.from_row(r) for r in ROWS)
+HEALTHY, PAUSED, UNDELAYED, FRESH, PRIMARY, QUIET = (DelayedReplay.from_row(r) for r in ROWS)
 
 
 def test_recorded_rows_parse():
@@ -50,11 +50,23 @@ def test_idle_primary_is_ok_whatever_the_age():
     assert f.status == OK and "idle primary" in f.reason and facts["protected_window_s"] == 7200.0
 
 
-def test_a_window_still_growing_after_a_rebuild_is_ok_and_said():
-    """Its configured delay is the inventory's, so a short window means it was (re)started lately."""
+def test_a_window_below_the_delay_with_the_right_setting_is_ok_and_said():
+    """Its configured delay is the inventory's: the last record applied was an abort, or the delay was raised."""
     early = DelayedReplay(True, False, 500, 3.0, 3600.0)
     f, _ = delayed_standby_finding("pg-delayed", 3600, 360, early)
-    assert f.status == OK and "growing to its delay 60min" in f.reason
+    assert f.status == OK and "below its delay 60min" in f.reason
+
+
+def test_a_quiet_database_is_not_fallen_behind():
+    """Commits further apart than the tolerance: the next one waits its turn (RecoveryApplyDelay), on schedule."""
+    assert QUIET.waiting_on_delay and delayed_standby_finding("pg-delayed", 180, 60, QUIET)[0].status == OK
+    quiet = DelayedReplay(True, False, 500, 700.0, 180.0, wait_event="RecoveryApplyDelay")
+    f, _ = delayed_standby_finding("pg-delayed", 180, 60, quiet)
+    assert f.status == OK and "quiet database" in f.reason
+    stuck = DelayedReplay(True, False, 500, 700.0, 180.0, wait_event="")  # not waiting on the delay: behind
+    assert delayed_standby_finding("pg-delayed", 180, 60, stuck)[0].status == WARNING
+    paused = DelayedReplay(True, True, 500, 700.0, 180.0, wait_event="RecoveryPause")
+    assert delayed_standby_finding("pg-delayed", 180, 60, paused)[0].status == WARNING
 
 
 def test_byte_lag_is_not_judged_for_a_delayed_standby():

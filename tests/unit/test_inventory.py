@@ -374,3 +374,14 @@ def test_only_a_standby_can_be_delayed_and_tolerance_needs_a_delay(raw):
     raw["servers"]["pg-primary"]["standbys"][0].update(delayed="1h", delay_tolerance="15min")
     sb = parse_inventory(raw, env=ENV).server("pg-primary").standbys[0]
     assert (sb.apply_delay_s, sb.delay_tolerance_s) == (3600, 900)
+
+
+def test_a_delay_postgresql_cannot_hold_and_a_backslash_in_restore_command_are_refused(raw):
+    bad = copy.deepcopy(raw)
+    bad["servers"]["pg-primary"]["standbys"][0]["delayed"] = "30d"
+    with pytest.raises(InventoryError, match=r"delayed: '30d' is longer than .* Fix: a shorter interval"):
+        parse_inventory(bad, env=ENV)
+    bad = copy.deepcopy(raw)
+    bad["servers"]["pg-primary"]["standbys"][0]["restore_command"] = "cp /a\\\\b/%f %p"
+    with pytest.raises(InventoryError, match="no backslash"):
+        parse_inventory(bad, env=ENV)

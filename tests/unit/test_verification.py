@@ -221,3 +221,36 @@ def test_summary_counts_a_skipped_drill_as_neither_ok_nor_critical():
                    "b": {"server": "b", "status": SKIPPED, "skipped": "no nonprod target"}})
     assert s["status"] == OK and s["skipped"] == ["b"] and s["reasons"]["b"] == ["SKIPPED: no nonprod target"]
     assert summarise({"a": {"server": "a", "status": "bogus"}})["status"] == CRITICAL
+
+
+def test_the_drill_summary_releases_only_the_locks_its_own_run_still_holds(monkeypatch):
+    """A teardown that never ran (task instance removed) must not leave its server locked for every later run."""
+    from types import SimpleNamespace
+
+    from barman_dr.operators import scheduled
+    from barman_dr.safety.locks import LockHolder
+
+    held = {"pg-primary": LockHolder("pg-primary", "dr_monthly_restore_drill", "run-1", "drill", "t"),
+            "pg-other": LockHolder("pg-other", "dr_pitr", "pitr-9", "pitr", "t")}
+    released = []
+
+    class FakeLock:
+        def __init__(self, **_):
+            pass
+
+        def holders(self, servers):
+            return {s: h for s, h in held.items() if s in servers}
+
+        def release(self, server, *, dag_id, run_id):
+            released.append((server, dag_id, run_id))
+            return True
+
+    recorded = []
+    monkeypatch.setattr(scheduled, "ServerLock", FakeLock)
+    audit = SimpleNamespace(record=lambda action, outcome, **kw: recorded.append((action, outcome, kw["server"])))
+    op = scheduled.FleetSummaryOperator(task_id="summary", servers=["pg-primary", "pg-other", "pg-primary2"],
+                                        report_task_ids=[], action="drill_summary", release_locks=True)
+    ctx = {"dag": SimpleNamespace(dag_id="dr_monthly_restore_drill"), "run_id": "run-1"}
+    assert op.release_own_locks(ctx, audit) == ["pg-primary"]
+    assert released == [("pg-primary", "dr_monthly_restore_drill", "run-1")]  # never another run's lock
+    assert recorded == [("lock_released_by_summary", "ok", "pg-primary")]

@@ -37,8 +37,9 @@ from barman_dr.models import (
 
 _CLOSED_WAL_RE = re.compile(r"WAL file ([0-9A-F]{24}) has been closed")
 
-#: the connection strings Barman uses for a server: both follow a new primary
-CONNINFO_KEYS = ("conninfo", "streaming_conninfo")
+#: the connection strings Barman uses for a server: each one set follows a new primary (Barman 3.19.1
+#: also has wal_conninfo / wal_streaming_conninfo, which receive-wal and the WAL checks use when set)
+CONNINFO_KEYS = ("conninfo", "streaming_conninfo", "wal_conninfo", "wal_streaming_conninfo")
 
 
 def repointed_conninfo(conninfo: str, host: str, port: int) -> str:
@@ -51,10 +52,12 @@ def repointed_conninfo(conninfo: str, host: str, port: int) -> str:
     from psycopg2.extensions import make_dsn, parse_dsn
 
     params = parse_dsn(conninfo)
-    if set(str(params.get("password", ""))) == {"*"}:
-        raise BarmanOutputError("Barman shows this server's conninfo with its password redacted: it cannot be "
-                                "re-pointed without losing it. Fix: keep the password in a passfile (libpq "
-                                "`passfile=`) or the barman user's ~/.pgpass instead of the conninfo")
+    if "password" in params:
+        # never copied: it would go on the barman host's argv (`ps`), into Barman's change queue, and
+        # into error text; Barman's own output may show it redacted as *REDACTED*
+        raise BarmanOutputError("this server's Barman conninfo carries a password: barman-dr does not copy "
+                                "passwords into commands. Fix: keep it in a passfile (libpq `passfile=`) or the "
+                                "barman user's ~/.pgpass, remove `password=` from barman.conf, then retry")
     params.pop("hostaddr", None)
     params.update(host=host, port=str(int(port)))
     return make_dsn(**params)

@@ -227,12 +227,33 @@ class FleetSummaryOperator(BaseOperator):
     ui_color = "#e8f1fb"
 
     def __init__(self, *, servers: Sequence[str], report_task_ids: Sequence[str], audit_conn_id: str = "dr_audit",
-                 action: str = "verify_summary", **kwargs: Any) -> None:
+                 action: str = "verify_summary", release_locks: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.servers = list(servers)
         self.report_task_ids = list(report_task_ids)
         self.audit_conn_id = audit_conn_id
         self.action = action
+        self.release_locks = release_locks
+
+    def release_own_locks(self, context: Any, audit: AuditTrail) -> list[str]:
+        """Locks this run still holds at its end (a teardown that never ran): released, each audited.
+
+        A teardown releases its server's lock. One that did not run at all (its task instance
+        removed because the DAG's shape changed mid-run, e.g. an inventory edit, or skipped)
+        would leave the lock behind and every later DR run of that server refused. The summary
+        runs after all of them (all_done) and releases only what this very run holds.
+        """
+        dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        lock = ServerLock(postgres_conn_id=self.audit_conn_id)
+        released = []
+        for server, holder in sorted(lock.holders(self.servers).items()):
+            if holder.dag_id == dag_id and holder.run_id == run_id and lock.release(server, dag_id=dag_id,
+                                                                                    run_id=run_id):
+                released.append(server)
+                audit.record("lock_released_by_summary", "ok", server=server,
+                             details={"reason": "its teardown did not release it (the task did not run); its "
+                                                "nonprod instance may still be running: check it"})
+        return released
 
     def execute(self, context: Any) -> dict[str, Any]:
         pulled = context["ti"].xcom_pull(task_ids=self.report_task_ids) or []
@@ -240,8 +261,10 @@ class FleetSummaryOperator(BaseOperator):
         for rep in _flatten_reports(pulled):
             reports[str(rep["server"])] = rep
         summary = summarise(reports)
-        AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context)).record(
-            self.action, summary["status"].lower(), details=summary)
+        audit = AuditTrail(postgres_conn_id=self.audit_conn_id, context=AuditContext.from_airflow(context))
+        if self.release_locks:
+            summary["locks_released"] = self.release_own_locks(context, audit)
+        audit.record(self.action, summary["status"].lower(), details=summary)
         if summary["status"] == CRITICAL:
             lines = [f"{s}: {'; '.join(summary['reasons'].get(s, []))}" for s in summary["critical"]]
             raise AirflowFailException("CRITICAL servers: " + " | ".join(lines))

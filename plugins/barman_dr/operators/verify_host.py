@@ -114,6 +114,7 @@ class BarmanHostVerificationOperator(DrBaseOperator):
             failed = Probe.failed(connect.error)
             return HostSnapshot(check=failed, backups=failed, servers=failed, replication=failed, files=failed,
                                 orphans=Probe.run(lambda: self._orphans(context)),
+                                delayed=Probe.run(self._delayed_replay),  # on the db hosts: still measurable
                                 backup_directory=self.barman_host.backup_directory), timings
         # each concurrent Barman probe on an SSH connection of its own: a probe that times out or
         # breaks closes only its own connection, never the channels of the others
@@ -135,13 +136,13 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                 f_repl = pool.submit(timed("replication_status_all", own(lambda b: own_sections(
                     b.replication_status_all(with_standbys), with_standbys)))) if with_standbys else None
                 f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
-                f_delayed = pool.submit(timed("delayed_standbys", self._delayed_replay))
                 backups, servers = _probe(f_backups), _probe(f_servers)
                 files = Probe.run(timed("server_files", lambda: self._files(backups, servers)))
                 snap = HostSnapshot(check=_probe(f_check), backups=backups, servers=servers,
                                     replication=_probe(f_repl) if f_repl else Probe(value={}), files=files,
-                                    orphans=_probe(f_orphans), delayed=_probe(f_delayed),
-                                    backup_directory=self.barman_host.backup_directory)
+                                    orphans=_probe(f_orphans), backup_directory=self.barman_host.backup_directory)
+            # after the orphan listing, which uses the same db-host SSH connections (a hook is not thread-safe)
+            snap.delayed = Probe.run(timed("delayed_standbys", self._delayed_replay))
         finally:
             for hook in hooks:
                 with contextlib.suppress(Exception):

@@ -199,18 +199,21 @@ class RebuildStandbyOperator(DrBaseOperator):
 
 
 #: on the db host: $1 = postgresql.auto.conf, then `key = 'value'` lines; each key's earlier lines are
-#: dropped first, so a retry writes the same file (ALTER SYSTEM's own file format: one line per key)
+#: dropped first, so a retry writes the same file (ALTER SYSTEM's own file format: one line per key).
+#: Any failure (a full disk) exits non-zero and leaves the original file as it was.
 SET_CONF_SCRIPT = r"""
 f="$1"; shift
 tmp="$f.barman-dr.$$"
+trap 'rm -f -- "$tmp" "$tmp.next"' EXIT
 cp -p -- "$f" "$tmp" || exit 1
 for kv in "$@"; do
   key="${kv%% = *}"
   grep -v -e "^$key = " -- "$tmp" > "$tmp.next"
-  mv -- "$tmp.next" "$tmp"
-  printf '%s\n' "$kv" >> "$tmp"
+  [ $? -le 1 ] || exit 1
+  mv -- "$tmp.next" "$tmp" || exit 1
+  printf '%s\n' "$kv" >> "$tmp" || exit 1
 done
-mv -- "$tmp" "$f"
+mv -- "$tmp" "$f" || exit 1
 """
 
 
