@@ -299,7 +299,8 @@ class Lab:
         postgres_pub = (keys / "postgres_ed25519.pub").read_text().strip()
         ak = self.p("ssh", "authorized_keys")
         # the db hosts' postgres (barman-wal-restore of a standby) may only run `barman get-wal`
-        forced = f'command="{self.p("bin", "barman-get-wal-only")}",restrict {postgres_pub}'
+        # ... and only for the Barman server whose standbys use it
+        forced = f'command="{self.p("bin", "barman-get-wal-only")} {BARMAN_SERVER}",restrict {postgres_pub}'
         (ak / "barman").write_text(airflow_pub + "\n" + forced + "\n")
         (ak / "postgres").write_text(airflow_pub + "\n" + barman_pub + "\n")
         for f in ak.iterdir():
@@ -621,9 +622,20 @@ class Lab:
             "    argv = argv[1:]",
             "if argv[:1] in (['--config'], ['-c']):",
             "    argv = argv[2:]",
-            "ok = {'--peek', '--partial', '--test', '--gzip', '--bzip2', '--keep-compression'}",
-            "if not argv or argv[0] != 'get-wal' or any(a.startswith('-') and a not in ok for a in argv[1:]):",
-            "    sys.exit('only `barman get-wal` is allowed with this key')",
+            "ok = {'--partial', '--test', '--gzip', '--bzip2', '--keep-compression'}",
+            "positional, rest = [], argv[1:]",
+            "while rest:",
+            "    a = rest.pop(0)",
+            "    if a == '--peek' and rest and rest[0].isdigit():",
+            "        rest.pop(0)",
+            "    elif a.startswith('-') and a not in ok:",
+            "        positional = None",
+            "        break",
+            "    elif not a.startswith('-'):",
+            "        positional.append(a)",
+            "if not argv or argv[0] != 'get-wal' or positional is None or len(positional) != 2 \\",
+            "        or positional[0] not in sys.argv[1:]:",
+            "    sys.exit('only `barman get-wal` of ' + ', '.join(sys.argv[1:]) + ' is allowed with this key')",
             f"os.execv({str(self.p('bin', 'barman'))!r}, [{str(self.p('bin', 'barman'))!r}, *argv])",
             "",
         ]))

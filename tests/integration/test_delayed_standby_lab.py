@@ -72,6 +72,11 @@ def test_the_delayed_standby_is_what_the_inventory_says(inventory):
                               "barman", "delete", "pg-primary", "oldest"], capture_output=True, text=True,
                              check=False, timeout=60)
     assert refused.returncode != 0 and "only `barman get-wal`" in refused.stderr  # the key does get-wal only
+    other = subprocess.run(["runuser", "-u", "postgres", "--", "ssh", "-F",
+                            os.path.join(os.environ["LAB_DIR"], "ssh", "postgres_ssh_config"), "barman-lab",
+                            "barman", "get-wal", "pg-primary2", archived], capture_output=True, text=True,
+                           check=False, timeout=60)
+    assert other.returncode != 0 and "of pg-primary is allowed" in other.stderr  # and only pg-primary's WAL
 
 
 def test_the_verification_reports_its_window_and_when_it_falls_behind(inventory, tmp_path, monkeypatch):
