@@ -35,6 +35,7 @@ from barman_dr.operators.pitr import (
     RebuildStandbyOperator,
     ReleaseLockOperator,
     ResolveTargetOperator,
+    ResumeDelayedReplayOperator,
     StageRestoreOperator,
     StandbysToRebuildOperator,
     StartRecoveryOperator,
@@ -155,10 +156,12 @@ with DAG(
             discarded, to_rebuild, standbys, rebase, report]
     # a leaf that fails when anything failed: the run's state is the PITR's state
     failure = PitrFailureSummaryOperator(task_id="failure_summary", trigger_rule="one_failed", retries=0)
+    # whatever happened: the delayed standbys this run paused apply WAL again (operators/pitr/delayed.py)
+    resume = ResumeDelayedReplayOperator(task_id="resume_delayed_replay", trigger_rule="all_done", retries=2)
     release = ReleaseLockOperator(task_id="release_lock", trigger_rule="all_done", retries=2)
 
     validate >> resolve >> preflight >> wal >> plan >> approve >> stage >> freeze >> stop >> aside >> restore >> start >> verify
     verify >> data >> unfreeze >> discarded >> rebase >> report
     data >> to_rebuild >> standbys >> report
     main >> failure
-    main >> release
+    main >> resume >> release

@@ -113,3 +113,47 @@ def test_the_verification_reports_its_window_and_when_it_falls_behind(inventory,
         with conn.cursor() as cur:
             cur.execute("DROP TABLE IF EXISTS delayed_probe")
         conn.close()
+
+
+def test_a_plan_only_run_pauses_the_delayed_replay_and_resumes_it_when_it_ends():
+    """As soon as the request is valid the window stops sliding; the run's end lets it go (issue 17)."""
+    from datetime import UTC, datetime, timedelta
+
+    from pitr_support import audit
+
+    delayed_sql("SELECT pg_wal_replay_resume()")
+    commit_on_primary(2)
+    target = (datetime.now(UTC) - timedelta(seconds=1)).isoformat(timespec="seconds")
+    state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": target, "plan_only": True,
+                                               "incident_id": "INC-DELAYED-PLAN"})
+    assert state == "success", tasks
+    assert tasks["approve"] == "skipped" and tasks["resume_delayed_replay"] == "success", tasks
+    events = audit(run_id)
+    paused = [e for e in events if e["action"] == "delayed_replay_paused"]
+    assert len(paused) == 1 and paused[0]["outcome"] == "ok" and paused[0]["task_id"] == "resolve_target"
+    assert '"paused": true' in paused[0]["details"] and '"replay_lsn": "' in paused[0]["details"]
+    plan = next(e for e in events if e["action"] == "plan" and e["outcome"] == "planned")
+    assert "delayed standby pg-delayed: replay paused at" in plan["details"]
+    resumed = [e for e in events if e["action"] == "resume_delayed_replay" and e["outcome"] == "ok"]
+    assert resumed and '"standby": "pg-delayed"' in resumed[0]["details"]
+    # the run is over: pg-delayed applies WAL again
+    assert delayed_sql("SELECT pg_is_wal_replay_paused()") == [(False,)]
+
+
+def test_a_pause_set_by_hand_is_not_undone_by_a_run():
+    """Only what the run paused is resumed: a DBA's own pause (forensics) stays."""
+    from datetime import UTC, datetime, timedelta
+
+    delayed_sql("SELECT pg_wal_replay_pause()")
+    try:
+        target = (datetime.now(UTC) - timedelta(seconds=1)).isoformat(timespec="seconds")
+        state, run_id, tasks = run_dag("dr_pitr", {"server": "pg-primary", "target_time": target, "plan_only": True,
+                                                   "incident_id": "INC-DELAYED-HAND"})
+        assert state == "success", tasks
+        from pitr_support import audit
+
+        paused = [e for e in audit(run_id) if e["action"] == "delayed_replay_paused"]
+        assert len(paused) == 1 and '"already_paused": true' in paused[0]["details"]
+        assert delayed_sql("SELECT pg_is_wal_replay_paused()") == [(True,)]  # still the DBA's pause
+    finally:
+        delayed_sql("SELECT pg_wal_replay_resume()")

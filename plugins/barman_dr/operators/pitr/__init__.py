@@ -7,7 +7,8 @@
 * `execute`: freeze_app, stop_postgres, move_aside, barman_restore, start_recovery;
 * `verify`: verify_target (the exact stop point), validate_data;
 * `post_incident`: unfreeze_app, discarded, rebuild_standby, rebase_barman;
-* `report`: report, failure_summary, release_lock.
+* `report`: report, failure_summary, release_lock;
+* `delayed`: the delayed standbys paused while the run lasts (resume_delayed_replay).
 
 Nothing destructive runs before `plan` has passed, and `plan` passes only when the request
 carries the typed confirmation.
@@ -15,6 +16,7 @@ carries the typed confirmation.
 
 from barman_dr.forensics.walswitch import nudging
 from barman_dr.operators.pitr.assess import PitrPreflightOperator, ValidatePitrRequestOperator, WalCoverageOperator
+from barman_dr.operators.pitr.delayed import ResumeDelayedReplayOperator
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.execute import (
     BarmanRestoreOperator,
@@ -63,6 +65,7 @@ __all__ = [
     "RebuildStandbyOperator",
     "ReleaseLockOperator",
     "ResolveTargetOperator",
+    "ResumeDelayedReplayOperator",
     "StageRestoreOperator",
     "StandbysToRebuildOperator",
     "StartRecoveryOperator",

@@ -112,6 +112,11 @@ class PlanGateOperator(DrBaseOperator):
                  f"rebuild standbys: {', '.join(standbys) or '(none)'}",
                  "re-point Barman at the new timeline and take a full backup",
                  "report RTO"]
+        paused = [d for d in (self.upstream(context, "resolve_target") or {}).get("delayed_paused") or []]
+        steps = [*(f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
+                   f"{d.get('last_applied_commit')}: damage after it is not on it); resumed when this run ends"
+                   if not d.get("error") else f"delayed standby {d['standby']}: NOT paused ({d['error']})"
+                   for d in paused), *steps]
         replay = res["replay"]
         plan = {
             "server": srv.name, "target": req.target.to_dict(), "stop": res["stop"],
@@ -123,6 +128,7 @@ class PlanGateOperator(DrBaseOperator):
             "confirmed": req.confirmed, "plan_only": req.plan_only, "standbys": standbys, "staged_restore": req.staged_restore,
             "discarded": {k: v for k, v in (res.get("discarded") or {}).items() if k != "xid_ranges"},
             "warnings": pre.get("warnings") or [],
+            "delayed_paused": paused,
         }
         text = plan_text(plan, srv.name, req)
         plan["text"] = text

@@ -46,6 +46,7 @@ from barman_dr.forensics.walswitch import nudging
 from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
 from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.delayed import pause_delayed_replay
 
 SEGMENT = 16 * 1024 * 1024
 
@@ -492,12 +493,15 @@ class ResolveTargetOperator(DrBaseOperator):
     def run(self, context: Any) -> dict[str, Any]:
         req = self.req
         refuse_unrecoverable_request(self.barman, req)
+        # the request is valid: the delayed standbys stop applying WAL until the run ends (operators/pitr/delayed.py)
+        paused = pause_delayed_replay(self, context)
         resolver = TargetResolver(self, self.srv, margin_s=self.margin_s, xid_chunk=self.xid_chunk_segments)
         sw = switch_now(self, self.srv)
         res = resolver.resolve(req.target, backup_id=req.backup_id,
                                name_lsn=getattr(req, "target_name_lsn", None), switched=sw, discard=self.discard)
         out = res.to_dict()
         out["switch"] = sw.to_dict()
+        out["delayed_paused"] = paused
         return out
 
     def audit_details(self, result: Any) -> dict[str, Any]:
