@@ -134,6 +134,8 @@ def test_a_plan_only_run_pauses_the_delayed_replay_and_resumes_it_when_it_ends()
     assert '"paused": true' in paused[0]["details"] and '"replay_lsn": "' in paused[0]["details"]
     plan = next(e for e in events if e["action"] == "plan" and e["outcome"] == "planned")
     assert "delayed standby pg-delayed: replay paused at" in plan["details"]
+    # the damage (a target a second ago) is younger than its delay: the plan says it could serve it
+    assert "delayed standby pg-delayed COULD serve this target" in plan["details"], plan["details"][-3000:]
     resumed = [e for e in events if e["action"] == "resume_delayed_replay" and e["outcome"] == "ok"]
     assert resumed and '"standby": "pg-delayed"' in resumed[0]["details"]
     # the run is over: pg-delayed applies WAL again

@@ -21,6 +21,7 @@ from typing import Any
 
 from barman_dr.exceptions import BarmanDrError
 from barman_dr.inventory import Instance
+from barman_dr.models import Lsn
 from barman_dr.operators.base import DrBaseOperator
 
 #: on the standby: was it paused already (by a DBA: never resumed by the run), pause replay, then where it
@@ -28,16 +29,45 @@ from barman_dr.operators.base import DrBaseOperator
 PAUSE_SQL = ("SELECT CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END",
              "SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_pause() END",
              "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, "
-             "pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()")
+             "pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp(), "
+             "(SELECT timeline_id FROM pg_control_checkpoint())")
 RESUME_SQL = ("SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_resume() END",
               "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, "
               "pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()")
 
 
 def _state(row: str) -> dict[str, Any]:
-    in_rec, paused, lsn, ts = (row.split("|") + [""] * 4)[:4]
+    in_rec, paused, lsn, ts, tli = (row.split("|") + [""] * 5)[:5]
     return {"in_recovery": in_rec == "t", "paused": paused == "t", "replay_lsn": lsn or None,
-            "last_applied_commit": ts or None}
+            "last_applied_commit": ts or None, "timeline": int(tli) if tli.isdigit() else None}
+
+
+def delayed_source_verdict(stop: dict[str, Any], paused: dict[str, Any]) -> dict[str, Any]:
+    """Could this paused delayed standby reach the resolved stop point by replaying forward, in seconds?
+
+    Yes when it is paused in recovery on the stop point's timeline, *before* the stop record
+    (replay LSN < stop LSN): the damage is not on it. No when it already applied the stop
+    record or anything after it, or follows another timeline (the target is older than its
+    last rebuild), or could not be paused. The plan says which, and why.
+    """
+    name = paused.get("standby")
+    if paused.get("error") or not paused.get("paused"):
+        return {"standby": name, "usable": False, "why": f"not paused ({paused.get('error') or 'unknown state'})"}
+    replay, tli = paused.get("replay_lsn"), paused.get("timeline")
+    if not (replay and stop.get("lsn")):
+        return {"standby": name, "usable": False, "why": "its replay position or the stop point is unknown"}
+    if tli is not None and stop.get("timeline") is not None and int(tli) != int(stop["timeline"]):
+        return {"standby": name, "usable": False,
+                "why": f"it follows timeline {tli}, the stop point is on timeline {stop['timeline']}"}
+    # recovery stops before the stop record (`before`), or right after it (`after`, inclusive)
+    boundary = str(stop.get("end_lsn") or stop["lsn"]) if stop.get("when") == "after" else str(stop["lsn"])
+    if Lsn.parse(str(replay)) > Lsn.parse(boundary):
+        return {"standby": name, "usable": False,
+                "why": f"it already applied past the stop point (replay {replay} > {boundary}): the target is "
+                       "older than its window"}
+    return {"standby": name, "usable": True,
+            "why": f"paused at {replay}, before the stop point {stop['lsn']}: the damage is not on it, it "
+                   "reaches the target by replaying forward"}
 
 
 def delayed_standbys(op: DrBaseOperator) -> list[Instance]:

@@ -12,6 +12,7 @@ from barman_dr.hooks.dbhost import (
     staging_paths,
 )
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.delayed import delayed_source_verdict
 from barman_dr.operators.pitr.resolve import resolution_for
 from barman_dr.rto_estimate import Calibration
 from barman_dr.rto_estimate import estimate as estimate_rto_for
@@ -113,10 +114,14 @@ class PlanGateOperator(DrBaseOperator):
                  "re-point Barman at the new timeline and take a full backup",
                  "report RTO"]
         paused = [d for d in (self.upstream(context, "resolve_target") or {}).get("delayed_paused") or []]
+        verdicts = [delayed_source_verdict(res["stop"], d) for d in paused]
         steps = [*(f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
                    f"{d.get('last_applied_commit')}: damage after it is not on it); resumed when this run ends"
                    if not d.get("error") else f"delayed standby {d['standby']}: NOT paused ({d['error']})"
-                   for d in paused), *steps]
+                   for d in paused),
+                 *(f"delayed standby {v['standby']} {'COULD' if v['usable'] else 'could not'} serve this target: "
+                   f"{v['why']}; this run restores from Barman (the delayed-standby source is not built yet)"
+                   for v in verdicts), *steps]
         replay = res["replay"]
         plan = {
             "server": srv.name, "target": req.target.to_dict(), "stop": res["stop"],
@@ -129,6 +134,7 @@ class PlanGateOperator(DrBaseOperator):
             "discarded": {k: v for k, v in (res.get("discarded") or {}).items() if k != "xid_ranges"},
             "warnings": pre.get("warnings") or [],
             "delayed_paused": paused,
+            "delayed_source": verdicts,
         }
         text = plan_text(plan, srv.name, req)
         plan["text"] = text
