@@ -646,6 +646,15 @@ class Lab:
     def in_recovery(self, name: str) -> bool:
         return self.psql(name, "SELECT pg_is_in_recovery()") == "t"
 
+    def is_primary(self, name: str) -> bool:
+        return self.pg_running(name) and not self.in_recovery(name)
+
+    def follows_primary(self, name: str) -> bool:
+        """`name` streams from pg-primary (pg_stat_replication on pg-primary shows it streaming)."""
+        return self.pg_running(name) and self.in_recovery(name) and self.psql(
+            "pg-primary", f"SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' "
+                          "AND state = 'streaming'") == "1"
+
     def failback(self) -> None:
         """The lab's topology back after `dr_pitr` with `restore_to: pg-standby` (a lab chore, not a DR step).
 
@@ -653,72 +662,91 @@ class Lab:
         fenced. The inventory names pg-primary as the primary, so the suites after it need it
         back, with the *recovered* data: pg-primary's fenced directory is moved aside (kept), a
         copy of pg-standby streams into it, pg-standby stops cleanly (every WAL record sent),
-        pg-primary is promoted, pg-standby and the delayed standby are cloned from it again, and PgBouncer and Barman
-        point at pg-primary (a WAL switch archived, a fresh backup). Refused while a DR run
-        owns pg-primary.
+        pg-primary is promoted, pg-standby and the delayed standby are cloned from it again,
+        and PgBouncer and Barman point at pg-primary (a WAL switch archived, a fresh backup).
+
+        Every step checks the state first, so a failback interrupted anywhere converges when
+        run again, and on a lab that needs none it changes nothing. Refused while a DR run owns
+        pg-primary, and when two primaries run.
         """
         self.claim_owned()
         if self.leave_alone("pg-primary"):
             raise SystemExit(f"[lab] failback refused: {self.owned['pg-primary']}")
-        if not self.pg_running("pg-standby") or self.in_recovery("pg-standby"):
-            log("failback: pg-standby is not serving as a primary: nothing to do")
-            return
-        if self.pg_running("pg-primary"):
-            raise SystemExit("[lab] failback refused: pg-primary and pg-standby both run as primaries. Fence one "
-                             "(pg_ctl stop) before anything else")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         data = self.p("pg", "pg-primary", "data")
-        if data.exists():
-            aside = data.with_name(f"data.pre-failback-{stamp}")
-            data.rename(aside)
-            log(f"failback: pg-primary's fenced data directory kept at {aside}")
-        conninfo = (f"host={HOSTS['pg-standby'][0]} port={PG_PORT} user=replicator "
-                    f"passfile={self.p('secrets', 'pgpass-postgres')} application_name=pg-primary")
-        run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R", "-c", "fast"],
-            user="postgres")
-        self.pg_start("pg-primary", HOSTS["pg-primary"][0])
-        wait_for(lambda: self.psql("pg-standby", "SELECT count(*) FROM pg_stat_replication WHERE application_name = "
-                                   "'pg-primary' AND state = 'streaming'") == "1", "pg-primary streaming", 60, 0.5)
-        # a clean (fast) shutdown sends every WAL record, its shutdown checkpoint included, to pg-primary
-        run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", "pg-standby", "data")), "-m", "fast", "-w", "stop"],
-            user="postgres")
-        run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
-        self.psql("pg-primary", "ALTER SYSTEM RESET primary_conninfo")
-        self.psql("pg-primary", "SELECT pg_reload_conf()")
-        log("failback: pg-primary promoted with the recovered data")
-        sb = self.p("pg", "pg-standby", "data")
-        sb.rename(sb.with_name(f"data.pre-failback-{stamp}"))
-        self.setup_standby()  # a fresh clone of pg-primary, on its slot
-        # the delayed standby followed pg-standby (the run rebuilt it there): clone it from pg-primary again
-        dl = self.p("pg", DELAYED, "data")
-        if dl.exists():
-            if self.pg_running(DELAYED):
-                run([str(PG_BIN / "pg_ctl"), "-D", str(dl), "-m", "fast", "-w", "stop"], user="postgres")
-            dl.rename(dl.with_name(f"data.pre-failback-{stamp}"))
-        self.setup_delayed_standby()
+        if self.is_primary("pg-standby"):
+            if self.is_primary("pg-primary"):
+                raise SystemExit("[lab] failback refused: pg-primary and pg-standby both run as primaries. Fence one "
+                                 "(pg_ctl stop) before anything else")
+            if not self.pg_running("pg-primary"):  # the fenced primary: kept aside, a copy of pg-standby instead
+                if data.exists():
+                    aside = data.with_name(f"data.pre-failback-{stamp}")
+                    data.rename(aside)
+                    log(f"failback: pg-primary's fenced data directory kept at {aside}")
+                conninfo = (f"host={HOSTS['pg-standby'][0]} port={PG_PORT} user=replicator "
+                            f"passfile={self.p('secrets', 'pgpass-postgres')} application_name=pg-primary")
+                run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R", "-c",
+                     "fast"], user="postgres")
+                self.pg_start("pg-primary", HOSTS["pg-primary"][0])
+            wait_for(lambda: self.psql("pg-standby", "SELECT count(*) FROM pg_stat_replication WHERE "
+                                       "application_name = 'pg-primary' AND state = 'streaming'") == "1",
+                     "pg-primary streaming from pg-standby", 60, 0.5)
+            # a clean (fast) shutdown sends every WAL record, its shutdown checkpoint included, to pg-primary
+            run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", "pg-standby", "data")), "-m", "fast", "-w", "stop"],
+                user="postgres")
+        if self.pg_running("pg-primary") and self.in_recovery("pg-primary") and not self.is_primary("pg-standby"):
+            run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
+            self.psql("pg-primary", "ALTER SYSTEM RESET primary_conninfo")
+            self.psql("pg-primary", "SELECT pg_reload_conf()")
+            log("failback: pg-primary promoted with the recovered data")
+        if not self.is_primary("pg-primary"):
+            raise SystemExit("[lab] failback: pg-primary is not running as a primary and pg-standby is not serving "
+                             "either: nothing safe to do automatically. Look at both logs")
+        # the standbys: cloned from pg-primary again unless they already stream from it
+        for name, setup in (("pg-standby", self.setup_standby), (DELAYED, self.setup_delayed_standby)):
+            if self.follows_primary(name):
+                continue
+            d = self.p("pg", name, "data")
+            if self.pg_running(name):
+                run([str(PG_BIN / "pg_ctl"), "-D", str(d), "-m", "fast", "-w", "stop"], user="postgres")
+            if d.exists():
+                d.rename(d.with_name(f"data.pre-failback-{stamp}"))
+            setup()
+            log(f"failback: {name} cloned from pg-primary")
         ini = self.p("pgbouncer", "pgbouncer.ini")
         lines = ini.read_text().splitlines()
         line = f"shop = host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop"
-        ini.write_text("\n".join(line if ln.startswith("shop = ") else ln for ln in lines) + "\n")
-        pid = read_pid(self.p("run", "pgbouncer.pid"))
-        if pid and pid_alive(pid):
-            os.kill(pid, signal.SIGHUP)  # PgBouncer re-reads its config (RELOAD)
-        log("failback: PgBouncer points at pg-primary")
-        change = {"scope": "server", "server_name": BARMAN_SERVER,
-                  "conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=barman dbname=postgres "
-                              f"passfile={self.p('secrets', 'pgpass-barman')}",
-                  "streaming_conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=streaming_barman "
-                                        f"passfile={self.p('secrets', 'pgpass-barman')}"}
-        self.barman(["config-update", json.dumps([change])])
+        if line not in lines:
+            ini.write_text("\n".join(line if ln.startswith("shop = ") else ln for ln in lines) + "\n")
+            pid = read_pid(self.p("run", "pgbouncer.pid"))
+            if pid and pid_alive(pid):
+                os.kill(pid, signal.SIGHUP)  # PgBouncer re-reads its config (RELOAD)
+            log("failback: PgBouncer points at pg-primary")
+        show = json.loads(self.barman(["-f", "json", "show-server", BARMAN_SERVER]).stdout).get(BARMAN_SERVER, {})
+        if f"host={HOSTS['pg-primary'][0]} " not in str(show.get("conninfo")) + " ":
+            change = {"scope": "server", "server_name": BARMAN_SERVER,
+                      "conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=barman dbname=postgres "
+                                  f"passfile={self.p('secrets', 'pgpass-barman')}",
+                      "streaming_conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=streaming_barman "
+                                            f"passfile={self.p('secrets', 'pgpass-barman')}"}
+            self.barman(["config-update", json.dumps([change])])
 
         def streaming() -> bool:  # cron creates Barman's slot on pg-primary (create_slot = auto), then streams
             self.barman(["cron"], check=False)
             return self.receive_wal_running()
 
         wait_for(streaming, "barman receive-wal from pg-primary", 90, 2)
-        self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "60", BARMAN_SERVER])
-        self.barman(["backup", "--wait", "--wait-timeout", "120", BARMAN_SERVER])
-        log("failback: Barman streams from pg-primary; a fresh backup taken")
+        # the timeline WAL is written on now (a checkpoint's may still be the one before a promotion)
+        tli = int(self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+        backups = json.loads(self.barman(["-f", "json", "list-backups", BARMAN_SERVER]).stdout).get(BARMAN_SERVER, [])
+        newest = next((b for b in backups if b.get("status") == "DONE"), None)
+        on_tli = newest is not None and json.loads(self.barman(
+            ["-f", "json", "show-backup", BARMAN_SERVER, newest["backup_id"]]).stdout)[BARMAN_SERVER][
+            "base_backup_information"].get("timeline") == tli
+        if not on_tli:
+            self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "60", BARMAN_SERVER])
+            self.barman(["backup", "--wait", "--wait-timeout", "120", BARMAN_SERVER])
+            log("failback: Barman streams from pg-primary; a fresh backup taken on its timeline")
 
     # -------------------------------------------------------------- pgbouncer
     def setup_pgbouncer(self) -> None:
