@@ -165,3 +165,4 @@ with DAG(
     data >> to_rebuild >> standbys >> report
     main >> failure
     main >> resume >> release
+    resume >> failure  # a leaf judges the run: a delayed standby left paused by mistake fails it

@@ -40,6 +40,34 @@ def dags_back_to_the_lab_inventory():
         scheduled_support.resync_dags()
 
 
+@pytest.fixture(autouse=True)
+def delayed_standby_applies_again(request):
+    """After a lab test, the lab's delayed standby applies WAL again.
+
+    A PITR that fails at or after the freeze keeps the delayed standby paused on purpose (it may
+    be the last copy without the damage: operators/pitr/delayed.py) and says so; the DBA resumes
+    it once the server is recovered. The suites after a fault test play that DBA here, so a
+    later "healthy lab" check does not meet a standby left paused by an earlier, failed run.
+    """
+    yield
+    dsn = os.environ.get("LAB_DELAYED_DSN")
+    lab_test = bool({"integration", "e2e"} & set(request.keywords)) or "faults" in str(request.fspath)
+    if not dsn or not lab_test:
+        return
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(dsn, connect_timeout=5)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_is_in_recovery() AND pg_is_wal_replay_paused()")
+            if cur.fetchone()[0]:
+                cur.execute("SELECT pg_wal_replay_resume()")
+        conn.close()
+    except Exception:  # a stopped delayed standby (a fault test) has nothing to resume
+        pass
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Integration and e2e tests need the lab's environment (`source .lab/env.sh`); the Celery
     suites need a Celery lab (make test runs them in a second phase, LAB_EXECUTOR=celery)."""

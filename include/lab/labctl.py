@@ -649,11 +649,20 @@ class Lab:
     def is_primary(self, name: str) -> bool:
         return self.pg_running(name) and not self.in_recovery(name)
 
-    def follows_primary(self, name: str) -> bool:
-        """`name` streams from pg-primary (pg_stat_replication on pg-primary shows it streaming)."""
-        return self.pg_running(name) and self.in_recovery(name) and self.psql(
-            "pg-primary", f"SELECT count(*) FROM pg_stat_replication WHERE application_name = '{name}' "
-                          "AND state = 'streaming'") == "1"
+    def follows_primary(self, name: str, wait_s: float = 20) -> bool:
+        """`name` streams from pg-primary (in pg_stat_replication there; `catchup` given time to finish)."""
+        if not (self.pg_running(name) and self.in_recovery(name)):
+            return False
+        deadline = time.monotonic() + wait_s
+        while True:
+            state = self.psql("pg-primary", f"SELECT state FROM pg_stat_replication WHERE application_name = '{name}'")
+            if state == "streaming":
+                return True
+            if state != "catchup" and time.monotonic() > deadline - wait_s + 3:  # absent: give it a few seconds
+                return False
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
     def failback(self) -> None:
         """The lab's topology back after `dr_pitr` with `restore_to: pg-standby` (a lab chore, not a DR step).
@@ -694,11 +703,15 @@ class Lab:
             # a clean (fast) shutdown sends every WAL record, its shutdown checkpoint included, to pg-primary
             run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", "pg-standby", "data")), "-m", "fast", "-w", "stop"],
                 user="postgres")
-        if self.pg_running("pg-primary") and self.in_recovery("pg-primary") and not self.is_primary("pg-standby"):
+        if self.pg_running("pg-primary") and self.in_recovery("pg-primary") and not self.pg_running("pg-standby") \
+                and f"host={HOSTS['pg-standby'][0]} " in self.psql("pg-primary", "SHOW primary_conninfo") + " ":
+            # only failback's own copy of pg-standby (it follows pg-standby, which is stopped): never another
+            # recovering pg-primary (an in-place PITR's)
             run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
+            log("failback: pg-primary promoted with the recovered data")
+        if self.is_primary("pg-primary") and self.psql("pg-primary", "SHOW primary_conninfo"):
             self.psql("pg-primary", "ALTER SYSTEM RESET primary_conninfo")
             self.psql("pg-primary", "SELECT pg_reload_conf()")
-            log("failback: pg-primary promoted with the recovered data")
         if not self.is_primary("pg-primary"):
             raise SystemExit("[lab] failback: pg-primary is not running as a primary and pg-standby is not serving "
                              "either: nothing safe to do automatically. Look at both logs")

@@ -129,8 +129,10 @@ def test_a_plan_only_run_pauses_the_delayed_replay_and_resumes_it_when_it_ends()
     assert state == "success", tasks
     assert tasks["approve"] == "skipped" and tasks["resume_delayed_replay"] == "success", tasks
     events = audit(run_id)
-    paused = [e for e in events if e["action"] == "delayed_replay_paused"]
-    assert len(paused) == 1 and paused[0]["outcome"] == "ok" and paused[0]["task_id"] == "resolve_target"
+    paused = [e for e in events if e["action"] == "delayed_replay_paused" and e["outcome"] == "ok"]
+    assert len(paused) == 1 and paused[0]["task_id"] == "resolve_target"
+    intent = [e for e in events if e["action"] == "delayed_replay_paused" and e["outcome"] == "started"]
+    assert len(intent) == 1 and '"already_paused": false' in intent[0]["details"]  # recorded before pausing
     assert '"paused": true' in paused[0]["details"] and '"replay_lsn": "' in paused[0]["details"]
     plan = next(e for e in events if e["action"] == "plan" and e["outcome"] == "planned")
     assert "delayed standby pg-delayed: replay paused at" in plan["details"]
@@ -154,8 +156,10 @@ def test_a_pause_set_by_hand_is_not_undone_by_a_run():
         assert state == "success", tasks
         from pitr_support import audit
 
-        paused = [e for e in audit(run_id) if e["action"] == "delayed_replay_paused"]
+        paused = [e for e in audit(run_id) if e["action"] == "delayed_replay_paused" and e["outcome"] == "ok"]
         assert len(paused) == 1 and '"already_paused": true' in paused[0]["details"]
+        plan = next(e for e in audit(run_id) if e["action"] == "plan" and e["outcome"] == "planned")
+        assert "it was paused already (by hand or another run): left paused" in plan["details"]
         assert delayed_sql("SELECT pg_is_wal_replay_paused()") == [(True,)]  # still the DBA's pause
     finally:
         delayed_sql("SELECT pg_wal_replay_resume()")

@@ -126,3 +126,56 @@ def test_the_plan_says_whether_a_paused_delayed_standby_could_serve_the_target()
     assert delayed_source_verdict({**stop, "when": "after"}, {**paused, "replay_lsn": "0/6F001208"})["usable"]
     assert "timeline 6" in delayed_source_verdict(stop, {**paused, "timeline": 6})["why"]
     assert not delayed_source_verdict(stop, {"standby": "pg-delayed", "error": "ssh: refused"})["usable"]
+
+
+class _FakeAudit:
+    def __init__(self, events):
+        self.events_ = events
+        self.recorded = []
+
+    def events(self, *, run_id=None, dag_id=None, action=None, limit=500):
+        return [e for e in self.events_ if action is None or e["action"] == action][:limit]
+
+    def record(self, action, outcome, **kw):
+        self.recorded.append((action, outcome, kw.get("target")))
+
+
+def _resume_op(events):
+    from types import SimpleNamespace
+
+    from barman_dr.inventory import Instance
+    from barman_dr.operators.pitr.delayed import ResumeDelayedReplayOperator
+
+    op = ResumeDelayedReplayOperator(task_id="resume_delayed_replay")
+    audit = _FakeAudit(events)
+    op.audit = lambda context: audit
+    sb = Instance(name="pg-delayed", host="h", data_directory="/d", port=5433, socket_directory="/s", log_file="/l",
+                  postgres_conn_id="c", apply_delay_s=180)
+    op.__dict__["srv"] = SimpleNamespace(name="pg-primary", standbys=(sb,))
+    calls = []
+    op.db = lambda host: SimpleNamespace(psql=lambda inst, sql: calls.append(sql) or "t|f|0/1|2026-12-04 00:00:00+00|7")
+    ctx = {"run_id": "r", "dag": SimpleNamespace(dag_id="dr_pitr")}
+    return op, audit, calls, ctx
+
+
+PAUSE_INTENT = {"action": "delayed_replay_paused", "outcome": "started", "target": "pg-delayed",
+                "details": {"already_paused": False}}
+
+
+def test_a_run_that_failed_after_the_freeze_keeps_the_delayed_standby_paused():
+    """It may be the last copy without the damage: not resumed, audited, named for the failure summary."""
+    op, audit, calls, ctx = _resume_op([PAUSE_INTENT, {"action": "freeze_app", "outcome": "ok", "target": None}])
+    out = op.run(ctx)
+    assert out == {"resumed": [], "kept_paused": ["pg-delayed"]} and calls == []
+    assert audit.recorded == [("delayed_replay_kept_paused", "ok", "pg-delayed")]
+
+
+def test_a_run_that_ended_well_or_before_the_freeze_resumes_only_its_own_pause():
+    op, _audit, calls, ctx = _resume_op([PAUSE_INTENT, {"action": "freeze_app", "outcome": "ok", "target": None},
+                                         {"action": "report", "outcome": "ok", "target": None}])
+    assert [s["standby"] for s in op.run(ctx)["resumed"]] == ["pg-delayed"] and "pg_wal_replay_resume" in calls[0]
+    op, _audit, calls, ctx = _resume_op([PAUSE_INTENT])  # plan only / rejected / failed before the freeze
+    assert op.run(ctx)["resumed"]
+    dba = {**PAUSE_INTENT, "details": {"already_paused": True}}
+    op, _audit, calls, ctx = _resume_op([dba])  # a DBA's pause: never undone
+    assert op.run(ctx) == {"resumed": []} and calls == []

@@ -231,7 +231,8 @@ def test_the_drill_summary_releases_only_the_locks_its_own_run_still_holds(monke
     from barman_dr.safety.locks import LockHolder
 
     held = {"pg-primary": LockHolder("pg-primary", "dr_monthly_restore_drill", "run-1", "drill", "t"),
-            "pg-other": LockHolder("pg-other", "dr_pitr", "pitr-9", "pitr", "t")}
+            "pg-other": LockHolder("pg-other", "dr_pitr", "pitr-9", "pitr", "t"),
+            "pg-torn": LockHolder("pg-torn", "dr_monthly_restore_drill", "run-1", "drill", "t")}
     released = []
 
     class FakeLock:
@@ -247,8 +248,9 @@ def test_the_drill_summary_releases_only_the_locks_its_own_run_still_holds(monke
 
     recorded = []
     monkeypatch.setattr(scheduled, "ServerLock", FakeLock)
-    audit = SimpleNamespace(record=lambda action, outcome, **kw: recorded.append((action, outcome, kw["server"])))
-    op = scheduled.FleetSummaryOperator(task_id="summary", servers=["pg-primary", "pg-other", "pg-primary2"],
+    audit = SimpleNamespace(record=lambda action, outcome, **kw: recorded.append((action, outcome, kw["server"])),
+                            events=lambda **kw: [{"server": "pg-torn", "action": "drill_teardown"}])  # it failed
+    op = scheduled.FleetSummaryOperator(task_id="summary", servers=["pg-primary", "pg-other", "pg-primary2", "pg-torn"],
                                         report_task_ids=[], action="drill_summary", release_locks=True)
     ctx = {"dag": SimpleNamespace(dag_id="dr_monthly_restore_drill"), "run_id": "run-1"}
     assert op.release_own_locks(ctx, audit) == ["pg-primary"]

@@ -241,12 +241,19 @@ class FleetSummaryOperator(BaseOperator):
         A teardown releases its server's lock. One that did not run at all (its task instance
         removed because the DAG's shape changed mid-run, e.g. an inventory edit, or skipped)
         would leave the lock behind and every later DR run of that server refused. The summary
-        runs after all of them (all_done) and releases only what this very run holds.
+        runs after all of them (all_done) and releases only what this very run holds, for the
+        servers with no teardown event in this run (a failed teardown keeps its lock and its
+        failure: its nonprod instance may still run).
         """
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
         lock = ServerLock(postgres_conn_id=self.audit_conn_id)
+        # a teardown that ran (even one that failed) keeps its own outcome and lock: only the missing ones
+        tore_down = {str(e.get("server")) for e in audit.events(run_id=run_id, dag_id=dag_id, action="drill_teardown",
+                                                                 limit=1000)}
         released = []
         for server, holder in sorted(lock.holders(self.servers).items()):
+            if server in tore_down:
+                continue
             if holder.dag_id == dag_id and holder.run_id == run_id and lock.release(server, dag_id=dag_id,
                                                                                     run_id=run_id):
                 released.append(server)

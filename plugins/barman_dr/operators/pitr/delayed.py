@@ -7,12 +7,13 @@ its replay (`pg_wal_replay_pause()`) and records where it stopped (replay LSN an
 of the last transaction it applied: damage after that is not on it). It streams on, so
 nothing is lost, it only stops applying.
 
-`resume_delayed_replay` (all_done, whatever happened: plan only, rejected, timed out, failed
+`resume_delayed_replay` (all_done: plan only, rejected, timed out, failed before the freeze,
 or done) resumes exactly the standbys this run paused, read back from the audit trail. One
 found paused already (a DBA's pause) is recorded as such and never resumed by the run. A
 standby the run rebuilt is a new copy, not paused.
 A standby that cannot be paused (down, unreachable) is recorded and does not stop the run:
-it is a second line of defence, not the recovery source (yet).
+it is a second line of defence, not the recovery source (yet). After a failure at or past the
+freeze it stays paused: it may be the last copy without the damage.
 """
 
 from __future__ import annotations
@@ -24,16 +25,18 @@ from barman_dr.inventory import Instance
 from barman_dr.models import Lsn
 from barman_dr.operators.base import DrBaseOperator
 
-#: on the standby: was it paused already (by a DBA: never resumed by the run), pause replay, then where it
-#: stands (recovery, paused, replay LSN, last applied commit time)
-PAUSE_SQL = ("SELECT CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END",
-             "SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_pause() END",
-             "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, "
+#: on the standby: was a pause requested already (by a DBA: never resumed by the run)
+PAUSED_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END"
+PAUSE_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_pause() END"
+RESUME_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_resume() END"
+#: PostgreSQL 14+: 'pause requested' becomes 'paused' when the startup process actually stops
+PAUSE_STATE_SQL = "SELECT CASE WHEN pg_is_in_recovery() THEN pg_get_wal_replay_pause_state() ELSE 'not paused' END"
+#: where it stands: recovery, paused, replay LSN, last applied commit, and the timeline it follows
+#: (the walreceiver's; the last restartpoint's when it is not streaming)
+STATE_SQL = ("SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, "
              "pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp(), "
-             "(SELECT timeline_id FROM pg_control_checkpoint())")
-RESUME_SQL = ("SELECT CASE WHEN pg_is_in_recovery() THEN pg_wal_replay_resume() END",
-              "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() END, "
-              "pg_last_wal_replay_lsn(), pg_last_xact_replay_timestamp()")
+             "coalesce((SELECT received_tli FROM pg_stat_wal_receiver), "
+             "(SELECT timeline_id FROM pg_control_checkpoint()))")
 
 
 def _state(row: str) -> dict[str, Any]:
@@ -76,15 +79,39 @@ def delayed_standbys(op: DrBaseOperator) -> list[Instance]:
     return [s for s in op.srv.standbys if s.delayed and s.name != target]
 
 
-def pause_delayed_replay(op: DrBaseOperator, context: Any) -> list[dict[str, Any]]:
-    """Pause each delayed standby's replay; one audit event each (ok, or failed with the error). Never raises."""
+def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[str, Any] | None:
+    """This run's first `delayed_replay_paused` intent for `standby` (a retry must not mistake its own pause for a DBA's)."""
+    events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                      action="delayed_replay_paused", limit=100)
+    mine = [e for e in events if e.get("target") == standby and e.get("outcome") == "started"]
+    return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
+
+
+def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 5.0) -> list[dict[str, Any]]:
+    """Pause each delayed standby's replay; audited (intent, then ok or failed). Never raises.
+
+    The intent (with whether a pause was requested already) is recorded *before* pausing, so a
+    retry after a try that paused and died still knows the pause is this run's to undo.
+    """
+    import time
+
     audit = op.audit(context)
     out = []
     for sb in delayed_standbys(op):
         try:
-            lines = op.db(sb.host).psql_each(sb, list(PAUSE_SQL)).splitlines()
-            state = {"standby": sb.name, "already_paused": bool(lines) and lines[0] == "t",
-                     **_state(lines[-1] if lines else "")}
+            db = op.db(sb.host)
+            intent = _first_pause_intent(op, context, sb.name)
+            if intent is None:
+                intent = {"standby": sb.name, "already_paused": db.psql(sb, PAUSED_SQL) == "t"}
+                audit.record("delayed_replay_paused", "started", server=op.srv.name, target=sb.name, details=intent)
+            db.psql(sb, PAUSE_SQL)
+            deadline = time.monotonic() + settle_s
+            pause_state = db.psql(sb, PAUSE_STATE_SQL)
+            while pause_state == "pause requested" and time.monotonic() < deadline:
+                time.sleep(0.25)
+                pause_state = db.psql(sb, PAUSE_STATE_SQL)
+            state = {"standby": sb.name, "already_paused": bool(intent.get("already_paused")),
+                     "pause_state": pause_state, **_state(db.psql(sb, STATE_SQL))}
             outcome = "ok" if state["paused"] else "failed"
             if not state["in_recovery"]:
                 state["error"] = "not in recovery (promoted?): nothing to pause"
@@ -97,7 +124,14 @@ def pause_delayed_replay(op: DrBaseOperator, context: Any) -> list[dict[str, Any
 
 
 class ResumeDelayedReplayOperator(DrBaseOperator):
-    """Always (all_done): resume the replay of the delayed standbys this very run paused."""
+    """Always (all_done): resume the delayed standbys this very run paused, unless it left the server broken.
+
+    Resumed when the run succeeded, or ended before anything live changed (plan only, rejected,
+    timed out, or failed before the freeze). After a failure at or past the freeze the delayed
+    standby may be the last copy without the damage: it stays paused, audited (`kept_paused`),
+    and the failure summary's page says so. Each standby on its own: one that does not answer
+    does not keep the others paused; the task then fails naming it.
+    """
 
     action = "resume_delayed_replay"
 
@@ -109,22 +143,44 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         return super().execute(context)
 
     def paused_by_this_run(self, context: Any) -> list[str]:
+        """Standbys whose first pause intent in this run found no pause (a DBA's or another run's stays)."""
         events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
                                             action="delayed_replay_paused", limit=100)
-        # a standby found paused already (a DBA's pause, e.g. for forensics) stays paused
-        return sorted({str(e["target"]) for e in events if e.get("outcome") == "ok" and e.get("target")
-                       and not (e.get("details") or {}).get("already_paused")})
+        first: dict[str, dict[str, Any]] = {}
+        for e in reversed(events):  # oldest first
+            if e.get("outcome") == "started" and e.get("target") and str(e["target"]) not in first:
+                first[str(e["target"])] = e.get("details") or {}
+        return sorted(name for name, d in first.items() if not d.get("already_paused"))
+
+    def left_broken(self, context: Any) -> bool:
+        """The run reached the freeze (something live changed) and did not finish with its report."""
+        audit = self.audit(context)
+        run = {"run_id": context["run_id"], "dag_id": context["dag"].dag_id}
+        froze = bool(audit.events(**run, action="freeze_app", limit=1))
+        reported = any(e.get("outcome") == "ok" for e in audit.events(**run, action="report", limit=5))
+        return froze and not reported
 
     def run(self, context: Any) -> dict[str, Any]:
         names = self.paused_by_this_run(context)
-        resumed, left = [], []
-        for sb in (s for s in self.srv.standbys if s.name in names):
-            lines = self.db(sb.host).psql_each(sb, list(RESUME_SQL)).splitlines()
-            state = {"standby": sb.name, **_state(lines[-1] if lines else "")}
-            (left if state["paused"] else resumed).append(state)
-        if left:
-            raise BarmanDrError(f"delayed standby replay still paused after pg_wal_replay_resume(): "
-                               f"{[s['standby'] for s in left]}")
+        standbys = [s for s in self.srv.standbys if s.name in names]
+        if standbys and self.left_broken(context):
+            for sb in standbys:
+                self.audit(context).record("delayed_replay_kept_paused", "ok", server=self.srv.name, target=sb.name,
+                                           details={"reason": "the PITR failed at or after the freeze: this delayed "
+                                                              "standby may be the last copy without the damage"})
+            return {"resumed": [], "kept_paused": [s.name for s in standbys]}
+        resumed, failed = [], []
+        for sb in standbys:
+            try:
+                db = self.db(sb.host)
+                db.psql(sb, RESUME_SQL)
+                state = {"standby": sb.name, **_state(db.psql(sb, STATE_SQL))}
+                (failed if state["paused"] else resumed).append(state)
+            except Exception as exc:  # noqa: BLE001 - the others are still resumed; this task fails below
+                failed.append({"standby": sb.name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+        if failed:
+            raise BarmanDrError(f"delayed standby replay still paused: {failed} (resumed: "
+                                f"{[s['standby'] for s in resumed]})")
         return {"resumed": resumed}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:

@@ -115,9 +115,12 @@ class PlanGateOperator(DrBaseOperator):
                  "report RTO"]
         paused = [d for d in (self.upstream(context, "resolve_target") or {}).get("delayed_paused") or []]
         verdicts = [delayed_source_verdict(res["stop"], d) for d in paused]
-        steps = [*(f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
-                   f"{d.get('last_applied_commit')}: damage after it is not on it); resumed when this run ends"
-                   if not d.get("error") else f"delayed standby {d['standby']}: NOT paused ({d['error']})"
+        steps = [*(f"delayed standby {d['standby']}: NOT paused ({d['error']})" if d.get("error") else
+                   f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
+                   f"{d.get('last_applied_commit')}: damage after it is not on it); "
+                   + ("it was paused already (by hand or another run): left paused when this run ends"
+                      if d.get("already_paused") else
+                      "resumed when this run ends, unless it fails at or after the freeze (then kept paused)")
                    for d in paused),
                  *(f"delayed standby {v['standby']} {'COULD' if v['usable'] else 'could not'} serve this target: "
                    f"{v['why']}; this run restores from Barman (the delayed-standby source is not built yet)"

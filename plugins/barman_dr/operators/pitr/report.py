@@ -147,6 +147,10 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         if leftover:
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")
+        kept = (self.upstream(context, "resume_delayed_replay") or {}).get("kept_paused") or []
+        if kept:
+            next_action += (f"; delayed standby {', '.join(kept)} kept PAUSED (it may be the last copy without the "
+                            "damage): resume it (SELECT pg_wal_replay_resume()) only once the server is recovered")
         summary = {"failed_tasks": failed, "errors": failures, "app": app_state,
                    "old_data_directory": aside.get("moved_to"), "staging_leftover": leftover,
                    "staging_host": staging.get("host"), "next_action": next_action}
