@@ -587,7 +587,7 @@ class Lab:
         data = self.p("pg", DELAYED, "data")
         if not (data / "PG_VERSION").exists():
             sys.path.insert(0, str(REPO / "plugins"))
-            from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, standby_settings
+            from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, delay_settings, start_settings
 
             sb = self.delayed_standby()
             if self.psql("pg-primary", "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pg_delayed'") != "1":
@@ -598,8 +598,14 @@ class Lab:
                         f"passfile={self.p('secrets', 'pgpass-postgres')} application_name={DELAYED}")
             run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R",
                  "-S", "pg_delayed", "-c", "fast"], user="postgres")
-            run(["sh", "-c", SET_CONF_SCRIPT, "sh", str(data / "postgresql.auto.conf"), *standby_settings(sb)],
+            run(["sh", "-c", SET_CONF_SCRIPT, "sh", str(data / "postgresql.auto.conf"), *start_settings(sb)],
                 user="postgres")
+            self.pg_start(DELAYED, PG_ADDRS[DELAYED])
+            # streaming first, then the delay (as dr_pitr's rebuild does: post_incident.delay_settings)
+            wait_for(lambda: self.follows_primary(DELAYED, wait_s=0), "pg-delayed streaming", 120, 1)
+            run(["sh", "-c", SET_CONF_SCRIPT, "sh", str(data / "postgresql.auto.conf"), *delay_settings(sb)],
+                user="postgres")
+            self.psql(DELAYED, "SELECT pg_reload_conf()")
             log(f"delayed standby cloned from the primary (recovery_min_apply_delay {sb.apply_delay_s}s)")
         self.pg_start(DELAYED, PG_ADDRS[DELAYED])
 

@@ -87,7 +87,7 @@ def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[
     return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
 
 
-def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 5.0) -> list[dict[str, Any]]:
+def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 1.0) -> list[dict[str, Any]]:
     """Pause each delayed standby's replay; audited (intent, then ok or failed). Never raises.
 
     The intent (with whether a pause was requested already) is recorded *before* pausing, so a

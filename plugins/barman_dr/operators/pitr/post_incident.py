@@ -173,11 +173,14 @@ class RebuildStandbyOperator(DrBaseOperator):
         self.track_job(db.host, host_jobs, job_id)
         db.host.run_job(host_jobs, job_id, argv, timeout=6 * 3600)
         copy_s = round(time.monotonic() - t0, 3)
-        settings = standby_settings(sb)
-        if settings:  # what pg_basebackup -R does not know: a delayed standby's delay, the fallback to the archive
-            db.host.run(sh_argv(SET_CONF_SCRIPT, f"{sb.data_directory}/postgresql.auto.conf", *settings))
+        conf = f"{sb.data_directory}/postgresql.auto.conf"
+        start = start_settings(sb)
+        if start:  # what pg_basebackup -R does not know: the fallback to the archive (and no delay yet)
+            db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *start))
         db.start(sb, wait=False)
         db.wait_ready(sb, timeout=300)
+        if start:
+            db.psql(sb, "SELECT pg_reload_conf()")  # a retry may find it running with an older file
         deadline = time.monotonic() + self.stream_timeout
         state = None
         while time.monotonic() < deadline:
@@ -190,6 +193,13 @@ class RebuildStandbyOperator(DrBaseOperator):
         if not state or not state.startswith("streaming"):
             raise VerificationError(f"standby {sb.name} started but is not streaming from {primary.name} "
                                     f"(pg_stat_replication: {state!r}); see {sb.log_file}")
+        delay = delay_settings(sb)
+        if delay:
+            # only now: a delayed standby holding back a fresh commit of the WAL it copied starts its
+            # walreceiver only after the delay (up to hours); streaming first, then the delay (sighup)
+            db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *delay))
+            db.psql(sb, "SELECT pg_reload_conf()")
+        settings = [*start, *delay]
         return {"standby": sb.name, "moved_to": moved, "copy_s": copy_s, "replication": state,
                 "in_recovery": db.in_recovery(sb), "settings": settings, "delayed_s": sb.apply_delay_s}
 
@@ -225,6 +235,23 @@ def standby_settings(sb: Instance) -> list[str]:
     if sb.restore_command:
         out.append("restore_command = " + _sql_literal(sb.restore_command))
     return out
+
+
+def start_settings(sb: Instance) -> list[str]:
+    """What a rebuilt standby starts with: its restore_command, and no delay yet (see delay_settings)."""
+    return [*(["recovery_min_apply_delay = '0'"] if sb.apply_delay_s else []),
+            *(["restore_command = " + _sql_literal(sb.restore_command)] if sb.restore_command else [])]
+
+
+def delay_settings(sb: Instance) -> list[str]:
+    """A delayed standby's delay, set once it streams (recovery_min_apply_delay is reloadable).
+
+    PostgreSQL applies no delay before consistency, but right after it the copied WAL's fresh
+    commits are held back, and the walreceiver starts only when the startup process needs WAL
+    it does not have: with the delay from the start, a rebuilt standby would not stream for up
+    to the whole delay.
+    """
+    return [f"recovery_min_apply_delay = '{int(sb.apply_delay_s)}s'"] if sb.apply_delay_s else []
 
 
 class StandbysToRebuildOperator(DrBaseOperator):
