@@ -138,7 +138,7 @@ def test_the_plan_is_followed_by_four_eyes_approval(dags, dag_id):
 
 #: dr_pitr's bookkeeping steps: on the central `default` queue, everything else on the run's site
 PITR_DEFAULT_QUEUE = {"validate_params", "plan", "approve", "list_standbys", "failure_summary",
-                      "release_lock"}
+                      "release_lock", "resume_delayed_replay"}
 
 
 def test_every_task_goes_to_a_served_queue(dags):

@@ -28,7 +28,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.celery_lab]
 REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
 #: dr_pitr's bookkeeping steps (the `default` queue); every other step runs on the server's site
-PITR_DEFAULT = {"validate_params", "plan", "approve", "list_standbys", "failure_summary", "release_lock"}
+PITR_DEFAULT = {"validate_params", "plan", "approve", "list_standbys", "failure_summary", "release_lock",
+                "resume_delayed_replay"}
 
 
 def workers_serving(inventory, queue: str) -> set[str]:

@@ -134,6 +134,10 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
     """
 
     action = "resume_delayed_replay"
+    # on `default`, like release_lock: it must run even when the site's queue has no worker (a run
+    # refused at validate_params paused nothing and ends at once); with pauses to undo it reaches the
+    # db hosts from the central worker, best effort, and fails the run naming what stays paused
+    runs_on_site = False
 
     def execute(self, context: Any) -> Any:
         if self.request is None and self.request_task_id:
