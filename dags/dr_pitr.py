@@ -108,6 +108,13 @@ params = {
                                         "writing while the copy is prepared: those writes are discarded too (the "
                                         "report lists them; dr_salvage can put their new rows back). Off: the "
                                         "restore runs inside the downtime window, after the freeze."),
+    "source": Param("barman", type="string", enum=["barman", "auto", "delayed_standby"], title="Recovery source",
+                    description="'barman' (default): restore a Barman backup and replay its WAL. 'delayed_standby': "
+                                "the server's delayed standby (inventory `delayed:`), paused before the damage, "
+                                "replays forward to the stop point and is promoted; the app moves to it (like "
+                                "restore_to a standby) and no backup is copied, so the time does not grow with the "
+                                "database. Refused when it already applied the stop point. 'auto': the delayed "
+                                "standby when it can serve the stop point, else Barman; the plan says which and why."),
     "plan_only": plan_only_param(),
     "confirm": Param(None, type=OPT_STR, title="Confirm (pre-approval)",
                      description="Type exactly: PITR <server> (e.g. 'PITR pg-primary') to EXECUTE without waiting for "

@@ -82,8 +82,10 @@ SMALL_FS_MIB = {"pg-primary2": 1024}
 # the delayed standby of pg-primary (issue 17): a second PostgreSQL on pg-standby's host, its own port.
 # Its delay is the inventory's `delayed` (include/inventory/lab.yaml: minutes, so tests stay fast)
 DELAYED = "pg-delayed"
-PG_PORTS = {DELAYED: 5433}
-PG_ADDRS = {DELAYED: HOSTS["pg-standby"][0]}
+#: pg-delayed's spare (inventory `spare: true`): built by dr_pitr when pg-delayed is promoted
+SPARE = "pg-delayed2"
+PG_PORTS = {DELAYED: 5433, SPARE: 5434}
+PG_ADDRS = {DELAYED: HOSTS["pg-standby"][0], SPARE: HOSTS["pg-standby"][0]}
 # what a DR run of each Barman server may touch: while a run owns the server (its lock, or an
 # app it froze and has not resumed: barman_dr.safety.ownership), `up` initialises, starts and
 # reconfigures none of these
@@ -251,8 +253,9 @@ class Lab:
         for name in ("ops", *HOSTS):
             self.p("run", name).mkdir(exist_ok=True)
             self.p("hosts", name, "jobs").mkdir(parents=True, exist_ok=True)
-        self.p("run", DELAYED).mkdir(exist_ok=True)
-        self.chown(self.p("run", DELAYED), "postgres")
+        for name in (DELAYED, SPARE):
+            self.p("run", name).mkdir(exist_ok=True)
+            self.chown(self.p("run", name), "postgres")
         for name in ("pg-primary", "pg-standby", "pg-nonprod", "pg-primary2", "ops"):
             self.chown(self.p("run", name), "postgres")
             self.chown(self.p("hosts", name), "postgres", recursive=True)
@@ -451,7 +454,8 @@ class Lab:
         }
         for user, rows in entries.items():
             path = self.p("secrets", f"pgpass-{user}")
-            path.write_text("".join(f"{h}:{PG_PORT}:*:{u}:{pw}\n" for h, u, pw in rows))
+            # any port: the delayed standby (5433) and its spare (5434) become the primary after a PITR from it
+            path.write_text("".join(f"{h}:*:*:{u}:{pw}\n" for h, u, pw in rows))
             self.chown(path, user)
             os.chmod(path, 0o600)
         # the secrets dir must be traversable by the service users, but not listable
@@ -689,32 +693,40 @@ class Lab:
             raise SystemExit(f"[lab] failback refused: {self.owned['pg-primary']}")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         data = self.p("pg", "pg-primary", "data")
-        if self.is_primary("pg-standby"):
-            if self.is_primary("pg-primary"):
-                raise SystemExit("[lab] failback refused: pg-primary and pg-standby both run as primaries. Fence one "
-                                 "(pg_ctl stop) before anything else")
-            if not self.pg_running("pg-primary"):  # the fenced primary: kept aside, a copy of pg-standby instead
+        # the instance a run onto a standby left serving: pg-standby (restore_to) or pg-delayed (source)
+        candidates = ("pg-standby", DELAYED)
+        serving = [n for n in candidates if self.is_primary(n)]
+        if len(serving) > 1 or (serving and self.is_primary("pg-primary")):
+            raise SystemExit(f"[lab] failback refused: {', '.join([*serving, 'pg-primary'][:3])} run as primaries. "
+                             "Fence one (pg_ctl stop) before anything else")
+        if serving:
+            name = serving[0]
+            addr, port = PG_ADDRS.get(name, HOSTS["pg-standby"][0]), PG_PORTS.get(name, PG_PORT)
+            if not self.pg_running("pg-primary"):  # the fenced primary: kept aside, a copy of the server instead
                 if data.exists():
                     aside = data.with_name(f"data.pre-failback-{stamp}")
                     data.rename(aside)
                     log(f"failback: pg-primary's fenced data directory kept at {aside}")
-                conninfo = (f"host={HOSTS['pg-standby'][0]} port={PG_PORT} user=replicator "
+                conninfo = (f"host={addr} port={port} user=replicator "
                             f"passfile={self.p('secrets', 'pgpass-postgres')} application_name=pg-primary")
                 run([str(PG_BIN / "pg_basebackup"), "-d", conninfo, "-D", str(data), "-X", "stream", "-R", "-c",
                      "fast"], user="postgres")
                 self.pg_start("pg-primary", HOSTS["pg-primary"][0])
-            wait_for(lambda: self.psql("pg-standby", "SELECT count(*) FROM pg_stat_replication WHERE "
+            wait_for(lambda: self.psql(name, "SELECT count(*) FROM pg_stat_replication WHERE "
                                        "application_name = 'pg-primary' AND state = 'streaming'") == "1",
-                     "pg-primary streaming from pg-standby", 60, 0.5)
+                     f"pg-primary streaming from {name}", 60, 0.5)
             # a clean (fast) shutdown sends every WAL record, its shutdown checkpoint included, to pg-primary
-            run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", "pg-standby", "data")), "-m", "fast", "-w", "stop"],
+            run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", name, "data")), "-m", "fast", "-w", "stop"],
                 user="postgres")
-        if self.pg_running("pg-primary") and self.in_recovery("pg-primary") and not self.pg_running("pg-standby") \
-                and f"host={HOSTS['pg-standby'][0]} " in self.psql("pg-primary", "SHOW primary_conninfo") + " ":
-            # only failback's own copy of pg-standby (it follows pg-standby, which is stopped): never another
-            # recovering pg-primary (an in-place PITR's)
-            run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
-            log("failback: pg-primary promoted with the recovered data")
+        if self.pg_running("pg-primary") and self.in_recovery("pg-primary"):
+            # only failback's own copy (it follows a candidate that is stopped now): never another recovering
+            # pg-primary (an in-place PITR's)
+            follows = self.psql("pg-primary", "SHOW primary_conninfo") + " "
+            source = next((n for n in candidates if f"host={PG_ADDRS.get(n, HOSTS['pg-standby'][0])} " in follows
+                           and f"port={PG_PORTS.get(n, PG_PORT)} " in follows), None)
+            if source and not self.pg_running(source):
+                run([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "120", "promote"], user="postgres")
+                log(f"failback: pg-primary promoted with the recovered data (from {source})")
         if self.is_primary("pg-primary") and self.psql("pg-primary", "SHOW primary_conninfo"):
             self.psql("pg-primary", "ALTER SYSTEM RESET primary_conninfo")
             self.psql("pg-primary", "SELECT pg_reload_conf()")
@@ -732,6 +744,16 @@ class Lab:
                 d.rename(d.with_name(f"data.pre-failback-{stamp}"))
             setup()
             log(f"failback: {name} cloned from pg-primary")
+        # the spare delayed standby is not run day to day: a run that promoted pg-delayed built it
+        spare = self.p("pg", SPARE, "data")
+        if self.pg_running(SPARE):
+            run([str(PG_BIN / "pg_ctl"), "-D", str(spare), "-m", "fast", "-w", "stop"], user="postgres")
+        if spare.exists():
+            spare.rename(spare.with_name(f"data.pre-failback-{stamp}"))
+            log(f"failback: the spare {SPARE} stopped and set aside (not run day to day)")
+        if self.psql("pg-primary", f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = "
+                                   f"'{SPARE.replace('-', '_')}'") == "1":
+            self.psql("pg-primary", f"SELECT pg_drop_replication_slot('{SPARE.replace('-', '_')}')")
         ini = self.p("pgbouncer", "pgbouncer.ini")
         lines = ini.read_text().splitlines()
         line = f"shop = host={HOSTS['pg-primary'][0]} port={PG_PORT} dbname=shop"
@@ -749,6 +771,16 @@ class Lab:
                       "streaming_conninfo": f"host={HOSTS['pg-primary'][0]} port={PG_PORT} user=streaming_barman "
                                             f"passfile={self.p('secrets', 'pgpass-barman')}"}
             self.barman(["config-update", json.dumps([change])])
+
+        # stuck on a timeline pg-primary never had (a run that failed before Barman followed it): start over at
+        # pg-primary's current segment; the backup below covers what that skips
+        tli_now = self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        stream_dir = Path(show.get("streaming_wals_directory") or self.p("barman", "home", BARMAN_SERVER, "streaming"))
+        partials = [f.name for f in stream_dir.glob("*.partial")] if stream_dir.exists() else []
+        if partials and all(not f.startswith(tli_now) for f in partials):
+            self.barman(["receive-wal", "--stop", BARMAN_SERVER], check=False)
+            self.barman(["receive-wal", "--reset", BARMAN_SERVER], check=False)
+            log(f"failback: Barman's receive-wal was on {partials}: reset to pg-primary's timeline")
 
         def streaming() -> bool:  # cron creates Barman's slot on pg-primary (create_slot = auto), then streams
             self.barman(["cron"], check=False)
@@ -1018,6 +1050,7 @@ class Lab:
             "pg_primary": pg(HOSTS["pg-primary"][0], "dr_admin", s["dr_admin"], "shop"),
             "pg_standby": pg(HOSTS["pg-standby"][0], "dr_admin", s["dr_admin"], "shop"),
             "pg_delayed": pg(PG_ADDRS[DELAYED], "dr_admin", s["dr_admin"], "shop", port=PG_PORTS[DELAYED]),
+            "pg_delayed2": pg(PG_ADDRS[SPARE], "dr_admin", s["dr_admin"], "shop", port=PG_PORTS[SPARE]),
             "pg_nonprod": pg(HOSTS["pg-nonprod"][0], "dr_admin", s["dr_admin"], "shop"),
             "pg_primary2": pg(HOSTS["pg-primary2"][0], "dr_admin", s["dr_admin"], "shop"),
             "pgbouncer_admin": pg(HOSTS["pg-primary"][0], "pgbouncer_admin", s["pgbouncer_admin"], "pgbouncer",
@@ -1088,6 +1121,8 @@ class Lab:
             "LAB_STANDBY_DSN": f"host={HOSTS['pg-standby'][0]} port={PG_PORT} dbname=shop user=dr_admin password={s['dr_admin']}",
             "LAB_DELAYED_DSN": (f"host={PG_ADDRS[DELAYED]} port={PG_PORTS[DELAYED]} dbname=shop user=dr_admin "
                                 f"password={s['dr_admin']}"),
+            "LAB_SPARE_DSN": (f"host={PG_ADDRS[SPARE]} port={PG_PORTS[SPARE]} dbname=shop user=dr_admin "
+                              f"password={s['dr_admin']}"),
             "LAB_AUDIT_DSN": f"host={OPS} port={PG_PORT} dbname=dr_audit user=dr_audit_writer password={s['dr_audit_writer']}",
             "LAB_BARMAN_SERVER": BARMAN_SERVER,
             "LAB_BARMAN_SERVER2": BARMAN_SERVER2,
@@ -1237,16 +1272,17 @@ class Lab:
             rows.append((f"sshd {name}", f"{addr}:{SSH_PORT}", "up" if pid and pid_alive(pid) else "down",
                          run(["ssh", "-V"]).stderr.split(",")[0]))
         for name, addr in (("ops", OPS), ("pg-primary", HOSTS["pg-primary"][0]), ("pg-standby", HOSTS["pg-standby"][0]),
-                           (DELAYED, PG_ADDRS[DELAYED]), ("pg-nonprod", HOSTS["pg-nonprod"][0]),
+                           (DELAYED, PG_ADDRS[DELAYED]), (SPARE, PG_ADDRS[SPARE]), ("pg-nonprod", HOSTS["pg-nonprod"][0]),
                            ("pg-primary2", HOSTS["pg-primary2"][0])):
-            if not self.p("pg", name, "data").exists() and name == "pg-nonprod":
-                rows.append((f"postgresql {name}", f"{addr}:{PG_PORT}", "idle (drill target)", f"PostgreSQL {pgver()}"))
+            if not self.p("pg", name, "data").exists() and name in ("pg-nonprod", SPARE):
+                idle = "idle (drill target)" if name == "pg-nonprod" else "spare (built by dr_pitr when pg-delayed is promoted)"
+                rows.append((f"postgresql {name}", f"{addr}:{PG_PORTS.get(name, PG_PORT)}", idle, f"PostgreSQL {pgver()}"))
                 continue
             state = "down"
             if self.pg_running(name):
                 state = "up"
-                if name in ("pg-standby", DELAYED) and (self.p("pg", name, "data", "standby.signal")).exists():
-                    state = "up (delayed standby)" if name == DELAYED else "up (standby)"
+                if name in ("pg-standby", DELAYED, SPARE) and (self.p("pg", name, "data", "standby.signal")).exists():
+                    state = "up (delayed standby)" if name in (DELAYED, SPARE) else "up (standby)"
             rows.append((f"postgresql {name}", f"{addr}:{PG_PORTS.get(name, PG_PORT)}", state, f"PostgreSQL {pgver()}"))
         pid = read_pid(self.p("run", "pgbouncer.pid"))
         ver = run(["pgbouncer", "--version"], check=False).stdout.splitlines()[0] if shutil.which("pgbouncer") else "?"
@@ -1422,7 +1458,7 @@ class Lab:
                 check=False)
             log("stopped postgresql pg-bench (benchmark cluster)")
         self.stop_pid(self.p("run", "pgbouncer.pid"), "pgbouncer")
-        for name in ("pg-nonprod", DELAYED, "pg-standby", "pg-primary", "pg-primary2", "ops"):
+        for name in ("pg-nonprod", SPARE, DELAYED, "pg-standby", "pg-primary", "pg-primary2", "ops"):
             if self.pg_running(name):
                 run([str(PG_BIN / "pg_ctl"), "-D", str(self.p("pg", name, "data")), "-m", "fast", "-w", "-t", "60",
                      "stop"], user="postgres", check=False)

@@ -111,6 +111,9 @@ class Instance:
     delay_tolerance_s: int | None = None
     #: a standby's fallback to Barman's archive (e.g. `barman-wal-restore ... %f %p`), written by its rebuild
     restore_command: str | None = None
+    #: a spare delayed standby (`spare: true`): not run day to day; dr_pitr builds it as the new delayed
+    #: standby when the one it protects is promoted (the delayed-standby source, or restore_to onto it)
+    spare: bool = False
 
     @property
     def delayed(self) -> bool:
@@ -194,6 +197,16 @@ class Server:
     #: how long a run waits for the approval before it ends with nothing touched
     approval_timeout_seconds: int = 1800
 
+    @property
+    def active_standbys(self) -> tuple[Instance, ...]:
+        """The standbys that run day to day (a spare is built only when a delayed standby is promoted)."""
+        return tuple(s for s in self.standbys if not s.spare)
+
+    @property
+    def delayed_standbys(self) -> tuple[Instance, ...]:
+        """The delayed standbys that run day to day: the recovery sources and the protected window."""
+        return tuple(s for s in self.active_standbys if s.delayed)
+
     def standby(self, name: str) -> Instance:
         for s in self.standbys:
             if s.name == name:
@@ -268,8 +281,19 @@ def _instance(data: dict[str, Any], where: str, db_hosts: dict[str, DbHost], sta
         postgres_conn_id=_name(data.get("postgres_conn_id"), f"{where}.postgres_conn_id"),
         replication_slot=data.get("replication_slot"),
         restore_command=_restore_command(data.get("restore_command"), f"{where}.restore_command", standby),
+        spare=_spare(data, where, standby),
         **_delay(data, where),
     )
+
+
+def _spare(data: dict[str, Any], where: str, standby: bool) -> bool:
+    value = data.get("spare", False)
+    if not isinstance(value, bool):
+        raise InventoryError(f"{where}.spare: {value!r} must be true or false")
+    if value and not (standby and data.get("delayed") is not None):
+        raise InventoryError(f"{where}.spare: only a delayed standby can be a spare (dr_pitr builds it when the "
+                             "delayed standby is promoted). Fix: add `delayed: <interval>` to it, or remove `spare`")
+    return value
 
 
 def _restore_command(value: Any, where: str, standby: bool) -> str | None:
@@ -523,12 +547,12 @@ def server_names_for_dags(path: str | Path | None = None) -> list[str]:
 
 
 def standby_names_for_dags(path: str | Path | None = None) -> list[str]:
-    """Every standby name in the inventory (for the `restore_to` param); never raises."""
+    """Every standby name in the inventory but the spares (for the `restore_to` param); never raises."""
     p = Path(path) if path else inventory_path()
     try:
         raw = yaml.safe_load(p.read_text()) or {}
         names = {sb.get("name") or sb.get("host") for srv in (raw.get("servers") or {}).values()
-                 for sb in (srv.get("standbys") or []) if isinstance(sb, dict)}
+                 for sb in (srv.get("standbys") or []) if isinstance(sb, dict) and sb.get("spare") is not True}
         return sorted(n for n in names if isinstance(n, str))
     except (OSError, yaml.YAMLError, AttributeError):
         return []

@@ -557,3 +557,16 @@ def test_bench_database_is_a_throwaway_one():
     assert dr_page.admin_dsn({"BENCH_PG_DSN": "host=/tmp user=me"}) == "host=/tmp user=me"
     with pytest.raises(SystemExit):
         dr_page.admin_dsn({})
+
+
+def test_the_delayed_standby_window_is_on_the_page_and_escaped():
+    """Issue 17: each delayed standby's protected window, from the newest verification (its facts)."""
+    d = data()
+    d["servers"][0]["verification"] = {"status": "OK", "at": "2026-12-05T01:00:00+00:00", "delayed": [
+        {"standby": "pg-delayed", "delay_s": 180, "tolerance_s": 60, "protected_window_s": 201.5},
+        {"standby": EVIL, "delay_s": 14400, "tolerance_s": 1440, "protected_window_s": 20000}]}
+    page = render(d, [], None)
+    assert "<h2>Delayed standbys</h2>" in page and "id='delayed-standbys'" in page
+    assert "damage younger than 3min 21s can be undone in seconds" in page and "4h 0min" in page
+    assert EVIL not in page and "<td class='WARNING'>5h 33min</td>" in page  # fallen behind delay + tolerance
+    assert "No delayed standby in the newest verification" in render(data(), [], None)

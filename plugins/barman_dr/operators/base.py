@@ -252,6 +252,7 @@ class DrBaseOperator(BaseOperator):
     def execute(self, context: Any) -> Any:
         if self.request is None and self.request_task_id:
             self.request = context["ti"].xcom_pull(task_ids=self.request_task_id)
+        self.request = self.effective_request(context, self.request)
         audit = self._audit_trail = self.audit(context)
         started = time.monotonic()
         started_at = utcnow()
@@ -292,6 +293,30 @@ class DrBaseOperator(BaseOperator):
 
     def run(self, context: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    #: the step that decides a PITR's source (`source: auto | delayed_standby`) once the stop point is known
+    SOURCE_TASK_ID: ClassVar[str] = "resolve_target"
+
+    def effective_request(self, context: Any, request: Any) -> Any:
+        """The request as the run executes it: with the source resolve_target chose (and where it restores).
+
+        `source: auto` can only be decided against the resolved stop point, so resolve_target
+        pushes its decision (XCom key `source`) and every later step reads the request through
+        it: `restore_to` becomes the delayed standby that will be promoted, and every step
+        (fence, repoint, rebuild, Barman following) works on it unchanged. A request for
+        Barman reads no XCom.
+        """
+        if not isinstance(request, dict) or request.get("source") in (None, "barman") or \
+                self.task_id in (self.SOURCE_TASK_ID, "validate_params"):
+            return request
+        dag = context.get("dag")
+        if dag is None or self.SOURCE_TASK_ID not in set(getattr(dag, "task_ids", ()) or ()):
+            return request
+        decision = context["ti"].xcom_pull(task_ids=self.SOURCE_TASK_ID, key="source")
+        if not isinstance(decision, dict) or not decision.get("chosen"):
+            return request
+        return {**request, "source_chosen": decision["chosen"], "restore_to": decision.get("restore_to")
+                or request.get("restore_to")}
 
     def run_failures(self, context: Any) -> list[dict[str, str]]:
         """This run's failed steps and their errors, from the audit trail (best effort: [] when unreadable)."""

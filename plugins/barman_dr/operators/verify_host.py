@@ -132,7 +132,7 @@ class BarmanHostVerificationOperator(DrBaseOperator):
                                               own(lambda b: own_sections(b.list_backups_all(names), names))))
                 f_servers = pool.submit(timed("show_servers_all",
                                               own(lambda b: own_sections(b.show_servers_all(names), names))))
-                with_standbys = [s.name for s in self.fleet if s.standbys]
+                with_standbys = [s.name for s in self.fleet if s.active_standbys]
                 f_repl = pool.submit(timed("replication_status_all", own(lambda b: own_sections(
                     b.replication_status_all(with_standbys), with_standbys)))) if with_standbys else None
                 f_orphans = pool.submit(timed("orphans", lambda: self._orphans(context)))
@@ -175,9 +175,7 @@ class BarmanHostVerificationOperator(DrBaseOperator):
         """
         out: dict[str, DelayedReplay | str] = {}
         for srv in self.fleet:
-            for sb in srv.standbys:
-                if not sb.delayed:
-                    continue
+            for sb in srv.delayed_standbys:
                 try:
                     out[sb.name] = DelayedReplay.from_row(self.db(sb.host).psql(sb, DELAYED_REPLAY_SQL).split("|"))
                 except Exception as exc:  # noqa: BLE001 - one standby's error, reported as its finding
@@ -224,9 +222,10 @@ class BarmanHostVerificationOperator(DrBaseOperator):
         now = datetime.now(UTC)
         reports = []
         for srv in self.fleet:
-            spec = ServerSpec(srv.name, tuple(s.name for s in srv.standbys), srv.verification,
+            # a spare delayed standby is not run day to day: not expected to stream
+            spec = ServerSpec(srv.name, tuple(s.name for s in srv.active_standbys), srv.verification,
                               delayed=tuple((s.name, int(s.apply_delay_s or 0), int(s.delay_tolerance_s or 0))
-                                            for s in srv.standbys if s.delayed))
+                                            for s in srv.delayed_standbys))
             try:
                 findings, facts = evaluate_server(spec, snap, now)
                 report = build_report(srv.name, findings, facts, checked_at=now.isoformat())

@@ -40,7 +40,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}\Z")
 MAX_JOBS = 16
 TARGET_FIELDS = ("target_time", "target_xid", "target_lsn", "target_name", "target_immediate")
 KNOWN_FIELDS = {*TARGET_FIELDS, "server", "target_inclusive", "backup_id", "restore_to", "expected", "incident_id",
-                "reason", "jobs", "confirm", "staging", "staged_restore", "target_name_lsn", "plan_only"}
+                "reason", "jobs", "confirm", "staging", "staged_restore", "target_name_lsn", "plan_only", "source"}
+#: where the recovered data comes from: a Barman backup + WAL (the default), the server's delayed standby
+#: replayed forward to the stop point and promoted, or `auto` (the delayed standby when it has not applied
+#: the stop point yet, else Barman), decided by resolve_target once the stop point is known
+SOURCES = ("barman", "auto", "delayed_standby")
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,15 @@ class PitrRequest:
     target_name_lsn: str | None = None
     #: stop after the plan: no approval is asked for, nothing is touched
     plan_only: bool = False
+    #: the requested source (SOURCES)
+    source: str = "barman"
+    #: the source resolve_target chose ("barman" or "delayed_standby"); None before it decided
+    source_chosen: str | None = None
+
+    @property
+    def from_delayed_standby(self) -> bool:
+        """This run recovers by promoting its delayed standby at the stop point (restore_to is that standby)."""
+        return self.source_chosen == "delayed_standby"
 
     @property
     def in_place(self) -> bool:
@@ -286,10 +299,13 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
         raise ValidationError("backup_id", backup_id, "use 'auto' or a Barman backup id like 20261125T020000")
 
     restore_to = _str_field(conf, "restore_to") or "in_place"
-    standbys = [s.name for s in srv.standbys]
+    standbys = [s.name for s in srv.active_standbys]
     if restore_to != "in_place" and restore_to not in standbys:
+        spare = " (a spare is built by dr_pitr, never restored onto)" if restore_to in {s.name for s in srv.standbys} \
+            else ""
         raise ValidationError("restore_to", restore_to,
-                              f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}")
+                              f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}{spare}")
+    source = parse_source(conf, srv, restore_to, target)
 
     expected_raw = conf.get("expected")
     if expected_raw is None:
@@ -330,4 +346,26 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
     return PitrRequest(server=server, target=target, backup_id=backup_id, restore_to=restore_to, expected=expected,
                        incident_id=incident_id, reason=reason, jobs=jobs, confirmed=confirmed, staging=staging,
                        staged_restore=staged_restore, requested_at=now.isoformat(), target_name_lsn=target_name_lsn,
-                       plan_only=plan_only)
+                       plan_only=plan_only, source=source)
+
+
+def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: RecoveryTarget) -> str:
+    """`source`: barman (default), auto or delayed_standby; the delayed standby must exist and be where it restores."""
+    source = _str_field(conf, "source") or "barman"
+    if source not in SOURCES:
+        raise ValidationError("source", source, f"use one of {', '.join(SOURCES)}")
+    if source == "barman":
+        return source
+    delayed = [s.name for s in srv.delayed_standbys]
+    if not delayed:
+        raise ValidationError("source", source, f"server {srv.name} has no delayed standby in the inventory (a standby "
+                                                "with `delayed: <interval>`): use source=barman")
+    if restore_to != "in_place" and restore_to not in delayed:
+        raise ValidationError("restore_to", restore_to,
+                              f"with source={source} the recovered server is the delayed standby "
+                              f"({', '.join(delayed)}): leave restore_to as in_place, or use source=barman to restore "
+                              f"onto {restore_to}")
+    if source == "delayed_standby" and target.kind == "immediate":
+        raise ValidationError("source", source, "target_immediate is the end of a base backup: only Barman restores "
+                                                "to it. Use source=barman or auto")
+    return source

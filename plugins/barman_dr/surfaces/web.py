@@ -502,7 +502,8 @@ def summarize(source: AuditSource, servers: Sequence[ServerInfo], now: datetime 
                 srv["last_backup"] = {"backup_id": backup_id, "at": e["event_time"], "age": _age(e["event_time"], now)}
         elif kind == "verification":
             srv["verification"] = {"status": d.get("status") or str(e["outcome"]).upper(), "at": e["event_time"],
-                                   "reasons": d.get("reasons") or d.get("findings") or []}
+                                   "reasons": d.get("reasons") or d.get("findings") or [],
+                                   "delayed": list((d.get("facts") or {}).get("delayed_standbys") or [])}
         elif kind == "pitr":
             srv["last_pitr"] = pitr_row(e)
         elif kind == "drill":
@@ -732,6 +733,7 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]] | AuditPage,
                   f"<td class='{'ok' if d['rto_met'] else 'failed'}'>{esc(d['rto_met'])}</td></tr>"
                   for d in list(reversed(data["drills"]))[:DRILL_ROWS_SHOWN]]
     candidates_html = render_candidates(data.get("find_target_runs") or [])
+    delayed_html = render_delayed(data["servers"])
     audit_html = [f"<tr><td>{esc(str(e['event_time'])[:19])}</td><td>{esc(e['dag_id'])}</td><td>{esc(e['run_id'])}</td>"
                   f"<td>{esc(e['task_id'])}</td><td>{esc(e['server'])}</td><td>{esc(e['incident_id'])}</td>"
                   f"<td>{esc(e['action'])}</td><td class='{esc(e['outcome'])}'>{esc(e['outcome'])}</td>"
@@ -742,6 +744,7 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]] | AuditPage,
 <h1>Disaster recovery <span class="muted">barman-dr, generated {esc(data['generated_at'][:19])} UTC</span></h1>
 <h2>Servers</h2><table id="servers"><tr><th>Server</th><th>Last backup (age)</th><th>Verification</th>
 <th>Recovery window</th><th>Last PITR (RTO s)</th><th>Last drill RTO / objective</th></tr>{''.join(rows)}</table>
+<h2>Delayed standbys</h2>{delayed_html}
 <h2>PITR runs</h2><table id="pitr-runs"><tr><th>Finished</th><th>Server</th><th>Incident</th><th>Target</th>
 <th>Outcome</th><th>Approval (requester &rarr; approver)</th><th>RTO s</th><th>Phases (s, in the order they ran)</th>
 <th>Airflow run</th></tr>{''.join(pitr_rows)}</table>
@@ -753,6 +756,39 @@ def render(data: dict[str, Any], audit_rows: list[dict[str, Any]] | AuditPage,
 <h2>Audit trail</h2>{render_filter_form(query)}{pager}
 <table id="audit"><tr><th>Time</th><th>DAG</th><th>Run</th><th>Task</th><th>Server</th><th>Incident</th>
 <th>Action</th><th>Outcome</th><th>s</th></tr>{''.join(audit_html)}</table>{pager}</body></html>"""
+
+
+def human_s(seconds: Any) -> str:
+    """90 -> '1min 30s', 7200 -> '2h 0min': a window a DBA reads at a glance."""
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}min {s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}min"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def render_delayed(servers: list[dict[str, Any]]) -> str:
+    """Each delayed standby's protected window, from the newest daily verification: the fast recovery source."""
+    rows = []
+    for s in servers:
+        ver = s.get("verification") or {}
+        for w in ver.get("delayed") or []:
+            window, delay, tol = w.get("protected_window_s"), w.get("delay_s"), w.get("tolerance_s") or 0
+            behind = isinstance(window, (int, float)) and isinstance(delay, (int, float)) and window > delay + tol
+            what = (f"damage younger than {human_s(window)} can be undone in seconds (source: delayed_standby)"
+                    if isinstance(window, (int, float)) else "no replayed transaction to date it by yet")
+            rows.append(f"<tr><td>{esc(s['server'])}</td><td>{esc(w.get('standby'))}</td><td>{esc(human_s(delay))}</td>"
+                        f"<td class='{'WARNING' if behind else 'OK'}'>{esc(human_s(window))}</td><td>{esc(what)}</td>"
+                        f"<td>{esc(str(ver.get('at') or '')[:19])}</td></tr>")
+    if not rows:
+        return "<p class='muted'>No delayed standby in the newest verification (inventory `delayed:` on a standby).</p>"
+    return ("<table id='delayed-standbys'><tr><th>Server</th><th>Delayed standby</th><th>Delay</th>"
+            "<th>Protected window</th><th>What it protects</th><th>Verified at</th></tr>" + "".join(rows) + "</table>")
 
 
 def render_candidates(runs: list[dict[str, Any]]) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from barman_dr.exceptions import BarmanDrError
+from barman_dr.exceptions import BarmanDrError, PreflightError
 from barman_dr.inventory import Instance
 from barman_dr.models import Lsn
 from barman_dr.operators.base import DrBaseOperator
@@ -74,9 +74,50 @@ def delayed_source_verdict(stop: dict[str, Any], paused: dict[str, Any]) -> dict
 
 
 def delayed_standbys(op: DrBaseOperator) -> list[Instance]:
-    """The server's delayed standbys, except the one the run restores onto (it is stopped and replaced)."""
-    target = None if op.req.in_place else op.req.restore_to
-    return [s for s in op.srv.standbys if s.delayed and s.name != target]
+    """The server's delayed standbys (not the spares), except one a Barman restore overwrites.
+
+    With `source: auto | delayed_standby` every delayed standby is paused, the one that may
+    become the recovered server first of all.
+    """
+    target = None if op.req.in_place or op.req.source != "barman" else op.req.restore_to
+    return [s for s in op.srv.delayed_standbys if s.name != target]
+
+
+def choose_source(req: Any, srv: Any, stop: dict[str, Any], paused: list[dict[str, Any]]) -> dict[str, Any]:
+    """Where this run recovers from, once the stop point is known: Barman, or a delayed standby promoted at it.
+
+    `barman`: Barman. `delayed_standby`: the first delayed standby (restore_to's when it names one)
+    that can reach the stop point by replaying forward (`delayed_source_verdict`); none can:
+    refused, nothing touched. `auto`: the same, falling back to Barman (staged as requested), with
+    the reason the plan shows. Returned as resolve_target's XCom `source`, which every later step
+    reads its request through (`DrBaseOperator.effective_request`).
+    """
+    barman = {"chosen": "barman", "restore_to": req.restore_to, "standby": None, "requested": req.source}
+    if req.source == "barman":
+        return {**barman, "why": "source=barman: restore a Barman backup and replay its WAL"}
+    names = [s.name for s in srv.delayed_standbys if req.in_place or s.name == req.restore_to]
+    if req.target.kind == "immediate":
+        verdicts = [{"standby": n, "usable": False, "why": "target_immediate is the end of a base backup"}
+                    for n in names]
+    else:
+        by_name = {p.get("standby"): p for p in paused}
+        verdicts = [delayed_source_verdict(stop, by_name.get(n) or {"standby": n, "error": "not paused by this run"})
+                    for n in names]
+    usable = next((v for v in verdicts if v["usable"]), None)
+    if usable:
+        return {"chosen": "delayed_standby", "restore_to": usable["standby"], "standby": usable["standby"],
+                "requested": req.source, "why": f"delayed standby {usable['standby']} {usable['why']}",
+                "verdicts": verdicts}
+    why = "; ".join(f"{v['standby']}: {v['why']}" for v in verdicts) or "no delayed standby"
+    if req.source == "delayed_standby":
+        raise PreflightError(
+            f"source=delayed_standby: no delayed standby of {srv.name} can serve this stop point ({why}). Nothing was "
+            "touched; the delayed standbys' replay stays paused until this run ends. Fix: trigger again with "
+            "source=auto (falls back to Barman) or source=barman")
+    staged = "staged" if req.staged_restore else "unstaged"
+    return {**barman, "verdicts": verdicts,
+            "why": f"source=auto: falling back to Barman ({staged} restore): the delayed standby cannot serve this "
+                   f"target ({why})"}
 
 
 def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[str, Any] | None:
@@ -166,13 +207,15 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         names = self.paused_by_this_run(context)
-        standbys = [s for s in self.srv.standbys if s.name in names]
+        # the delayed standby this run recovers onto (source delayed_standby) is the server now, not paused
+        promoted = self.req.restore_to if self.req.from_delayed_standby else None
+        standbys = [s for s in self.srv.standbys if s.name in names and s.name != promoted]
         if standbys and self.left_broken(context):
             for sb in standbys:
                 self.audit(context).record("delayed_replay_kept_paused", "ok", server=self.srv.name, target=sb.name,
                                            details={"reason": "the PITR failed at or after the freeze: this delayed "
                                                               "standby may be the last copy without the damage"})
-            return {"resumed": [], "kept_paused": [s.name for s in standbys]}
+            return {"resumed": [], "kept_paused": [s.name for s in standbys], "recovered_onto": promoted}
         resumed, failed = [], []
         for sb in standbys:
             try:
@@ -185,7 +228,7 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         if failed:
             raise BarmanDrError(f"delayed standby replay still paused: {failed} (resumed: "
                                 f"{[s['standby'] for s in resumed]})")
-        return {"resumed": resumed}
+        return {"resumed": resumed, "recovered_onto": promoted}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         return ("A delayed standby this run paused may still be paused: run SELECT pg_wal_replay_resume() on it "

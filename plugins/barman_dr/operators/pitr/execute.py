@@ -62,7 +62,8 @@ class StopPostgresOperator(DrBaseOperator):
         stopped = {}
         if not self.req.in_place:
             stopped[srv.primary.name] = prim_db.stop(srv.primary)  # fenced: untouched, for forensics
-        stopped[inst.name] = self.db(inst.host).stop(inst)
+        if not self.req.from_delayed_standby:  # the promoted delayed standby is the recovered server: it stays up
+            stopped[inst.name] = self.db(inst.host).stop(inst)
         # the old timeline's last record (a clean stop ends with its shutdown checkpoint): where the discards end
         old_end = None
         try:
@@ -86,6 +87,9 @@ class MoveAsideOperator(DrBaseOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         inst = self.target_instance
+        if self.req.from_delayed_standby:
+            return {"skipped": f"source delayed_standby: {inst.name} was promoted at the stop point; nothing is moved",
+                    "data_directory": None, "moved_to": None, "host": inst.host}
         moved = self.db(inst.host).move_aside(inst.data_directory, self.run_tag(context))
         return {"data_directory": inst.data_directory, "moved_to": moved, "host": inst.host}
 
@@ -116,6 +120,9 @@ class BarmanRestoreOperator(DrBaseOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv, inst = self.req, self.srv, self.target_instance
+        if req.from_delayed_standby:
+            return {"mode": "delayed_standby", "skipped": f"{inst.name} was promoted at the stop point: no restore",
+                    "destination": inst.data_directory, "host": inst.host}
         pre = self.upstream(context, "preflight")
         aside = self.upstream(context, "move_aside") or {}
         db = self.db(inst.host)
@@ -191,6 +198,18 @@ class StartRecoveryOperator(DrBaseOperator):
     def run(self, context: Any) -> dict[str, Any]:
         inst = self.target_instance
         db = self.db(inst.host)
+        if self.req.from_delayed_standby:
+            # promoted before the freeze (stage_restore): verify_target reads its log from before that restart
+            stage = self.upstream(context, "stage_restore") or {}
+            if "log_offset" not in stage:
+                raise PreflightError("the delayed standby's restart (XCom of stage_restore) is missing: clear the run "
+                                     "from stage_restore")
+            if db.in_recovery(inst):
+                raise PreflightError(f"{inst.name} is in recovery again: it is not the promoted server stage_restore "
+                                     "proved. Look at its log; run dr_pitr again")
+            return {"log_offset": int(stage["log_offset"]), "mode": "delayed_standby", "ready_s": 0.0,
+                    "recovery_s": stage.get("promoted_s"), "replay_bytes": 0, "start_to_promoted_s": 0.0,
+                    "instance": inst.name}
         offset = db.log_size(inst.log_file)
         prior = context["ti"].xcom_pull(task_ids=self.task_id, key="log_offset")
         if prior is not None:

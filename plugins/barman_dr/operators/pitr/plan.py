@@ -11,8 +11,10 @@ from barman_dr.exceptions import BarmanDrError
 from barman_dr.hooks.dbhost import (
     staging_paths,
 )
+from barman_dr.models import Lsn
 from barman_dr.operators.base import DrBaseOperator
 from barman_dr.operators.pitr.delayed import delayed_source_verdict
+from barman_dr.operators.pitr.post_incident import standbys_to_rebuild
 from barman_dr.operators.pitr.resolve import resolution_for
 from barman_dr.rto_estimate import Calibration
 from barman_dr.rto_estimate import estimate as estimate_rto_for
@@ -81,50 +83,56 @@ class PlanGateOperator(DrBaseOperator):
         res = resolution_for(self, context)
         started = getattr(context.get("dag_run"), "start_date", None)
         elapsed = (datetime.now(UTC) - started).total_seconds() if started else 0.0
-        estimate = estimate_rto_for(backup_bytes=int(pre["backup"].get("size_bytes") or 0),
-                                    replay_bytes=int(res["replay"]["bytes"]), staged=req.staged_restore,
-                                    calibration=self.calibration(context), elapsed_s=max(elapsed, 0.0))
-        instance = self.target_instance
-        standbys = [s.name for s in srv.standbys if s.name != instance.name]
-        rt = res["restore_target"]
-        restore = (f"barman restore {pre['backup_id']} (target {rt['kind']} {rt['value']}"
-                   f"{'' if rt['inclusive'] else ' exclusive'}, jobs={req.jobs}, --target-action promote)")
-        if req.staged_restore:
-            staged, _ = staging_paths(instance.data_directory, self.run_tag(context))
-            before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
-                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)",
-                      "replay the WAL to the stop point in that copy (private socket, no TCP, archive_command=false), "
-                      "prove the exact stop there, shut it down cleanly (outside the downtime)"]
-            in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
-        else:
-            before = []
-            in_window = f"{restore} to {instance.host}:{instance.data_directory} (inside the downtime)"
-        steps = [*before,
-                 "freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
-                 f"freeze app ({srv.app_freeze.method})",
-                 f"stop PostgreSQL {instance.name}" + ("" if req.in_place else f" and fence {srv.primary.name}"),
-                 f"move {instance.data_directory} aside (kept)",
-                 in_window,
-                 "start PostgreSQL, wait for recovery end and promotion",
-                 f"prove the stop: {res['stop']['described']} (server log + timeline history)",
-                 "validate data: " + (", ".join(f"{k}={v}" for k, v in req.expected.items()) or "report counts"),
-                 "unfreeze app" + ("" if req.in_place else f" (repoint PgBouncer to {instance.name})"),
-                 "list what was actually discarded up to the freeze",
-                 f"rebuild standbys: {', '.join(standbys) or '(none)'}",
-                 "re-point Barman at the new timeline and take a full backup",
-                 "report RTO"]
+        source = (self.upstream(context, "resolve_target") or {}).get("source") or {
+            "chosen": "barman", "why": "source=barman"}
         paused = [d for d in (self.upstream(context, "resolve_target") or {}).get("delayed_paused") or []]
         verdicts = [delayed_source_verdict(res["stop"], d) for d in paused]
+        from_delayed = req.from_delayed_standby
+        replay_bytes = int(res["replay"]["bytes"])
+        if from_delayed:  # only what the delayed standby has not applied yet: the stop point minus its replay LSN
+            at = next((d.get("replay_lsn") for d in paused if d.get("standby") == source.get("standby")), None)
+            replay_bytes = max(Lsn.parse(str(res["stop"]["lsn"])).value - Lsn.parse(str(at)).value, 0) if at else 0
+        estimate = estimate_rto_for(backup_bytes=0 if from_delayed else int(pre["backup"].get("size_bytes") or 0),
+                                    replay_bytes=replay_bytes, staged=req.staged_restore or from_delayed,
+                                    calibration=self.calibration(context), elapsed_s=max(elapsed, 0.0))
+        if from_delayed:
+            estimate["mode"] = f"delayed standby {source.get('standby')}"
+        instance = self.target_instance
+        standbys = standbys_to_rebuild(srv, instance)
+        rt = res["restore_target"]
+        freeze = ("freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
+                  f"freeze app ({srv.app_freeze.method})")
+        validate = "validate data: " + (", ".join(f"{k}={v}" for k, v in req.expected.items()) or "report counts")
+        if from_delayed:
+            steps = [f"stop delayed standby {instance.name} (paused before the stop point), set recovery_target_"
+                     f"{rt['kind']} = {rt['value']} ({'inclusive' if rt['inclusive'] else 'exclusive'}), "
+                     f"recovery_target_timeline {res['recovery_timeline']}, recovery_target_action promote, "
+                     "recovery_min_apply_delay 0; start it: it replays only what it has not applied "
+                     f"({replay_bytes / 1048576:,.1f} MiB) up to the stop point and promotes, while the app still runs "
+                     "(its writes from now on are discarded too)",
+                     f"prove the stop there: {res['stop']['described']} (server log + timeline history); {validate}",
+                     freeze,
+                     f"fence {srv.primary.name}: stop it, its data directory untouched (forensics, dr_salvage)",
+                     "prove the stop again and validate data on the recovered server",
+                     f"unfreeze app (repoint PgBouncer to {instance.name})",
+                     "list what was actually discarded up to the freeze",
+                     f"rebuild standbys: {', '.join(standbys) or '(none)'}",
+                     f"Barman follows {instance.name} (config-update), re-point it at the new timeline, full backup",
+                     "report RTO"]
+        else:
+            steps = self.barman_steps(context, req, srv, pre, res, instance, standbys, freeze, validate)
         steps = [*(f"delayed standby {d['standby']}: NOT paused ({d['error']})" if d.get("error") else
                    f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
                    f"{d.get('last_applied_commit')}: damage after it is not on it); "
                    + ("it was paused already (by hand or another run): left paused when this run ends"
                       if d.get("already_paused") else
+                      "it becomes the recovered server" if from_delayed and d["standby"] == instance.name else
                       "resumed when this run ends, unless it fails at or after the freeze (then kept paused)")
                    for d in paused),
                  *(f"delayed standby {v['standby']} {'COULD' if v['usable'] else 'could not'} serve this target: "
-                   f"{v['why']}; this run restores from Barman (the delayed-standby source is not built yet)"
-                   for v in verdicts), *steps]
+                   f"{v['why']}" for v in verdicts),
+                 f"SOURCE: {'delayed standby ' + str(source.get('standby')) if from_delayed else 'Barman'}: "
+                 f"{source.get('why')}", *steps]
         replay = res["replay"]
         plan = {
             "server": srv.name, "target": req.target.to_dict(), "stop": res["stop"],
@@ -138,6 +146,7 @@ class PlanGateOperator(DrBaseOperator):
             "warnings": pre.get("warnings") or [],
             "delayed_paused": paused,
             "delayed_source": verdicts,
+            "source": source,
         }
         text = plan_text(plan, srv.name, req)
         plan["text"] = text
@@ -145,6 +154,34 @@ class PlanGateOperator(DrBaseOperator):
         set_run_note(context["dag"].dag_id, context["run_id"], text)
         self.log.info("%s", text)
         return plan
+
+    def barman_steps(self, context: Any, req: Any, srv: Any, pre: dict[str, Any], res: dict[str, Any], instance: Any,
+                     standbys: list[str], freeze: str, validate: str) -> list[str]:
+        rt = res["restore_target"]
+        restore = (f"barman restore {pre['backup_id']} (target {rt['kind']} {rt['value']}"
+                   f"{'' if rt['inclusive'] else ' exclusive'}, jobs={req.jobs}, --target-action promote)")
+        if req.staged_restore:
+            staged, _ = staging_paths(instance.data_directory, self.run_tag(context))
+            before = [f"check free space next to {instance.data_directory} on {instance.host} (backup + WAL + 10%)",
+                      f"{restore} to {instance.host}:{staged} while the app still runs (outside the downtime)",
+                      "replay the WAL to the stop point in that copy (private socket, no TCP, archive_command=false), "
+                      "prove the exact stop there, shut it down cleanly (outside the downtime)"]
+            in_window = f"rename {staged} to {instance.data_directory} (same filesystem: instant)"
+        else:
+            before = []
+            in_window = f"{restore} to {instance.host}:{instance.data_directory} (inside the downtime)"
+        return [*before, freeze,
+                f"stop PostgreSQL {instance.name}" + ("" if req.in_place else f" and fence {srv.primary.name}"),
+                f"move {instance.data_directory} aside (kept)",
+                in_window,
+                "start PostgreSQL, wait for recovery end and promotion",
+                f"prove the stop: {res['stop']['described']} (server log + timeline history)",
+                validate,
+                "unfreeze app" + ("" if req.in_place else f" (repoint PgBouncer to {instance.name})"),
+                "list what was actually discarded up to the freeze",
+                f"rebuild standbys: {', '.join(standbys) or '(none)'}",
+                "re-point Barman at the new timeline and take a full backup",
+                "report RTO"]
 
 
 def plan_state(req: Any) -> str:
@@ -169,7 +206,13 @@ def plan_text(plan: dict[str, Any], server: str, req: Any) -> str:
             f"estimate ({e['mode']}): downtime {e['downtime_s']:.0f}s, time-to-recovered {e['time_to_recovered_s']:.0f}s "
             f"(objective {plan['rto_objective_s']}s; rates: {e['sources']['restore_rate']})",
             *discarded_lines(plan["discarded"], limit=4)]
-    if plan["staged_restore"]:
+    source = plan.get("source") or {}
+    if source.get("chosen") == "delayed_standby":
+        head.append(f"SOURCE: delayed standby {source.get('standby')} (no backup is copied; the backup line above is "
+                    f"Barman's fallback): {source.get('why')}")
+    elif source.get("requested") not in (None, "barman"):
+        head.append(f"SOURCE: Barman: {source.get('why')}")
+    if plan["staged_restore"] and source.get("chosen") != "delayed_standby":
         head.append("staged: the app keeps writing until the freeze; those writes are discarded too (the report lists "
                     "them; dr_salvage can put their new rows back)")
     if not plan["confirmed"]:

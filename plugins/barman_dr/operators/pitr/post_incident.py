@@ -167,8 +167,9 @@ class RebuildStandbyOperator(DrBaseOperator):
         paddr = self.inventory.db_host(primary.host).address
         conninfo = (f"host={paddr} port={primary.port} user={srv.replication.user} "
                     f"passfile={srv.replication.passfile} application_name={sb.name}")
+        # -w: never prompt for a password (a detached job has no terminal: it would wait forever)
         argv = [f"{self.inventory.db_host(sb.host).pg_bin}/pg_basebackup", "-d", conninfo, "-D", sb.data_directory,
-                "-X", "stream", "-R", "-c", "fast", *(["-S", slot] if slot else [])]
+                "-X", "stream", "-R", "-c", "fast", "-w", *(["-S", slot] if slot else [])]
         t0 = time.monotonic()
         self.track_job(db.host, host_jobs, job_id)
         db.host.run_job(host_jobs, job_id, argv, timeout=6 * 3600)
@@ -254,6 +255,12 @@ def delay_settings(sb: Instance) -> list[str]:
     return [f"recovery_min_apply_delay = '{int(sb.apply_delay_s)}s'"] if sb.apply_delay_s else []
 
 
+def standbys_to_rebuild(srv: Any, recovered: Instance) -> list[str]:
+    """Every standby but the recovered server; the spare delayed standbys only when a delayed standby was
+    the one recovered onto (promoted, or restored over): they become the server's new delayed protection."""
+    return [s.name for s in srv.standbys if s.name != recovered.name and (not s.spare or recovered.delayed)]
+
+
 class StandbysToRebuildOperator(DrBaseOperator):
     """The standbys of the recovered server (what `rebuild_standby` maps over); empty skips the rebuild."""
     runs_on_site = False  # bookkeeping: the `default` queue
@@ -261,8 +268,7 @@ class StandbysToRebuildOperator(DrBaseOperator):
     action = "list_standbys"
 
     def run(self, context: Any) -> list[str]:
-        inst = self.target_instance
-        return [s.name for s in self.srv.standbys if s.name != inst.name]
+        return standbys_to_rebuild(self.srv, self.target_instance)
 
     def audit_details(self, result: Any) -> dict[str, Any]:
         return {"standbys": result}

@@ -93,6 +93,16 @@ class PitrReportOperator(DrBaseOperator):
         # the downtime window is rto_s (freeze -> resume); staging ran before it, with the app up
         report["outside_downtime_s"] = {"stage_restore": stage.get("duration_s")} if staged else {}
         report["staging_leftover"] = staging_leftover(self, stage) if staged else []
+        # where the recovered data came from: Barman, or the delayed standby promoted at the stop point
+        report["source"] = "delayed_standby" if req.from_delayed_standby else "barman"
+        report["source_decision"] = x["resolve_target"].get("source")
+        if req.from_delayed_standby:
+            report["outside_downtime_s"] = {"stage_restore": stage.get("duration_s")}
+            report["delayed_source"] = {k: stage.get(k) for k in ("standby", "promoted_s", "recover_s", "steps",
+                                                                 "counts")}
+        rebuilt = {d.get("standby") for d in report["standbys"] if isinstance(d, dict)}
+        spares = [s.name for s in srv.standbys if s.spare and s.name in rebuilt]
+        report["new_delayed_standbys"] = spares
         disc = report["discarded"]
         total = disc.get("total") or {}
         appr = report["approval"]
@@ -106,6 +116,9 @@ class PitrReportOperator(DrBaseOperator):
                 f"(objective {srv.rto_objective_seconds}s): "
                 + ", ".join(f"{k} {v}s" for k, v in phases.items() if v is not None)
                 + (f"\nstaged restore before the freeze (app running): {stage.get('duration_s')}s" if staged else "")
+                + (f"\nsource: delayed standby {req.restore_to}, replayed forward to the stop point and promoted "
+                   f"before the freeze (app running): {stage.get('duration_s')}s, no backup copied"
+                   if req.from_delayed_standby else "")
                 + (f"\ndiscarded up to the freeze: {disc.get('transactions_with_changes')} transaction(s), +"
                    f"{total.get('inserted', 0)}/~{total.get('updated', 0)}/-{total.get('deleted', 0)} rows "
                    f"(dr_salvage can re-insert the new rows)" if not disc.get("error") else
@@ -117,7 +130,9 @@ class PitrReportOperator(DrBaseOperator):
                 + ("" if req.in_place else
                    f"\nnow serving: {req.restore_to} (PgBouncer and Barman point at it; the old primary "
                    f"{srv.primary.name} is fenced, its data untouched). Update the inventory: {req.restore_to} "
-                   f"is {srv.name}'s primary now")
+                   f"is {srv.name}'s primary now"
+                   + (f"; {', '.join(spares)} (spare) is its delayed standby now: set `spare: false` on it"
+                      if spares else ""))
                 + (f"\nstaging directories left: {', '.join(report['staging_leftover'])}"
                    if report["staging_leftover"] else ""))
         set_run_note(context["dag"].dag_id, context["run_id"], note)
@@ -144,6 +159,17 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         leftover = staging_leftover(self, staging) if staging else []
         next_action = ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
                        if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
+        stage = self.upstream(context, "stage_restore") or {}
+        promoted = None
+        if stage.get("source") == "delayed_standby":  # the delayed standby was promoted at the stop point
+            promoted = stage.get("standby")
+            stopped = (self.upstream(context, "stop_postgres") or {}).get("stopped") or {}
+            next_action = (
+                f"{promoted} (the delayed standby) was promoted at the stop point and holds the recovered data"
+                + (f"; {self.srv.primary.name} is fenced (stopped, data untouched)" if stopped else
+                   f"; the app still runs on {self.srv.primary.name}, which was never stopped")
+                + ": fix the cause and clear the failed task to finish the run (each step converges), or point "
+                  f"the app back by hand; {promoted} is no longer a delayed standby (rebuild it)")
         if leftover:
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")
@@ -151,7 +177,7 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         if kept:
             next_action += (f"; delayed standby {', '.join(kept)} kept PAUSED (it may be the last copy without the "
                             "damage): resume it (SELECT pg_wal_replay_resume()) only once the server is recovered")
-        summary = {"failed_tasks": failed, "errors": failures, "app": app_state,
+        summary = {"failed_tasks": failed, "errors": failures, "app": app_state, "promoted_delayed_standby": promoted,
                    "old_data_directory": aside.get("moved_to"), "staging_leftover": leftover,
                    "staging_host": staging.get("host"), "next_action": next_action}
         first = f"{failures[0]['task']}: {failures[0]['error'][:600]}" if failures else "an unrecorded step"

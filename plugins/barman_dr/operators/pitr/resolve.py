@@ -46,7 +46,7 @@ from barman_dr.forensics.walswitch import nudging
 from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
 from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.operators.pitr.delayed import pause_delayed_replay
+from barman_dr.operators.pitr.delayed import choose_source, pause_delayed_replay
 
 SEGMENT = 16 * 1024 * 1024
 
@@ -502,6 +502,9 @@ class ResolveTargetOperator(DrBaseOperator):
         out = res.to_dict()
         out["switch"] = sw.to_dict()
         out["delayed_paused"] = paused
+        # where the run recovers from (`source`): every later step reads its request through this decision
+        out["source"] = choose_source(req, self.srv, out["stop"], paused)
+        context["ti"].xcom_push(key="source", value=out["source"])
         return out
 
     def audit_details(self, result: Any) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from barman_dr.hooks.dbhost import (
 )
 from barman_dr.inventory import Instance
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.delayed_source import recover_on_delayed_standby
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
 
@@ -105,6 +106,8 @@ class StageRestoreOperator(DrBaseOperator):
 
     def run(self, context: Any) -> dict[str, Any]:
         req, srv, inst = self.req, self.srv, self.target_instance
+        if req.from_delayed_standby:  # no copy: the delayed standby replays forward to the stop point and promotes
+            return recover_on_delayed_standby(self, context, timeout=self.restore_timeout)
         if not req.staged_restore:
             return {"staged": False, "reason": "staged_restore=false: barman restore runs inside the downtime window"}
         pre = self.upstream(context, "preflight")
@@ -281,6 +284,10 @@ class StageRestoreOperator(DrBaseOperator):
                 "stop": proof.stop.get("lines", [])[:3]}
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
+        if self.req.from_delayed_standby:
+            return (f"The app was never frozen and runs on {self.srv.primary.name}. If {self.target_instance.name} "
+                    "was stopped or promoted by this step, clear this task to go on (it picks up where it stopped), or "
+                    "trigger again with source=barman (the delayed standby then needs a rebuild).")
         if isinstance(exc, StagingSpaceError):
             return ("Nothing was stopped and the app was never frozen; no partial copy of this run is left. Free "
                     "space on the staging filesystem, then trigger again (or with staged_restore=false).")

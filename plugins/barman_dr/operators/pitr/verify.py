@@ -13,6 +13,9 @@ from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for
 RECOVERY_SETTINGS = ("restore_command", "recovery_end_command", "recovery_target", "recovery_target_time",
                      "recovery_target_xid", "recovery_target_lsn", "recovery_target_name", "recovery_target_inclusive",
                      "recovery_target_timeline", "recovery_target_action")
+#: what a promoted (delayed) standby still carries: ignored on a primary, but pg_basebackup would copy them
+#: to every standby built from it (a wrong slot, a delay on a standby that is not delayed)
+FORMER_STANDBY_SETTINGS = ("primary_conninfo", "primary_slot_name", "recovery_min_apply_delay")
 
 
 def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
@@ -23,9 +26,10 @@ def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
     standby built from the new primary, which then refuses to start ("recovery target
     timeline N does not exist").
     """
+    known = (*RECOVERY_SETTINGS, *FORMER_STANDBY_SETTINGS)
     present = db.psql(inst, "SELECT string_agg(name, ',') FROM pg_file_settings WHERE sourcefile LIKE "
-                            "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(RECOVERY_SETTINGS) + "'])")
-    names = sorted({n for n in present.split(",") if n and n in RECOVERY_SETTINGS})
+                            "'%postgresql.auto.conf' AND name = ANY (ARRAY['" + "','".join(known) + "'])")
+    names = sorted({n for n in present.split(",") if n and n in known})
     if names:  # one psql run: each ALTER SYSTEM is its own transaction (-c per statement)
         db.psql_each(inst, [*(f"ALTER SYSTEM RESET {name}" for name in names), "SELECT pg_reload_conf()"])
     return names

@@ -1,0 +1,136 @@
+"""The delayed-standby source: the recovered server is the delayed standby, replayed forward to the stop point.
+
+A delayed standby paused before the stop point (resolve_target paused it and
+`delayed_source_verdict` proved it) holds the database as it was before the damage, minus
+at most its delay's worth of WAL. Recovering from it is: stop it, write the resolved stop
+point as its recovery target (`recovery_target_action = promote`, no apply delay), start it,
+let it replay what it has not applied yet and promote, then prove the exact stop and count
+the rows there, all while the app still runs on the damaged primary. No backup is copied:
+the time does not grow with the database. The freeze, the fence of the old primary, the
+PgBouncer repoint, the rebuilds and Barman following the new primary are the steps of
+`restore_to: <standby>`, unchanged (the effective request's `restore_to` is this standby).
+
+Retry-safe: the log offset is kept before anything changes, a retry finds the standby
+following (nothing done yet: checked again), stopped by this run, replaying with this run's
+target, or promoted (proven again from its log and timeline history).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from barman_dr.exceptions import PreflightError
+from barman_dr.forensics.recovery_proof import parse_history_file
+from barman_dr.hooks.remote import sh_argv
+from barman_dr.inventory import Instance
+from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.delayed import STATE_SQL, _state, delayed_source_verdict
+from barman_dr.operators.pitr.errors import VerificationError
+from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, _sql_literal
+from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
+
+#: every recovery target GUC: the one of the stop point is set, the others emptied (PostgreSQL refuses two)
+TARGET_KEYS = ("recovery_target", "recovery_target_time", "recovery_target_xid", "recovery_target_lsn",
+               "recovery_target_name")
+#: our restart is recognised by these (a delayed standby's own defaults: pause, its delay)
+OURS_SQL = "SELECT current_setting('recovery_target_action') || '|' || current_setting('recovery_min_apply_delay')"
+
+
+def recovery_target_settings(res: dict[str, Any]) -> list[str]:
+    """postgresql.auto.conf lines that make the standby stop at the resolved stop point and promote.
+
+    The same target Barman would be given (`restore_target_of`: a restore point is its exact
+    LSN, an xid its 32 bits), on the resolution's timeline, with no apply delay (it would
+    hold the replay back by the delay again).
+    """
+    rt = restore_target_of(res)
+    if rt.kind not in ("time", "xid", "lsn"):
+        raise PreflightError(f"the delayed-standby source cannot stop at a {rt.kind} target: use source=barman")
+    key = f"recovery_target_{rt.kind}"
+    return [*(f"{k} = ''" for k in TARGET_KEYS if k != key),
+            f"{key} = {_sql_literal(str(rt.value))}",
+            f"recovery_target_inclusive = '{'on' if rt.inclusive else 'off'}'",
+            f"recovery_target_timeline = '{target_tli_of(res)}'",
+            "recovery_target_action = 'promote'",
+            "recovery_min_apply_delay = '0'"]
+
+
+def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: float = 3600) -> dict[str, Any]:
+    """stage_restore for the delayed-standby source: promote the standby at the stop point, prove it, count rows."""
+    inst, req = op.target_instance, op.req
+    res = resolution_for(op, context)
+    db = op.db(inst.host)
+    ti = context["ti"]
+    offset = ti.xcom_pull(task_ids=op.task_id, key="delayed_log_offset")
+    conf = f"{inst.data_directory}/postgresql.auto.conf"
+    t0 = time.monotonic()
+    status = db.status(inst.data_directory)
+    in_recovery = db.in_recovery(inst) if status == "running" else None
+    steps: list[str] = []
+    if status == "running" and in_recovery and db.psql(inst, OURS_SQL) != "promote|0":
+        # still the delayed standby, nothing done yet (first try, or a retry that died before the stop): it
+        # must still be where the plan saw it (paused before the stop point, on its timeline)
+        state = {"standby": inst.name, **_state(db.psql(inst, STATE_SQL))}
+        verdict = delayed_source_verdict(res["stop"], state)
+        if not verdict["usable"]:
+            raise PreflightError(f"delayed standby {inst.name} can no longer serve this stop point: {verdict['why']}. "
+                                 "Nothing was stopped and the app was never frozen. Trigger again with source=auto "
+                                 "(falls back to Barman) or source=barman")
+        offset = db.log_size(inst.log_file)
+        ti.xcom_push(key="delayed_log_offset", value=offset)
+        op.audit(context).record("delayed_source", "started", server=op.srv.name, target=inst.name,
+                                 details={**state, "log_offset": offset, "verdict": verdict})
+        db.stop(inst, mode="fast")
+        steps.append(f"stopped at replay {state.get('replay_lsn')}")
+        status = "stopped"
+    elif status != "running" and offset is None:
+        raise PreflightError(f"delayed standby {inst.name} is not running ({status}): where it stands cannot be "
+                             "checked. Nothing was stopped and the app was never frozen. Start it (it is a standby: "
+                             "it applies nothing it should not before its delay), or trigger with source=barman")
+    if status != "running":  # stopped by this run (now or by an earlier try): the stop point, then start
+        settings = recovery_target_settings(res)
+        db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *settings))
+        db.start(inst, wait=False)
+        steps.append("recovery target written, started: " + ", ".join(settings[len(TARGET_KEYS) - 1:]))
+    ready_s = db.wait_ready(inst, timeout=min(600, timeout))
+    promoted_s = db.wait_recovery_end(inst, timeout=timeout)
+    proof = prove_on(db, inst, res, int(offset or 0))
+    if not proof["reached"]:
+        raise VerificationError(
+            f"delayed standby {inst.name} did NOT stop at the target: {'; '.join(proof['reasons'])}. The app was "
+            f"never frozen and runs on {op.srv.primary.name}. {inst.name} is promoted at a wrong point: it is no "
+            "longer a delayed standby (rebuild it). Trigger again with source=barman")
+    counts = validate_counts(op, db, inst)
+    return {"staged": False, "source": "delayed_standby", "standby": inst.name, "host": inst.host,
+            "log_offset": int(offset or 0), "steps": steps, "ready_s": ready_s, "promoted_s": promoted_s,
+            "recover_s": round(time.monotonic() - t0, 3), **proof, "counts": counts,
+            "stop": res["stop"]["described"], "expected": req.expected}
+
+
+def prove_on(db: Any, inst: Instance, res: dict[str, Any], offset: int) -> dict[str, Any]:
+    """The exact stop on the promoted standby: its server log since the restart, its new timeline's history."""
+    wal_name = db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")
+    new_tli = int(wal_name[:8], 16)
+    r = db.host.run(["cat", f"{inst.data_directory}/pg_wal/{new_tli:08X}.history"], check=False)
+    history = r.stdout if r.exit_code == 0 else None
+    entries = parse_history_file(history or "")
+    old_tli = entries[-1].parent_timeline if entries else None
+    proof = prove_resolved(res, db.log_since(inst.log_file, offset), history, old_tli, new_tli)
+    return {"reached": proof.reached, "reasons": list(proof.reasons), "new_timeline": new_tli,
+            "switch_lsn": entries[-1].switch_lsn if entries else None,
+            "stop_lines": proof.stop.get("lines", [])[:3]}
+
+
+def validate_counts(op: DrBaseOperator, db: Any, inst: Instance) -> dict[str, Any]:
+    """The inventory's validation queries on the promoted standby, before the app is frozen."""
+    srv, expected = op.srv, op.req.expected
+    actual = {name: int(db.psql(inst, sql, database=srv.database)) for name, sql in srv.validation_queries.items()}
+    wrong = {k: {"expected": v, "actual": actual.get(k)} for k, v in expected.items() if actual.get(k) != v}
+    if wrong:
+        raise VerificationError(
+            "data validation failed on the promoted delayed standby " + inst.name + ": " + ", ".join(
+                f"{k} expected {m['expected']}, got {m['actual']}" for k, m in wrong.items())
+            + f". The app was never frozen and runs on {srv.primary.name}. Check the target and `expected`, then "
+              "trigger again (source=barman: the delayed standby is promoted now)")
+    return {"actual": actual, "expected": expected}

@@ -1,0 +1,155 @@
+"""The delayed-standby source of dr_pitr (issue 17): the request, the decision, the recovery target, the rebuilds."""
+
+from __future__ import annotations
+
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from barman_dr.exceptions import InventoryError, PreflightError, ValidationError
+from barman_dr.inventory import parse_inventory, standby_names_for_dags
+from barman_dr.operators.pitr.delayed import choose_source
+from barman_dr.operators.pitr.delayed_source import TARGET_KEYS, recovery_target_settings
+from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, standbys_to_rebuild
+from barman_dr.params.pitr_request import validate_pitr_conf
+
+LAB_YAML = Path(__file__).resolve().parents[2] / "include" / "inventory" / "lab.yaml"
+ENV = {"LAB_DIR": "/var/tmp/lab-x", "LAB_NET": "127.0.77"}
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+STOP = {"lsn": "0/6F0011E0", "end_lsn": "0/6F001208", "when": "before", "timeline": 7}
+BEFORE = {"standby": "pg-delayed", "paused": True, "replay_lsn": "0/6E000100", "timeline": 7, "in_recovery": True}
+PAST = {**BEFORE, "replay_lsn": "0/70000000"}
+
+
+@pytest.fixture
+def raw() -> dict:
+    return yaml.safe_load(LAB_YAML.read_text())
+
+
+@pytest.fixture
+def inv(raw):
+    return parse_inventory(raw, str(LAB_YAML), ENV)
+
+
+def conf(**kw):
+    return {"server": "pg-primary", "target_xid": "1234", "target_inclusive": False, **kw}
+
+
+# ------------------------------------------------------------------ inventory
+def test_the_spare_is_a_delayed_standby_that_does_not_run_day_to_day(inv):
+    srv = inv.server("pg-primary")
+    assert [s.name for s in srv.standbys] == ["pg-standby", "pg-delayed", "pg-delayed2"]
+    assert [s.name for s in srv.active_standbys] == ["pg-standby", "pg-delayed"]
+    assert [s.name for s in srv.delayed_standbys] == ["pg-delayed"]
+    assert srv.standby("pg-delayed2").spare and srv.standby("pg-delayed2").apply_delay_s == 180
+    assert "pg-delayed2" not in standby_names_for_dags(LAB_YAML)  # never a restore_to choice
+
+
+def test_only_a_delayed_standby_can_be_a_spare(raw):
+    sb = raw["servers"]["pg-primary"]["standbys"][0]
+    sb["spare"] = True
+    with pytest.raises(InventoryError, match=r"standbys\[0\]\.spare: only a delayed standby"):
+        parse_inventory(raw, "x", ENV)
+    sb["spare"] = "yes"
+    with pytest.raises(InventoryError, match="must be true or false"):
+        parse_inventory(raw, "x", ENV)
+
+
+# -------------------------------------------------------------------- request
+def test_source_is_barman_unless_asked_and_typed(inv):
+    assert validate_pitr_conf(conf(), inv, now=NOW).source == "barman"
+    for source in ("auto", "delayed_standby"):
+        req = validate_pitr_conf(conf(source=source), inv, now=NOW)
+        assert req.source == source and req.source_chosen is None and not req.from_delayed_standby
+    with pytest.raises(ValidationError, match=r"source.*use one of barman, auto, delayed_standby"):
+        validate_pitr_conf(conf(source="standby; rm -rf /"), inv, now=NOW)
+    with pytest.raises(ValidationError, match="source"):
+        validate_pitr_conf(conf(source=["auto"]), inv, now=NOW)
+
+
+def test_a_delayed_source_needs_a_delayed_standby_and_restores_onto_it(inv):
+    with pytest.raises(ValidationError, match="pg-primary2 has no delayed standby"):
+        validate_pitr_conf(conf(server="pg-primary2", source="auto"), inv, now=NOW)
+    with pytest.raises(ValidationError, match=r"restore_to.*the recovered server is the delayed standby"):
+        validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-standby"), inv, now=NOW)
+    assert validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-delayed"), inv, now=NOW).restore_to \
+        == "pg-delayed"
+    with pytest.raises(ValidationError, match="spare"):
+        validate_pitr_conf(conf(restore_to="pg-delayed2"), inv, now=NOW)
+    immediate = {"server": "pg-primary", "target_immediate": True}
+    with pytest.raises(ValidationError, match="end of a base backup"):
+        validate_pitr_conf({**immediate, "source": "delayed_standby"}, inv, now=NOW)
+    assert validate_pitr_conf({**immediate, "source": "auto"}, inv, now=NOW).source == "auto"
+
+
+# ------------------------------------------------------------------- decision
+def test_the_decision_follows_where_the_delayed_standby_stands(inv):
+    srv = inv.server("pg-primary")
+    req = validate_pitr_conf(conf(source="auto"), inv, now=NOW)
+    d = choose_source(req, srv, STOP, [BEFORE])
+    assert d["chosen"] == "delayed_standby" and d["restore_to"] == "pg-delayed" and "before the stop point" in d["why"]
+    d = choose_source(req, srv, STOP, [PAST])
+    assert d["chosen"] == "barman" and d["restore_to"] == "in_place"
+    assert "falling back to Barman (staged restore)" in d["why"] and "older than its window" in d["why"]
+    unstaged = validate_pitr_conf(conf(source="auto", staged_restore=False), inv, now=NOW)
+    assert "(unstaged restore)" in choose_source(unstaged, srv, STOP, [PAST])["why"]
+    assert choose_source(req, srv, STOP, [])["chosen"] == "barman"  # not paused: never trusted
+    strict = validate_pitr_conf(conf(source="delayed_standby"), inv, now=NOW)
+    assert choose_source(strict, srv, STOP, [BEFORE])["chosen"] == "delayed_standby"
+    with pytest.raises(PreflightError, match=r"no delayed standby of pg-primary can serve.*source=auto"):
+        choose_source(strict, srv, STOP, [PAST])
+    plain = validate_pitr_conf(conf(), inv, now=NOW)
+    assert choose_source(plain, srv, STOP, [BEFORE]) == {
+        "chosen": "barman", "restore_to": "in_place", "standby": None, "requested": "barman",
+        "why": "source=barman: restore a Barman backup and replay its WAL"}
+
+
+def test_every_later_step_reads_the_request_through_the_decision():
+    from barman_dr.operators.pitr import StopPostgresOperator
+
+    op = StopPostgresOperator(task_id="stop_postgres")
+    pushed = {"chosen": "delayed_standby", "restore_to": "pg-delayed"}
+    ctx = {"dag": SimpleNamespace(task_ids=["validate_params", "resolve_target", "stop_postgres"]),
+           "ti": SimpleNamespace(xcom_pull=lambda task_ids, key="return_value": pushed if key == "source" else None)}
+    req = {"source": "auto", "restore_to": "in_place"}
+    assert op.effective_request(ctx, req) == {"source": "auto", "restore_to": "pg-delayed",
+                                              "source_chosen": "delayed_standby"}
+    assert op.effective_request(ctx, {"source": "barman", "restore_to": "in_place"})["restore_to"] == "in_place"
+    pushed = None  # resolve_target never decided (it failed): the request as validated
+    assert op.effective_request(ctx, req) == req
+
+
+# ------------------------------------------------------------- recovery target
+def test_the_recovery_target_is_the_resolved_stop_point_on_its_timeline_with_no_delay(tmp_path):
+    res = {"restore_target": {"kind": "xid", "value": "2000123", "inclusive": False}, "recovery_timeline": 7}
+    lines = recovery_target_settings(res)
+    assert lines[len(TARGET_KEYS) - 1:] == ["recovery_target_xid = '2000123'", "recovery_target_inclusive = 'off'",
+                                            "recovery_target_timeline = '7'", "recovery_target_action = 'promote'",
+                                            "recovery_min_apply_delay = '0'"]
+    assert "recovery_target_lsn = ''" in lines and "recovery_target_time = ''" in lines
+    t = recovery_target_settings({"restore_target": {"kind": "time", "value": "2026-12-05T01:02:03+00:00",
+                                                     "inclusive": True}, "recovery_timeline": 3})
+    assert "recovery_target_time = '2026-12-05T01:02:03+00:00'" in t and "recovery_target_inclusive = 'on'" in t
+    with pytest.raises(PreflightError, match="immediate"):
+        recovery_target_settings({"restore_target": {"kind": "immediate", "value": None, "inclusive": True},
+                                  "recovery_timeline": 1})
+    # written over a delayed standby's file: its delay and any earlier target replaced, a retry writes the same file
+    auto = tmp_path / "postgresql.auto.conf"
+    auto.write_text("primary_conninfo = 'host=x'\nrecovery_min_apply_delay = '180s'\nrecovery_target_lsn = '0/1'\n")
+    for _ in range(2):
+        subprocess.run(["sh", "-c", SET_CONF_SCRIPT, "sh", str(auto), *lines], check=True)
+    text = auto.read_text().splitlines()
+    assert text[0] == "primary_conninfo = 'host=x'" and text.count("recovery_min_apply_delay = '0'") == 1
+    assert "recovery_min_apply_delay = '180s'" not in text and "recovery_target_lsn = ''" in text
+
+
+# -------------------------------------------------------------------- rebuilds
+def test_the_spare_is_built_only_when_a_delayed_standby_became_the_server(inv):
+    srv = inv.server("pg-primary")
+    assert standbys_to_rebuild(srv, srv.standby("pg-delayed")) == ["pg-standby", "pg-delayed2"]
+    assert standbys_to_rebuild(srv, srv.primary) == ["pg-standby", "pg-delayed"]
+    assert standbys_to_rebuild(srv, srv.standby("pg-standby")) == ["pg-delayed"]
