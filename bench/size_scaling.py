@@ -16,7 +16,16 @@ after each step, and, per target, timed:
 adds pg-bench, and restarted back at the end), after a fresh BENCH_PITR_WAL of WAL each.
 Then a least-squares fit total = a + b*size_GB + c*wal_GB per method, extrapolated to 500 GB.
 
+With BENCH_DELAYED=1 (default, needs BENCH_DR_PITR), a third dr_pitr per size recovers from pg-bench's
+delayed standby (`source: delayed_standby`, on the pg-standby host, port 5435, delay BENCH_DELAY): dr_pitr's
+own rebuild builds it after the Barman runs, the damage (BENCH_PITR_WAL of WAL) is younger than its delay, it
+replays forward to the target and is promoted; pg-bench is put back afterwards. Per size and source the
+time-to-recovered (trigger -> app serving recovered data) and the downtime, side by side with the raw
+runbook and pgBackRest restore + start, fitted against size (issue 17's goal: under pgBackRest at 4 GB,
+under 0.5 s per GB).
+
 BENCH_SIZES=100M,1G,4G  BENCH_WAL=0,256M,1G  BENCH_SIZE_REPS=1  BENCH_DR_PITR=1  BENCH_PITR_WAL=256M
+BENCH_DELAYED=1  BENCH_DELAY=10min
 """
 
 from __future__ import annotations
@@ -47,6 +56,11 @@ BARMAN_HOME = B / "barman" / "home"
 BARMAN = B / "bin" / "barman"
 PGBR_CONF = B / "pgbackrest" / "pgbackrest.conf"
 SERVER = "pg-bench"
+#: pg-bench's delayed standby (issue 17), on the pg-standby host: built by dr_pitr's rebuild after the first
+#: Barman run of each size, then the recovery source of the delayed-standby run
+DSTANDBY, DADDR, DPORT = "pg-bench-delayed", f"{NET}.12", 5435
+DDATA = B / DSTANDBY / "data"
+BENCH_DELAY = os.environ.get("BENCH_DELAY", "10min")
 #: pgbench scale factors: ~15 MB per unit with indexes
 SCALES = {"100M": 7, "1G": 68, "4G": 270}
 MIB = 1024 * 1024
@@ -93,14 +107,16 @@ def secrets() -> dict[str, str]:
 def write_configs() -> None:
     for d, owner in ((B, "root"), (B / "pg-bench", "postgres"), (SOCK, "postgres"), (B / "log", "postgres"),
                      (B / "restore", "postgres"), (B / "barman", "barman"), (B / "jobs", "barman"),
-                     (B / "pgbackrest", "postgres"), (B / "secrets", "root"), (B / "bin", "root")):
+                     (B / "pgbackrest", "postgres"), (B / "secrets", "root"), (B / "bin", "root"),
+                     (B / DSTANDBY, "postgres")):
         d.mkdir(parents=True, exist_ok=True)
         sh(["chown", owner, str(d)])
     os.chmod(B / "secrets", 0o711)
     os.chmod(B / "log", 0o1777)
     s = secrets()
     passfile = B / "secrets" / "pgpass-barman"
-    passfile.write_text(f"*:{PORT}:*:barman:{s['barman']}\n*:{PORT}:*:streaming_barman:{s['streaming_barman']}\n")
+    # any port: after the delayed-standby run Barman follows pg-bench-delayed (DPORT)
+    passfile.write_text(f"*:*:*:barman:{s['barman']}\n*:*:*:streaming_barman:{s['streaming_barman']}\n")
     sh(["chown", "barman", str(passfile)])
     os.chmod(passfile, 0o600)
     (B / "barman" / "barman.conf").write_text("\n".join([
@@ -377,7 +393,13 @@ def bench_inventory() -> Path:
         "primary": {"name": SERVER, "host": "pg-primary", "data_directory": str(DATA), "port": PORT,
                     "socket_directory": str(SOCK), "log_file": str(B / "log" / "pg-bench.log"),
                     "postgres_conn_id": "pg_primary"},
-        "standbys": [], "app_freeze": {"method": "none"},
+        # its delayed standby: dr_pitr's rebuild builds it (and writes its delay), the delayed-standby run promotes it
+        "standbys": [{"name": DSTANDBY, "host": "pg-standby", "data_directory": str(DDATA), "port": DPORT,
+                      "socket_directory": str(SOCK), "log_file": str(B / "log" / f"{DSTANDBY}.log"),
+                      "postgres_conn_id": "pg_standby", "replication_slot": "pg_bench_delayed",
+                      "delayed": BENCH_DELAY}],
+        "replication": {"user": "replicator", "passfile": str(LAB / "secrets" / "pgpass-postgres")},
+        "app_freeze": {"method": "none"},
         "recovery_window_days": 7, "minimum_redundancy": 0, "rto_objective_seconds": 3600,
         "validation_queries": {"accounts": "SELECT count(*) FROM pgbench_accounts"},
     }
@@ -403,8 +425,10 @@ def app_writer() -> subprocess.Popen:
     rebase_barman's `switch-wal --archive` returns only once a WAL record follows the switch;
     on an idle cluster it waits for one that never comes (the lab's seed scenario has its app).
     """
-    loop = (f"while :; do {PG_BIN}/psql -X -q -h {SOCK} -p {PORT} -d bench -c 'select pg_current_xact_id()' "
-            ">/dev/null 2>&1; sleep 1; done")
+    # to whichever serves: pg-bench, or its delayed standby once promoted (read-only before: the write fails)
+    write = "-X -q -h {} -p {} -d bench -c 'select pg_current_xact_id()' >/dev/null 2>&1"
+    loop = (f"while :; do {PG_BIN}/psql {write.format(SOCK, PORT)} || {PG_BIN}/psql {write.format(SOCK, DPORT)}; "
+            "sleep 1; done")
     return subprocess.Popen(["runuser", "-u", "postgres", "--", "sh", "-c", loop], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -419,14 +443,15 @@ def release_stale_lock() -> None:
         log(f"[size] released the stale lock of {holder.run_id}")
 
 
-def dr_pitr(api: object, target: str, staged: bool, tag: str) -> dict:
+def dr_pitr(api: object, target: str, staged: bool, tag: str, source: str = "barman") -> dict:
     from barman_dr.surfaces.api_client import incident_run_id
 
-    incident = f"BENCH-SIZE-{tag}-{'s' if staged else 'u'}-{int(time.time())}"
+    kind = "d" if source == "delayed_standby" else "s" if staged else "u"
+    incident = f"BENCH-SIZE-{tag}-{kind}-{int(time.time())}"
     run_id = incident_run_id("dr_pitr", incident)
     accounts = int(psql("SELECT count(*) FROM pgbench_accounts", db="bench"))
     api.trigger("dr_pitr", {"server": SERVER, "target_time": target, "incident_id": incident, "jobs": 2,
-                            "expected": {"accounts": accounts}, "staged_restore": staged,
+                            "expected": {"accounts": accounts}, "staged_restore": staged, "source": source,
                             "confirm": f"PITR {SERVER}"}, run_id=run_id)
     final = api.wait("dr_pitr", run_id, timeout=7200, poll=2)
     if final["state"] != "success":
@@ -436,7 +461,77 @@ def dr_pitr(api: object, target: str, staged: bool, tag: str) -> dict:
     if moved and moved.startswith(str(DATA) + ".pre-"):  # the bench's own cluster: no need to keep it
         sh(["rm", "-rf", "--", moved])
     return {"run_id": run_id, "downtime_s": rep["rto_s"], "phases_s": rep["phases_s"],
+            "time_to_recovered_s": rep.get("time_to_recovered_s"), "source": rep.get("source"),
             "staging_s": (rep.get("outside_downtime_s") or {}).get("stage_restore")}
+
+
+def delayed_ready(timeout: float = 300) -> None:
+    """pg-bench-delayed streams from pg-bench with its delay (the staged run's rebuild wrote it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = sh([f"{PG_BIN}/psql", "-X", "-At", "-h", str(SOCK), "-p", str(DPORT), "-d", "postgres", "-c",
+                "SELECT pg_is_in_recovery()::text || current_setting('recovery_min_apply_delay')"], user="postgres",
+               check=False)
+        state = psql(f"SELECT state FROM pg_stat_replication WHERE application_name = '{DSTANDBY}'")
+        if r.stdout.strip().startswith("true") and not r.stdout.strip().endswith("0") and state == "streaming":
+            return
+        time.sleep(1)
+    raise RuntimeError(f"{DSTANDBY} is not streaming with its delay: {r.stdout.strip()!r}, {state!r}")
+
+
+def restore_topology() -> None:
+    """After the delayed-standby run: pg-bench serves again (its Barman config rewritten), the promoted copy gone."""
+    pg_ctl("stop", "-m", "fast", "-w", "-t", "300", data=DDATA, check=False)
+    sh(["rm", "-rf", "--", str(DDATA)])
+    bbarman("receive-wal", "--stop", SERVER, check=False)
+    write_configs()  # Barman's conninfo back to pg-bench (config-update pointed it at the promoted standby)
+    start_bench()
+    psql("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'pg_bench_delayed'")
+    bbarman("receive-wal", "--reset", SERVER, check=False)
+    wait_streaming()
+
+
+def ttr_table(results: list[dict], pitr: list[dict], pitr_wal: int) -> dict:
+    """Per size, each source's time-to-recovered (trigger -> app serving recovered data) and downtime, side by side.
+
+    dr_pitr runs: from the report. The raw runbook: everything is inside its downtime. pgBackRest (the
+    reference): restore + start until promoted at the same WAL volume, all of it inside the downtime too.
+    """
+    out: dict[str, dict] = {}
+    for size in dict.fromkeys(p["size"] for p in pitr):
+        row: dict[str, dict] = {}
+        for p in pitr:
+            if p["size"] != size:
+                continue
+            ttr = p["downtime_s"] if p["kind"] == "raw_runbook" else p.get("time_to_recovered_s")
+            row[p["kind"]] = {"time_to_recovered_s": ttr, "downtime_s": p["downtime_s"],
+                              "backup_bytes": p.get("backup_bytes")}
+        ref = next((r for r in results if r["size"] == size and parse_size(r["wal_after_backup"]) == pitr_wal), None)
+        if ref:
+            total = ref["pgbackrest_p2"]["total_s"]["median"]
+            row["pgbackrest_restore_start"] = {"time_to_recovered_s": total, "downtime_s": total,
+                                               "backup_bytes": ref["backup_bytes"]}
+        out[size] = row
+    return out
+
+
+def ttr_fits(table: dict, sizes_bytes: dict[str, int]) -> dict:
+    """time-to-recovered = a + b * size_GB per source (least squares over the sizes measured)."""
+    gb = 1024 * MIB
+    fits: dict[str, dict | None] = {}
+    kinds = dict.fromkeys(k for row in table.values() for k in row)
+    for kind in kinds:
+        pts = [(sizes_bytes[size] / gb, row[kind]["time_to_recovered_s"]) for size, row in table.items()
+               if kind in row and row[kind]["time_to_recovered_s"] is not None and size in sizes_bytes]
+        if len(pts) < 2:
+            fits[kind] = None
+            continue
+        n = len(pts)
+        mx, my = sum(x for x, _ in pts) / n, sum(y for _, y in pts) / n
+        sxx = sum((x - mx) ** 2 for x, _ in pts)
+        b = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx else 0.0
+        fits[kind] = {"a_s": round(my - b * mx, 2), "s_per_GB": round(b, 3), "points": n}
+    return fits
 
 
 # ------------------------------------------------------------------ fit
@@ -497,6 +592,7 @@ def main() -> int:
     reps = int(os.environ.get("BENCH_SIZE_REPS", "1"))
     do_pitr = os.environ.get("BENCH_DR_PITR", "1") == "1"
     pitr_wal = parse_size(os.environ.get("BENCH_PITR_WAL", "256M"))
+    do_delayed = os.environ.get("BENCH_DELAYED", "1") == "1"
     for s in sizes:
         if s not in SCALES:
             raise SystemExit(f"BENCH_SIZES: {s!r} is not one of {', '.join(SCALES)}")
@@ -578,6 +674,21 @@ def main() -> int:
                         log(f"[size] {size} dr_pitr {'staged' if staged else 'unstaged'}: downtime {r['downtime_s']} s"
                             + (f" (+ staging {r['staging_s']} s before the freeze)" if staged else ""))
                         save_partial(results, pitr)
+                    if do_delayed:
+                        # the delayed-standby source: the damage (this WAL) is younger than its delay
+                        delayed_ready()
+                        make_wal(pitr_wal)
+                        target = target_now()
+                        try:
+                            r = dr_pitr(api, target, True, size, source="delayed_standby")
+                        finally:
+                            restore_topology()
+                        r.update({"size": size, "staged": False, "kind": "dr_pitr_delayed_standby",
+                                  "wal_bytes": pitr_wal})
+                        pitr.append(r)
+                        log(f"[size] {size} dr_pitr delayed standby: downtime {r['downtime_s']} s, time-to-recovered "
+                            f"{r['time_to_recovered_s']} s (promoted before the freeze: {r['staging_s']} s)")
+                        save_partial(results, pitr)
                 finally:
                     api._call("PATCH", "/api/v2/dags/dr_pitr", {"is_paused": True})
                     # recovered twice, archiving off: the next run rebuilds it
@@ -599,7 +710,18 @@ def main() -> int:
         pts = [(r["backup_bytes"] / gb, r["wal_bytes"] / gb, r[method]["total_s"]["median"]) for r in results]
         fits[method] = fit(pts)
     fits["cp_a_floor"] = fit([(r["backup_bytes"] / gb, 0.0, r["cp_a_floor"]["copy_s"]["median"]) for r in results])
+    ttr = ttr_table(results, pitr, pitr_wal)
+    sizes_bytes = {r["size"]: r["backup_bytes"] for r in results}
+    ttr_fit = ttr_fits(ttr, sizes_bytes)
+    top = sizes[-1] if sizes else None
+    d_top = ((ttr.get(top) or {}).get("dr_pitr_delayed_standby") or {}).get("time_to_recovered_s")
+    ref_top = ((ttr.get(top) or {}).get("pgbackrest_restore_start") or {}).get("time_to_recovered_s")
+    slope = (ttr_fit.get("dr_pitr_delayed_standby") or {}).get("s_per_GB")
+    goal = {"size": top, "delayed_time_to_recovered_s": d_top, "pgbackrest_restore_start_s": ref_top,
+            "below_pgbackrest": d_top is not None and ref_top is not None and d_top < ref_top,
+            "delayed_s_per_GB": slope, "slope_under_0_5": slope is not None and slope < 0.5}
     summary = {"ratios": ratios(results, pitr, pitr_wal), "sizes": sizes, "wal_steps": wal_steps, "reps": reps,
+               "time_to_recovered": ttr, "time_to_recovered_fit": ttr_fit, "delayed_goal": goal,
                "loadavg_before": load_before,
                "loadavg_after": loadavg(), "results": results, "dr_pitr": pitr, "fit": fits,
                "finished_at": datetime.now(UTC).isoformat()}
@@ -623,6 +745,24 @@ def main() -> int:
         if f:
             print(f"fit {m:<14}: {f['a_s']} s + {f['s_per_GB']} s/GB + {f['s_per_GB_wal']} s/GB of WAL -> 500 GB: "
                   f"{f['predict_500GB_0wal_s']} s (no WAL), {f['predict_500GB_50GBwal_s']} s (50 GB WAL)")
+    if ttr:
+        kinds = ["dr_pitr_delayed_standby", "dr_pitr_staged", "dr_pitr_unstaged", "raw_runbook",
+                 "pgbackrest_restore_start"]
+        print()
+        print(f"{'size':>5} | " + " | ".join(f"{k.replace('dr_pitr_', ''):>24}" for k in kinds)
+              + "   time-to-recovered / downtime (s)")
+        for size, row in ttr.items():
+            cells = []
+            for k in kinds:
+                c = row.get(k) or {}
+                cells.append(f"{c.get('time_to_recovered_s', '-')!s:>11} / {c.get('downtime_s', '-')!s:>10}")
+            print(f"{size:>5} | " + " | ".join(cells))
+        for k, f in ttr_fit.items():
+            if f:
+                print(f"time-to-recovered fit {k:<26}: {f['a_s']} s + {f['s_per_GB']} s/GB")
+        print(f"goal at {goal['size']}: delayed standby {goal['delayed_time_to_recovered_s']} s < pgBackRest "
+              f"restore + start {goal['pgbackrest_restore_start_s']} s: {goal['below_pgbackrest']}; slope "
+              f"{goal['delayed_s_per_GB']} s/GB < 0.5: {goal['slope_under_0_5']}")
     print(f"load average before/after: {load_before} / {summary['loadavg_after']}  -> {out}")
     return 0
 
