@@ -79,6 +79,8 @@ class Calibration:
                 cal.add_rate(cal.restore_bps, d.get("backup_bytes"), phases.get("restore_s"))
                 cal.add_rate(cal.replay_bps, d.get("replay_bytes"), phases.get("recovery_s"))
             elif action == "report":
+                if d.get("source") == "delayed_standby":  # no restore in its window: not a Barman sample
+                    continue
                 rto = _num(d.get("rto_s"))
                 if rto is None:
                     continue

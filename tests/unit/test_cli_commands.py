@@ -131,6 +131,14 @@ def test_pitr_confirm_sends_the_typed_confirmation(api, capsys):
     assert "triggered: dr_pitr run dr_pitr__incident__INC-1 [EXECUTE]" in out
 
 
+def test_pitr_sends_the_source_only_when_not_barman(api, capsys):
+    code, _, _ = run(capsys, "pitr", *SERVER, "--target-xid", "7312", "--exclusive", "--incident", "INC-9",
+                     "--source", "delayed_standby", "--confirm")
+    assert code == 0 and api.triggers[0]["conf"]["source"] == "delayed_standby"
+    code, _, _ = run(capsys, "plan", *SERVER, "--target-xid", "7312", "--incident", "INC-10")
+    assert code == 0 and "source" not in api.triggers[1]["conf"]
+
+
 def test_plan_sends_plan_only_and_pitr_without_confirm_waits_for_approval(api, capsys):
     code, out, _ = run(capsys, "plan", *SERVER, "--target-xid", "7312", "--exclusive", "--incident", "INC-2")
     assert code == 0 and "[plan only]" in out

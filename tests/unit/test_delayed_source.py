@@ -76,6 +76,10 @@ def test_a_delayed_source_needs_a_delayed_standby_and_restores_onto_it(inv):
         validate_pitr_conf(conf(server="pg-primary2", source="auto"), inv, now=NOW)
     with pytest.raises(ValidationError, match=r"restore_to.*the recovered server is the delayed standby"):
         validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-standby"), inv, now=NOW)
+    # auto may only fall back to Barman there: accepted (choose_source says why)
+    assert validate_pitr_conf(conf(source="auto", restore_to="pg-standby"), inv, now=NOW).source == "auto"
+    with pytest.raises(ValidationError, match="backup_id.*copies no backup"):
+        validate_pitr_conf(conf(source="delayed_standby", backup_id="20261125T020000"), inv, now=NOW)
     assert validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-delayed"), inv, now=NOW).restore_to \
         == "pg-delayed"
     with pytest.raises(ValidationError, match="spare"):
@@ -102,6 +106,9 @@ def test_the_decision_follows_where_the_delayed_standby_stands(inv):
     assert choose_source(strict, srv, STOP, [BEFORE])["chosen"] == "delayed_standby"
     with pytest.raises(PreflightError, match=r"no delayed standby of pg-primary can serve.*source=auto"):
         choose_source(strict, srv, STOP, [PAST])
+    onto = validate_pitr_conf(conf(source="auto", restore_to="pg-standby"), inv, now=NOW)
+    d = choose_source(onto, srv, STOP, [BEFORE])
+    assert d["chosen"] == "barman" and d["restore_to"] == "pg-standby" and "not a delayed standby" in d["why"]
     plain = validate_pitr_conf(conf(), inv, now=NOW)
     assert choose_source(plain, srv, STOP, [BEFORE]) == {
         "chosen": "barman", "restore_to": "in_place", "standby": None, "requested": "barman",
@@ -121,6 +128,25 @@ def test_every_later_step_reads_the_request_through_the_decision():
     assert op.effective_request(ctx, {"source": "barman", "restore_to": "in_place"})["restore_to"] == "in_place"
     pushed = None  # resolve_target never decided (it failed): the request as validated
     assert op.effective_request(ctx, req) == req
+
+
+def test_a_delayed_standby_the_run_could_not_finish_on_is_never_chosen(raw):
+    """No restore_command (timeline ids, WAL the primary lost), or an app that cannot be pointed at it."""
+    srv_raw = raw["servers"]["pg-primary"]
+    del srv_raw["standbys"][1]["restore_command"]
+    inv = parse_inventory(raw, "x", ENV)
+    req = validate_pitr_conf(conf(source="auto"), inv, now=NOW)
+    d = choose_source(req, inv.server("pg-primary"), STOP, [BEFORE])
+    assert d["chosen"] == "barman" and "no restore_command" in d["why"]
+    raw2 = yaml.safe_load(LAB_YAML.read_text())
+    raw2["servers"]["pg-primary"]["app_freeze"] = {"method": "command", "freeze_command": ["true"],
+                                                   "unfreeze_command": ["true"]}
+    inv2 = parse_inventory(raw2, "x", ENV)
+    with pytest.raises(ValidationError, match="cannot be pointed at the promoted standby"):
+        validate_pitr_conf(conf(source="delayed_standby"), inv2, now=NOW)
+    d = choose_source(validate_pitr_conf(conf(source="auto"), inv2, now=NOW), inv2.server("pg-primary"), STOP,
+                      [BEFORE])
+    assert d["chosen"] == "barman" and "cannot point it at the promoted standby" in d["why"]
 
 
 # ------------------------------------------------------------- recovery target

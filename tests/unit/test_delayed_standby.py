@@ -153,7 +153,7 @@ def _resume_op(events):
     sb = Instance(name="pg-delayed", host="h", data_directory="/d", port=5433, socket_directory="/s", log_file="/l",
                   postgres_conn_id="c", apply_delay_s=180)
     op.__dict__["srv"] = SimpleNamespace(name="pg-primary", standbys=(sb,))
-    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=False, restore_to="in_place")
+    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=False, restore_to="in_place", in_place=True)
     calls = []
     op.db = lambda host: SimpleNamespace(psql=lambda inst, sql: calls.append(sql) or "t|f|0/1|2026-12-04 00:00:00+00|7")
     ctx = {"run_id": "r", "dag": SimpleNamespace(dag_id="dr_pitr")}
@@ -179,7 +179,7 @@ def test_a_run_that_ended_well_or_before_the_freeze_resumes_only_its_own_pause()
     op, _audit, calls, ctx = _resume_op([PAUSE_INTENT])  # plan only / rejected / failed before the freeze
     assert op.run(ctx)["resumed"]
     op, _audit, calls, ctx = _resume_op([PAUSE_INTENT, {"action": "freeze_app", "outcome": "ok", "target": None}])
-    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=True, restore_to="pg-delayed")  # promoted: the server now
+    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=True, restore_to="pg-delayed", in_place=False)  # promoted: the server now
     assert op.run(ctx) == {"resumed": [], "recovered_onto": "pg-delayed"} and calls == []
     dba = {**PAUSE_INTENT, "details": {"already_paused": True}}
     op, _audit, calls, ctx = _resume_op([dba])  # a DBA's pause: never undone

@@ -49,7 +49,7 @@ def test_lab_inventory_parses(inv):
     assert srv.primary.port == 5432
     assert srv.primary.socket_directory == "/var/tmp/lab-x/run/pg-primary"
     assert srv.primary.postgres_conn_id == "pg_primary"
-    assert [s.name for s in srv.standbys] == ["pg-standby", "pg-delayed"]
+    assert [s.name for s in srv.standbys] == ["pg-standby", "pg-delayed", "pg-delayed2"]
     assert srv.standby("pg-standby").replication_slot == "pg_standby"
     assert not srv.standby("pg-standby").delayed
     delayed = srv.standby("pg-delayed")

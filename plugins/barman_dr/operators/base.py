@@ -318,6 +318,23 @@ class DrBaseOperator(BaseOperator):
         return {**request, "source_chosen": decision["chosen"], "restore_to": decision.get("restore_to")
                 or request.get("restore_to")}
 
+    def remember_once(self, context: Any, key: str, compute: Any) -> Any:
+        """A value this task's first try chose (e.g. where the server log stood before its start), for every retry.
+
+        Kept in the audit trail (`<action>_<key>`, outcome info), not in an XCom: Airflow clears a
+        task's own XComs when a new try starts, so an XCom pushed by the first try is gone by the second.
+        """
+        action = f"{self.action}_{key}"
+        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action=action,
+                                            limit=20)
+        mine = [e for e in events if e.get("task_id") == self.task_id]
+        if mine:
+            return (mine[-1].get("details") or {}).get(key)  # newest first: the last is the first try's
+        value = compute()
+        self.audit(context).record(action, "info", server=self.audit_server(), target=self.audit_target(),
+                                   details={key: value})
+        return value
+
     def run_failures(self, context: Any) -> list[dict[str, str]]:
         """This run's failed steps and their errors, from the audit trail (best effort: [] when unreadable)."""
         try:

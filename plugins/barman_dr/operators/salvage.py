@@ -135,7 +135,10 @@ def pitr_facts(audit: AuditTrail, server: str, run_id: str | None) -> dict[str, 
     if requested.get("kind") == "xid" and not requested.get("inclusive", True) and stop_tx.get("xid") is not None:
         # the PITR targeted this very transaction (exclusive): it is the incident, never put back
         incident = [int(stop_tx["xid"]), *(int(x) for x in stop_tx.get("subxacts") or [])]
-    return {"pitr_run_id": run_id, "restore_to": validate.get("restore_to", "in_place"),
+    # where the PITR recovered: the request's restore_to, or the delayed standby it promoted (source decision)
+    chosen = (resolved.get("source") or {}) if isinstance(resolved.get("source"), dict) else {}
+    restore_to = chosen.get("restore_to") if chosen.get("chosen") == "delayed_standby" else None
+    return {"pitr_run_id": run_id, "restore_to": restore_to or validate.get("restore_to", "in_place"),
             "moved_to": (aside or {}).get("moved_to"), "moved_host": (aside or {}).get("host"),
             "stop": stop, "xid_ranges": discarded["xid_ranges"], "incident_xids": incident,
             "discarded_tables": discarded.get("tables") or {}, "discarded_total": discarded.get("total") or {},

@@ -360,11 +360,20 @@ def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: Recove
     if not delayed:
         raise ValidationError("source", source, f"server {srv.name} has no delayed standby in the inventory (a standby "
                                                 "with `delayed: <interval>`): use source=barman")
-    if restore_to != "in_place" and restore_to not in delayed:
+    if source == "delayed_standby" and restore_to != "in_place" and restore_to not in delayed:
         raise ValidationError("restore_to", restore_to,
-                              f"with source={source} the recovered server is the delayed standby "
+                              "with source=delayed_standby the recovered server is the delayed standby "
                               f"({', '.join(delayed)}): leave restore_to as in_place, or use source=barman to restore "
                               f"onto {restore_to}")
+    if source == "delayed_standby" and (_str_field(conf, "backup_id") or "auto") != "auto":
+        raise ValidationError("backup_id", conf.get("backup_id"), "source=delayed_standby copies no backup: leave "
+                                                                  "backup_id as auto, or use source=barman or auto")
+    fr = srv.app_freeze
+    if source == "delayed_standby" and (fr.method == "command" or (
+            fr.method == "pgbouncer" and not (fr.config_file and fr.config_host))):
+        raise ValidationError("source", source, f"the app of {srv.name} cannot be pointed at the promoted standby "
+                                                f"(app_freeze.method {fr.method} without config_file/config_host): "
+                                                "add them to the inventory, or use source=barman")
     if source == "delayed_standby" and target.kind == "immediate":
         raise ValidationError("source", source, "target_immediate is the end of a base backup: only Barman restores "
                                                 "to it. Use source=barman or auto")

@@ -297,6 +297,8 @@ def pitr_conf(args: argparse.Namespace, confirm: bool) -> dict[str, Any]:
         conf["reason"] = check_reason(args.reason)
     if args.no_staged_restore:
         conf["staged_restore"] = False
+    if getattr(args, "source", "barman") != "barman":
+        conf["source"] = args.source
     if confirm:
         conf["confirm"] = confirm_text(args.server)
     elif args.command == "plan" or getattr(args, "plan_only", False):
@@ -798,6 +800,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--no-staged-restore", dest="no_staged_restore", action="store_true",
                        help="restore inside the downtime window (default: restore into a staging directory "
                             "before the freeze, then rename it into place)")
+        s.add_argument("--source", choices=["barman", "auto", "delayed_standby"], default="barman",
+                       help="where the recovered data comes from: a Barman backup (default), the server's delayed "
+                            "standby promoted at the stop point, or auto (the delayed standby when it can serve the "
+                            "target, else Barman)")
         _follow_flags(s)
         _json_flag(s)
         if name == "pitr":

@@ -11,9 +11,10 @@ nothing is lost, it only stops applying.
 or done) resumes exactly the standbys this run paused, read back from the audit trail. One
 found paused already (a DBA's pause) is recorded as such and never resumed by the run. A
 standby the run rebuilt is a new copy, not paused.
-A standby that cannot be paused (down, unreachable) is recorded and does not stop the run:
-it is a second line of defence, not the recovery source (yet). After a failure at or past the
-freeze it stays paused: it may be the last copy without the damage.
+A standby that cannot be paused (down, unreachable) is recorded and does not stop the run
+(unless it was asked for as the source: `choose_source`). After a failure at or past the
+freeze, or past the promotion of the delayed standby the run recovers from, the others stay
+paused: they may be the last copies without the damage.
 """
 
 from __future__ import annotations
@@ -83,6 +84,19 @@ def delayed_standbys(op: DrBaseOperator) -> list[Instance]:
     return [s for s in op.srv.delayed_standbys if s.name != target]
 
 
+def source_blocker(srv: Any, req: Any) -> str | None:
+    """Why no delayed standby can be this run's source whatever its replay position (None: it may be)."""
+    if req.target.kind == "immediate":
+        return "target_immediate is the end of a base backup"
+    fr = srv.app_freeze
+    if fr.method == "command":
+        return ("the app is frozen by a command (app_freeze.method command), which cannot point it at the "
+                "promoted standby")
+    if fr.method == "pgbouncer" and not (fr.config_file and fr.config_host):
+        return "app_freeze has no config_file/config_host: PgBouncer could not be pointed at the promoted standby"
+    return None
+
+
 def choose_source(req: Any, srv: Any, stop: dict[str, Any], paused: list[dict[str, Any]]) -> dict[str, Any]:
     """Where this run recovers from, once the stop point is known: Barman, or a delayed standby promoted at it.
 
@@ -95,14 +109,19 @@ def choose_source(req: Any, srv: Any, stop: dict[str, Any], paused: list[dict[st
     barman = {"chosen": "barman", "restore_to": req.restore_to, "standby": None, "requested": req.source}
     if req.source == "barman":
         return {**barman, "why": "source=barman: restore a Barman backup and replay its WAL"}
-    names = [s.name for s in srv.delayed_standbys if req.in_place or s.name == req.restore_to]
-    if req.target.kind == "immediate":
-        verdicts = [{"standby": n, "usable": False, "why": "target_immediate is the end of a base backup"}
-                    for n in names]
-    else:
-        by_name = {p.get("standby"): p for p in paused}
-        verdicts = [delayed_source_verdict(stop, by_name.get(n) or {"standby": n, "error": "not paused by this run"})
-                    for n in names]
+    candidates = [s for s in srv.delayed_standbys if req.in_place or s.name == req.restore_to]
+    by_name = {p.get("standby"): p for p in paused}
+    blocker = source_blocker(srv, req)
+    verdicts = []
+    for sb in candidates:
+        why = blocker or (None if sb.restore_command else
+                          "it has no restore_command in the inventory: without Barman's archive it could pick a "
+                          "timeline id Barman already holds, and could not fetch WAL the primary no longer has")
+        verdicts.append({"standby": sb.name, "usable": False, "why": why} if why else delayed_source_verdict(
+            stop, by_name.get(sb.name) or {"standby": sb.name, "error": "not paused by this run"}))
+    if not candidates and not req.in_place:
+        verdicts = [{"standby": req.restore_to, "usable": False, "why": f"restore_to {req.restore_to} is not a "
+                                                                       "delayed standby"}]
     usable = next((v for v in verdicts if v["usable"]), None)
     if usable:
         return {"chosen": "delayed_standby", "restore_to": usable["standby"], "standby": usable["standby"],
@@ -201,14 +220,16 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         """The run reached the freeze (something live changed) and did not finish with its report."""
         audit = self.audit(context)
         run = {"run_id": context["run_id"], "dag_id": context["dag"].dag_id}
-        froze = bool(audit.events(**run, action="freeze_app", limit=1))
+        # the freeze, or (source delayed_standby) the promotion of the delayed standby before it
+        froze = bool(audit.events(**run, action="freeze_app", limit=1)) or bool(
+            audit.events(**run, action="delayed_source", limit=1))
         reported = any(e.get("outcome") == "ok" for e in audit.events(**run, action="report", limit=5))
         return froze and not reported
 
     def run(self, context: Any) -> dict[str, Any]:
         names = self.paused_by_this_run(context)
-        # the delayed standby this run recovers onto (source delayed_standby) is the server now, not paused
-        promoted = self.req.restore_to if self.req.from_delayed_standby else None
+        # the standby this run recovers onto (promoted, or restored over by Barman) is the server now, not paused
+        promoted = None if self.req.in_place else self.req.restore_to
         standbys = [s for s in self.srv.standbys if s.name in names and s.name != promoted]
         if standbys and self.left_broken(context):
             for sb in standbys:

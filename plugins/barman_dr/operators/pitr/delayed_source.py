@@ -10,13 +10,19 @@ the time does not grow with the database. The freeze, the fence of the old prima
 PgBouncer repoint, the rebuilds and Barman following the new primary are the steps of
 `restore_to: <standby>`, unchanged (the effective request's `restore_to` is this standby).
 
-Retry-safe: the log offset is kept before anything changes, a retry finds the standby
-following (nothing done yet: checked again), stopped by this run, replaying with this run's
-target, or promoted (proven again from its log and timeline history).
+Retry-safe: the intent (state, verdict, log offset) is audited before anything changes (the
+audit trail, not an XCom: Airflow clears a task's XComs when a new try starts), and the stop
+point is written before the stop, so any later start goes there and never past it. A retry
+finds the standby following (nothing done yet), stopped by this run, replaying with this
+run's target, or promoted (proven again from its log and timeline history). Without an intent,
+only a paused, following standby is touched: one found stopped or promoted is refused.
+Until the old primary is fenced it runs socket-only and archives nothing
+(`promotion_start_options`).
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Any
 
@@ -56,54 +62,80 @@ def recovery_target_settings(res: dict[str, Any]) -> list[str]:
             "recovery_min_apply_delay = '0'"]
 
 
+def source_intent(op: DrBaseOperator, context: Any) -> dict[str, Any] | None:
+    """This run's first `delayed_source` intent (audited before anything changed): its log offset, its state.
+
+    From the audit trail, not an XCom: Airflow clears a task's own XComs when a new try starts.
+    """
+    events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source",
+                                      limit=20)
+    mine = [e for e in events if e.get("outcome") == "started" and e.get("target") == op.target_instance.name]
+    return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
+
+
+def promotion_start_options(db: Any, inst: Instance) -> str:
+    """How the standby starts for its promotion: no TCP and nothing archived, until the old primary is fenced.
+
+    Promoted before the freeze, it is writable while the app still writes to the old primary:
+    over its Unix socket only (the proof and the counts), it takes no client's writes and
+    archives nothing into the server's Barman. `start_recovery` restarts it with its normal
+    options once `stop_postgres` has fenced the old primary.
+    """
+    return shlex.join(["-c", "listen_addresses=", "-c", f"port={inst.port}",
+                       "-c", f"unix_socket_directories={inst.socket_directory}",
+                       "-c", f"cluster_name={inst.name}", "-c", "archive_command=false"])
+
+
 def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: float = 3600) -> dict[str, Any]:
     """stage_restore for the delayed-standby source: promote the standby at the stop point, prove it, count rows."""
     inst, req = op.target_instance, op.req
     res = resolution_for(op, context)
     db = op.db(inst.host)
-    ti = context["ti"]
-    offset = ti.xcom_pull(task_ids=op.task_id, key="delayed_log_offset")
     conf = f"{inst.data_directory}/postgresql.auto.conf"
+    settings = recovery_target_settings(res)
     t0 = time.monotonic()
+    intent = source_intent(op, context)
     status = db.status(inst.data_directory)
     in_recovery = db.in_recovery(inst) if status == "running" else None
     steps: list[str] = []
-    if status == "running" and in_recovery and db.psql(inst, OURS_SQL) != "promote|0":
-        # still the delayed standby, nothing done yet (first try, or a retry that died before the stop): it
-        # must still be where the plan saw it (paused before the stop point, on its timeline)
-        state = {"standby": inst.name, **_state(db.psql(inst, STATE_SQL))}
+    following = status == "running" and in_recovery and db.psql(inst, OURS_SQL) != "promote|0"
+    if following or intent is None:
+        # nothing changed yet (or a restart lost this run's pause): it must still be where the plan saw it,
+        # paused before the stop point on its timeline
+        state = {"standby": inst.name, **_state(db.psql(inst, STATE_SQL))} if status == "running" else {
+            "standby": inst.name, "error": f"not running ({status})"}
         verdict = delayed_source_verdict(res["stop"], state)
         if not verdict["usable"]:
             raise PreflightError(f"delayed standby {inst.name} can no longer serve this stop point: {verdict['why']}. "
-                                 "Nothing was stopped and the app was never frozen. Trigger again with source=auto "
+                                 "Nothing was changed and the app was never frozen. Trigger again with source=auto "
                                  "(falls back to Barman) or source=barman")
-        offset = db.log_size(inst.log_file)
-        ti.xcom_push(key="delayed_log_offset", value=offset)
-        op.audit(context).record("delayed_source", "started", server=op.srv.name, target=inst.name,
-                                 details={**state, "log_offset": offset, "verdict": verdict})
-        db.stop(inst, mode="fast")
-        steps.append(f"stopped at replay {state.get('replay_lsn')}")
-        status = "stopped"
-    elif status != "running" and offset is None:
-        raise PreflightError(f"delayed standby {inst.name} is not running ({status}): where it stands cannot be "
-                             "checked. Nothing was stopped and the app was never frozen. Start it (it is a standby: "
-                             "it applies nothing it should not before its delay), or trigger with source=barman")
-    if status != "running":  # stopped by this run (now or by an earlier try): the stop point, then start
-        settings = recovery_target_settings(res)
+        if intent is None:
+            intent = {**state, "log_offset": db.log_size(inst.log_file), "verdict": verdict}
+            op.audit(context).record("delayed_source", "started", server=op.srv.name, target=inst.name,
+                                     details=intent)
+    offset = int(intent.get("log_offset") or 0)
+    if following:
+        # the stop point first, so that any later start goes there and never past it
         db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *settings))
-        db.start(inst, wait=False)
-        steps.append("recovery target written, started: " + ", ".join(settings[len(TARGET_KEYS) - 1:]))
+        db.stop(inst, mode="fast")
+        steps.append(f"stopped at replay {intent.get('replay_lsn')}")
+        status = "stopped"
+    if status != "running":  # stopped by this run (now or by an earlier try): the stop point (again), then start
+        db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *settings))
+        db.start(inst, wait=False, options=promotion_start_options(db, inst))
+        steps.append("recovery target written, started socket-only: " + ", ".join(settings[len(TARGET_KEYS) - 1:]))
     ready_s = db.wait_ready(inst, timeout=min(600, timeout))
     promoted_s = db.wait_recovery_end(inst, timeout=timeout)
-    proof = prove_on(db, inst, res, int(offset or 0))
+    proof = prove_on(db, inst, res, offset)
     if not proof["reached"]:
         raise VerificationError(
             f"delayed standby {inst.name} did NOT stop at the target: {'; '.join(proof['reasons'])}. The app was "
-            f"never frozen and runs on {op.srv.primary.name}. {inst.name} is promoted at a wrong point: it is no "
-            "longer a delayed standby (rebuild it). Trigger again with source=barman")
+            f"never frozen and runs on {op.srv.primary.name}. {inst.name} is promoted at a wrong point (socket "
+            "only, nothing archived): it is no longer a delayed standby (rebuild it). Trigger again with "
+            "source=barman")
     counts = validate_counts(op, db, inst)
     return {"staged": False, "source": "delayed_standby", "standby": inst.name, "host": inst.host,
-            "log_offset": int(offset or 0), "steps": steps, "ready_s": ready_s, "promoted_s": promoted_s,
+            "log_offset": offset, "steps": steps, "ready_s": ready_s, "promoted_s": promoted_s,
             "recover_s": round(time.monotonic() - t0, 3), **proof, "counts": counts,
             "stop": res["stop"]["described"], "expected": req.expected}
 

@@ -204,18 +204,21 @@ class StartRecoveryOperator(DrBaseOperator):
             if "log_offset" not in stage:
                 raise PreflightError("the delayed standby's restart (XCom of stage_restore) is missing: clear the run "
                                      "from stage_restore")
+            t0 = time.monotonic()
+            # promoted socket-only (stage_restore): now that the old primary is fenced, with its normal options
+            if db.status(inst.data_directory) == "running" and db.psql(inst, "SHOW listen_addresses") == "":
+                db.stop(inst, mode="fast")
+            db.start(inst, wait=False)
+            ready_s = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))
             if db.in_recovery(inst):
                 raise PreflightError(f"{inst.name} is in recovery again: it is not the promoted server stage_restore "
                                      "proved. Look at its log; run dr_pitr again")
-            return {"log_offset": int(stage["log_offset"]), "mode": "delayed_standby", "ready_s": 0.0,
-                    "recovery_s": stage.get("promoted_s"), "replay_bytes": 0, "start_to_promoted_s": 0.0,
-                    "instance": inst.name}
-        offset = db.log_size(inst.log_file)
-        prior = context["ti"].xcom_pull(task_ids=self.task_id, key="log_offset")
-        if prior is not None:
-            offset = int(prior)  # a retry reads the log from the first attempt's start
-        else:
-            context["ti"].xcom_push(key="log_offset", value=offset)
+            return {"log_offset": int(stage["log_offset"]), "mode": "delayed_standby", "ready_s": ready_s,
+                    "recovery_s": stage.get("promoted_s"), "replay_bytes": 0,
+                    "start_to_promoted_s": round(time.monotonic() - t0, 3), "instance": inst.name,
+                    "restarted": "with TCP and archiving, the old primary fenced"}
+        # a retry reads the log from the first attempt's start
+        offset = int(self.remember_once(context, "log_offset", lambda: db.log_size(inst.log_file)))
         t0 = time.monotonic()
         db.start(inst, wait=False)
         ready_s = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))

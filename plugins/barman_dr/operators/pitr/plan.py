@@ -208,8 +208,8 @@ def plan_text(plan: dict[str, Any], server: str, req: Any) -> str:
             *discarded_lines(plan["discarded"], limit=4)]
     source = plan.get("source") or {}
     if source.get("chosen") == "delayed_standby":
-        head.append(f"SOURCE: delayed standby {source.get('standby')} (no backup is copied; the backup line above is "
-                    f"Barman's fallback): {source.get('why')}")
+        head.append(f"SOURCE: delayed standby {source.get('standby')} (no backup is copied: the backup line above is "
+                    f"what source=barman would restore): {source.get('why')}")
     elif source.get("requested") not in (None, "barman"):
         head.append(f"SOURCE: Barman: {source.get('why')}")
     if plan["staged_restore"] and source.get("chosen") != "delayed_standby":

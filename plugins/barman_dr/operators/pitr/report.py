@@ -125,7 +125,8 @@ class PitrReportOperator(DrBaseOperator):
                    f"\ndiscarded: unknown ({disc['error'][:100]})")
                 + (f"\nWARNING: prepared transactions survived the stop point (COMMIT/ROLLBACK PREPARED them): "
                    f"{report['prepared_transactions']}" if report["prepared_transactions"] else "")
-                + f"\ncounts {report['counts']}\nold data kept at {report['moved_aside']}\n"
+                + f"\ncounts {report['counts']}\nold data kept at "
+                  f"{report['moved_aside'] or (srv.primary.host + ':' + srv.primary.data_directory + ' (fenced)')}\n"
                   f"new backup {report['new_backup_id']}"
                 + ("" if req.in_place else
                    f"\nnow serving: {req.restore_to} (PgBouncer and Barman point at it; the old primary "
@@ -159,17 +160,22 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         leftover = staging_leftover(self, staging) if staging else []
         next_action = ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
                        if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
-        stage = self.upstream(context, "stage_restore") or {}
         promoted = None
-        if stage.get("source") == "delayed_standby":  # the delayed standby was promoted at the stop point
-            promoted = stage.get("standby")
+        if self.req.from_delayed_standby and self.audit(context).events(
+                run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source", limit=1):
+            # stage_restore started promoting the delayed standby (its own XCom is gone when it failed)
+            promoted = self.req.restore_to
+            sb = self.srv.standby(promoted)
             stopped = (self.upstream(context, "stop_postgres") or {}).get("stopped") or {}
+            slot = f"; drop its replication slot {sb.replication_slot} there once you give it up (it holds WAL)" \
+                if sb.replication_slot and not stopped else ""
             next_action = (
-                f"{promoted} (the delayed standby) was promoted at the stop point and holds the recovered data"
+                f"{promoted} (the delayed standby) was stopped or promoted at the stop point by this run (socket "
+                "only until the old primary is fenced)"
                 + (f"; {self.srv.primary.name} is fenced (stopped, data untouched)" if stopped else
-                   f"; the app still runs on {self.srv.primary.name}, which was never stopped")
-                + ": fix the cause and clear the failed task to finish the run (each step converges), or point "
-                  f"the app back by hand; {promoted} is no longer a delayed standby (rebuild it)")
+                   f"; the app still runs on {self.srv.primary.name}, which was never stopped{slot}")
+                + ": fix the cause and clear the failed task to finish the run (each step converges), or trigger "
+                  f"with source=barman; {promoted} is no longer a delayed standby: rebuild it before relying on it")
         if leftover:
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")

@@ -286,8 +286,9 @@ class StageRestoreOperator(DrBaseOperator):
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         if self.req.from_delayed_standby:
             return (f"The app was never frozen and runs on {self.srv.primary.name}. If {self.target_instance.name} "
-                    "was stopped or promoted by this step, clear this task to go on (it picks up where it stopped), or "
-                    "trigger again with source=barman (the delayed standby then needs a rebuild).")
+                    "was stopped or promoted by this step (the audit trail's delayed_source event), clear this task "
+                    "to go on (a retry picks up from the audited intent), or trigger again with source=barman (the "
+                    "delayed standby then needs a rebuild).")
         if isinstance(exc, StagingSpaceError):
             return ("Nothing was stopped and the app was never frozen; no partial copy of this run is left. Free "
                     "space on the staging filesystem, then trigger again (or with staged_restore=false).")
