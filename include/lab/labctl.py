@@ -675,10 +675,11 @@ class Lab:
             time.sleep(0.5)
 
     def failback(self) -> None:
-        """The lab's topology back after `dr_pitr` with `restore_to: pg-standby` (a lab chore, not a DR step).
+        """The lab's topology back after `dr_pitr` onto a standby (a lab chore, not a DR step).
 
-        That run leaves pg-standby serving (PgBouncer and Barman point at it) and pg-primary
-        fenced. The inventory names pg-primary as the primary, so the suites after it need it
+        `restore_to: pg-standby` leaves pg-standby serving, `source: delayed_standby` pg-delayed
+        (with the spare pg-delayed2 as its delayed standby); PgBouncer and Barman point at it and
+        pg-primary is fenced. The inventory names pg-primary as the primary, so the suites after it need it
         back, with the *recovered* data: pg-primary's fenced directory is moved aside (kept), a
         copy of pg-standby streams into it, pg-standby stops cleanly (every WAL record sent),
         pg-primary is promoted, pg-standby and the delayed standby are cloned from it again,

@@ -78,7 +78,7 @@ def test_a_delayed_source_needs_a_delayed_standby_and_restores_onto_it(inv):
         validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-standby"), inv, now=NOW)
     # auto may only fall back to Barman there: accepted (choose_source says why)
     assert validate_pitr_conf(conf(source="auto", restore_to="pg-standby"), inv, now=NOW).source == "auto"
-    with pytest.raises(ValidationError, match="backup_id.*copies no backup"):
+    with pytest.raises(ValidationError, match=r"backup_id.*copies no backup"):
         validate_pitr_conf(conf(source="delayed_standby", backup_id="20261125T020000"), inv, now=NOW)
     assert validate_pitr_conf(conf(source="delayed_standby", restore_to="pg-delayed"), inv, now=NOW).restore_to \
         == "pg-delayed"
@@ -179,3 +179,89 @@ def test_the_spare_is_built_only_when_a_delayed_standby_became_the_server(inv):
     assert standbys_to_rebuild(srv, srv.standby("pg-delayed")) == ["pg-standby", "pg-delayed2"]
     assert standbys_to_rebuild(srv, srv.primary) == ["pg-standby", "pg-delayed"]
     assert standbys_to_rebuild(srv, srv.standby("pg-standby")) == ["pg-delayed"]
+
+
+# ------------------------------------------------------- retry-safe promotion
+class _Db:
+    """A delayed standby as the promotion sees it: its state, and every command in order."""
+
+    def __init__(self, status="running", in_recovery=True, ours=False):
+        self.state, self.recovering, self.ours, self.calls = status, in_recovery, ours, []
+        self.host = SimpleNamespace(run=lambda argv, **kw: self.calls.append(("run", argv[2] if len(argv) > 2 else "")))
+
+    def status(self, _d):
+        return self.state
+
+    def in_recovery(self, _i):
+        return self.recovering
+
+    def psql(self, _i, sql, **_kw):
+        if "recovery_target_action" in sql:
+            return "promote|0" if self.ours else "pause|3min"
+        # STATE_SQL: paused before the stop point (while it is a standby)
+        return ("t|t" if self.recovering else "f|") + "|0/6E000100|2026-12-05 00:00:00+00|7"
+
+    def log_size(self, _f):
+        return 4242
+
+    def stop(self, _i, mode="fast"):
+        self.calls.append(("stop", mode))
+        self.state = "stopped"
+
+    def start(self, _i, wait=False, options=None):
+        self.calls.append(("start", options))
+        self.state, self.recovering = "running", False
+
+    def wait_ready(self, _i, timeout=0):
+        return 0.1
+
+    def wait_recovery_end(self, _i, timeout=0):
+        return 0.2
+
+
+def _promotion(monkeypatch, inv, db, events):
+    from barman_dr.operators.pitr import delayed_source
+
+    monkeypatch.setattr(delayed_source, "prove_on", lambda *a: {"reached": True, "reasons": [], "new_timeline": 8,
+                                                                "switch_lsn": "0/6F0011E0", "stop_lines": []})
+    monkeypatch.setattr(delayed_source, "validate_counts", lambda *a: {"actual": {}, "expected": {}})
+    srv = inv.server("pg-primary")
+    recorded = []
+    audit = SimpleNamespace(events=lambda **kw: list(events),
+                            record=lambda action, outcome, **kw: recorded.append((action, outcome, kw["details"])))
+    res = {"stop": {**STOP, "described": "before commit"},
+           "restore_target": {"kind": "xid", "value": "2000123", "inclusive": False},
+           "recovery_timeline": 7}
+    op = SimpleNamespace(target_instance=srv.standby("pg-delayed"), req=SimpleNamespace(expected={}), srv=srv,
+                         db=lambda host: db, audit=lambda ctx: audit, upstream=lambda ctx, t: res)
+    ctx = {"run_id": "r", "dag": SimpleNamespace(dag_id="dr_pitr")}
+    return delayed_source.recover_on_delayed_standby(op, ctx), recorded
+
+
+def test_the_promotion_audits_its_intent_and_writes_the_stop_point_before_the_stop(monkeypatch, inv):
+    db = _Db()
+    out, recorded = _promotion(monkeypatch, inv, db, [])
+    assert [r[:2] for r in recorded] == [("delayed_source", "started")] and recorded[0][2]["log_offset"] == 4242
+    kinds = [c[0] for c in db.calls]
+    assert kinds == ["run", "stop", "run", "start"]  # the target written, stopped, written again, started
+    assert "listen_addresses=" in db.calls[-1][1] and "archive_command=false" in db.calls[-1][1]
+    assert out["log_offset"] == 4242 and out["source"] == "delayed_standby"
+
+
+def test_a_retry_picks_up_from_the_audited_intent(monkeypatch, inv):
+    intent = [{"outcome": "started", "target": "pg-delayed", "details": {"log_offset": 17, "replay_lsn": "0/6E000100"}}]
+    db = _Db(status="stopped")  # the first try died after the stop: the pause is gone, the stop point written
+    out, recorded = _promotion(monkeypatch, inv, db, intent)
+    assert recorded == [] and [c[0] for c in db.calls] == ["run", "start"] and out["log_offset"] == 17
+    db = _Db(ours=True)  # died while it replayed to this run's target: only waits, proves
+    out, _ = _promotion(monkeypatch, inv, db, intent)
+    assert db.calls == [] and out["log_offset"] == 17
+    db = _Db(in_recovery=False)  # died after the promotion: proven again
+    assert _promotion(monkeypatch, inv, db, intent)[0]["reached"] and db.calls == []
+
+
+def test_a_standby_this_run_never_touched_is_refused_unless_paused_before_the_stop(monkeypatch, inv):
+    with pytest.raises(PreflightError, match="not running"):
+        _promotion(monkeypatch, inv, _Db(status="stopped"), [])  # stopped by someone else: its position unknown
+    with pytest.raises(PreflightError, match="can no longer serve"):
+        _promotion(monkeypatch, inv, _Db(in_recovery=False), [])  # promoted by someone else

@@ -179,7 +179,8 @@ def test_a_run_that_ended_well_or_before_the_freeze_resumes_only_its_own_pause()
     op, _audit, calls, ctx = _resume_op([PAUSE_INTENT])  # plan only / rejected / failed before the freeze
     assert op.run(ctx)["resumed"]
     op, _audit, calls, ctx = _resume_op([PAUSE_INTENT, {"action": "freeze_app", "outcome": "ok", "target": None}])
-    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=True, restore_to="pg-delayed", in_place=False)  # promoted: the server now
+    # promoted: the server now
+    op.__dict__["req"] = SimpleNamespace(from_delayed_standby=True, restore_to="pg-delayed", in_place=False)
     assert op.run(ctx) == {"resumed": [], "recovered_onto": "pg-delayed"} and calls == []
     dba = {**PAUSE_INTENT, "details": {"already_paused": True}}
     op, _audit, calls, ctx = _resume_op([dba])  # a DBA's pause: never undone
