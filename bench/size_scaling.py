@@ -397,7 +397,9 @@ def bench_inventory() -> Path:
         "standbys": [{"name": DSTANDBY, "host": "pg-standby", "data_directory": str(DDATA), "port": DPORT,
                       "socket_directory": str(SOCK), "log_file": str(B / "log" / f"{DSTANDBY}.log"),
                       "postgres_conn_id": "pg_standby", "replication_slot": "pg_bench_delayed",
-                      "delayed": BENCH_DELAY}],
+                      "delayed": BENCH_DELAY,
+                      # Barman's archive through the bench's own Barman (the lab's get-wal-only key allows pg-bench)
+                      "restore_command": f"{LAB / 'bin' / 'barman-wal-restore'} -U barman barman-lab {SERVER} %f %p"}],
         "replication": {"user": "replicator", "passfile": str(LAB / "secrets" / "pgpass-postgres")},
         "app_freeze": {"method": "none"},
         "recovery_window_days": 7, "minimum_redundancy": 0, "rto_objective_seconds": 3600,

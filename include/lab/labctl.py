@@ -303,7 +303,9 @@ class Lab:
         ak = self.p("ssh", "authorized_keys")
         # the db hosts' postgres (barman-wal-restore of a standby) may only run `barman get-wal`
         # ... and only for the Barman server whose standbys use it
-        forced = f'command="{self.p("bin", "barman-get-wal-only")} {BARMAN_SERVER}",restrict {postgres_pub}'
+        # get-wal of pg-primary (the lab's Barman), and of the benchmark cluster through its own Barman
+        bench = f"pg-bench={self.p('bench', 'bin', 'barman')}"
+        forced = f'command="{self.p("bin", "barman-get-wal-only")} {BARMAN_SERVER} {bench}",restrict {postgres_pub}'
         (ak / "barman").write_text(airflow_pub + "\n" + forced + "\n")
         (ak / "postgres").write_text(airflow_pub + "\n" + barman_pub + "\n")
         for f in ak.iterdir():
@@ -643,10 +645,13 @@ class Lab:
             "        break",
             "    elif not a.startswith('-'):",
             "        positional.append(a)",
+            "# the allowed servers: `name` (the lab's Barman) or `name=<barman command>` (its own Barman)",
+            f"allowed = dict(a.split('=', 1) if '=' in a else (a, {str(self.p('bin', 'barman'))!r}) "
+            "for a in sys.argv[1:])",
             "if not argv or argv[0] != 'get-wal' or positional is None or len(positional) != 2 \\",
-            "        or positional[0] not in sys.argv[1:]:",
-            "    sys.exit('only `barman get-wal` of ' + ', '.join(sys.argv[1:]) + ' is allowed with this key')",
-            f"os.execv({str(self.p('bin', 'barman'))!r}, [{str(self.p('bin', 'barman'))!r}, *argv])",
+            "        or positional[0] not in allowed:",
+            "    sys.exit('only `barman get-wal` of ' + ', '.join(allowed) + ' is allowed with this key')",
+            "os.execv(allowed[positional[0]], [allowed[positional[0]], *argv])",
             "",
         ]))
         for f in (ssh, wrapper, forced):
