@@ -123,6 +123,9 @@ def test_the_seed_recovered_through_the_delayed_standby(api, inventory, lab_topo
                              prim.data_directory], capture_output=True, text=True, check=False)
     assert status.returncode == 3, status.stdout
     assert api.xcom("dr_pitr", run_id, "stop_postgres")["stopped"] == {"pg-primary": "stopped"}
+    fenced = report["fenced_primary"]
+    assert fenced["instance"] == "pg-primary" and fenced["data_directory"] == prim.data_directory
+    assert fenced["stopped"] == "stopped" and fenced["old_end_lsn"]
 
     # a new delayed standby (the spare) streams from the recovered server and applies late; pg-standby follows too
     assert one("LAB_SPARE_DSN", "SELECT pg_is_in_recovery(), current_setting('recovery_min_apply_delay'), "

@@ -204,6 +204,9 @@ class _Db:
     def log_size(self, _f):
         return 4242
 
+    def is_ready(self, _i):
+        return True
+
     def stop(self, _i, mode="fast"):
         self.calls.append(("stop", mode))
         self.state = "stopped"
@@ -232,8 +235,11 @@ def _promotion(monkeypatch, inv, db, events):
     res = {"stop": {**STOP, "described": "before commit"},
            "restore_target": {"kind": "xid", "value": "2000123", "inclusive": False},
            "recovery_timeline": 7}
+    listing = "00000006.history\n00000007.history\n00000008.history\n0000000800000000\n"
+    barman = SimpleNamespace(show_server=lambda name: {"wals_directory": "/b/wals"}, host=SimpleNamespace(
+        run=lambda argv, **kw: SimpleNamespace(stdout=listing if argv[0] == "ls" else "7\t0/6F0011E0\tbefore\n")))
     op = SimpleNamespace(target_instance=srv.standby("pg-delayed"), req=SimpleNamespace(expected={}), srv=srv,
-                         db=lambda host: db, audit=lambda ctx: audit, upstream=lambda ctx, t: res)
+                         db=lambda host: db, audit=lambda ctx: audit, upstream=lambda ctx, t: res, barman=barman)
     ctx = {"run_id": "r", "dag": SimpleNamespace(dag_id="dr_pitr")}
     return delayed_source.recover_on_delayed_standby(op, ctx), recorded
 
@@ -243,8 +249,10 @@ def test_the_promotion_audits_its_intent_and_writes_the_stop_point_before_the_st
     out, recorded = _promotion(monkeypatch, inv, db, [])
     assert [r[:2] for r in recorded] == [("delayed_source", "started")] and recorded[0][2]["log_offset"] == 4242
     kinds = [c[0] for c in db.calls]
-    assert kinds == ["run", "stop", "run", "start"]  # the target written, stopped, written again, started
+    # the target written, stopped, written again, Barman's later timeline (8 > 7) copied to pg_wal, started
+    assert kinds == ["run", "stop", "run", "run", "start"]
     assert "listen_addresses=" in db.calls[-1][1] and "archive_command=false" in db.calls[-1][1]
+    assert "restore_command=" in db.calls[-1][1]  # the primary is up: no per-segment trip to the archive
     assert out["log_offset"] == 4242 and out["source"] == "delayed_standby"
 
 
@@ -252,7 +260,7 @@ def test_a_retry_picks_up_from_the_audited_intent(monkeypatch, inv):
     intent = [{"outcome": "started", "target": "pg-delayed", "details": {"log_offset": 17, "replay_lsn": "0/6E000100"}}]
     db = _Db(status="stopped")  # the first try died after the stop: the pause is gone, the stop point written
     out, recorded = _promotion(monkeypatch, inv, db, intent)
-    assert recorded == [] and [c[0] for c in db.calls] == ["run", "start"] and out["log_offset"] == 17
+    assert recorded == [] and [c[0] for c in db.calls] == ["run", "run", "start"] and out["log_offset"] == 17
     db = _Db(ours=True)  # died while it replayed to this run's target: only waits, proves
     out, _ = _promotion(monkeypatch, inv, db, intent)
     assert db.calls == [] and out["log_offset"] == 17

@@ -73,17 +73,53 @@ def source_intent(op: DrBaseOperator, context: Any) -> dict[str, Any] | None:
     return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
 
 
-def promotion_start_options(db: Any, inst: Instance) -> str:
+#: on the db host: $1 = the file, $2 = its content (a timeline history file from Barman), written whole
+WRITE_FILE_SCRIPT = r"""
+[ -e "$1" ] && exit 0
+printf '%s' "$2" > "$1.tmp.$$" && mv -- "$1.tmp.$$" "$1"
+"""
+
+
+def seed_timeline_history(op: DrBaseOperator, db: Any, inst: Instance, timeline: int) -> list[str]:
+    """Barman's history files of timelines above the standby's, copied into its pg_wal before the promotion.
+
+    PostgreSQL picks the new timeline id as the first one without a history file, looking in
+    pg_wal and (with a restore_command) in the archive. The promotion start runs without the
+    restore_command (`promotion_start_options`), so the timelines Barman already holds (an
+    abandoned branch after dr_pitr_rollback, an earlier PITR's) are put where PostgreSQL looks:
+    the new timeline never reuses an id Barman has, and rebase_barman never streams a second
+    history of the same id into the archive.
+    """
+    wals = str(op.barman.show_server(op.srv.name).get("wals_directory") or "")
+    if not wals:
+        return []
+    names = [n for n in op.barman.host.run(["ls", "-1", wals]).stdout.split()
+             if n.endswith(".history") and len(n) == 16 and all(c in "0123456789ABCDEF" for c in n[:8])
+             and int(n[:8], 16) > timeline]
+    for name in sorted(names):
+        content = op.barman.host.run(["cat", "--", f"{wals}/{name}"]).stdout
+        db.host.run(sh_argv(WRITE_FILE_SCRIPT, f"{inst.data_directory}/pg_wal/{name}", content))
+    return sorted(names)
+
+
+def promotion_start_options(db: Any, inst: Instance, *, from_archive: bool = False) -> str:
     """How the standby starts for its promotion: no TCP and nothing archived, until the old primary is fenced.
 
     Promoted before the freeze, it is writable while the app still writes to the old primary:
     over its Unix socket only (the proof and the counts), it takes no client's writes and
-    archives nothing into the server's Barman. `start_recovery` restarts it with its normal
+    archives nothing into the server's Barman. No restore_command: the old primary is up (the
+    run has not fenced it yet) and streams what the standby lacks; the archive's timeline
+    history is copied in first (`seed_timeline_history`). `start_recovery` restarts it with its normal
     options once `stop_postgres` has fenced the old primary.
     """
     return shlex.join(["-c", "listen_addresses=", "-c", f"port={inst.port}",
                        "-c", f"unix_socket_directories={inst.socket_directory}",
-                       "-c", f"cluster_name={inst.name}", "-c", "archive_command=false"])
+                       "-c", f"cluster_name={inst.name}", "-c", "archive_command=false",
+                       # the WAL it still has to apply is in its pg_wal or streams from the primary (up, on the
+                       # standby's slot): PostgreSQL would otherwise ask the archive first for every segment, one
+                       # barman-wal-restore over SSH each (about a second per 16 MiB). Only with the primary down
+                       # does it fetch from Barman's archive.
+                       *([] if from_archive else ["-c", "restore_command="])])
 
 
 def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: float = 3600) -> dict[str, Any]:
@@ -122,7 +158,14 @@ def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: flo
         status = "stopped"
     if status != "running":  # stopped by this run (now or by an earlier try): the stop point (again), then start
         db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *settings))
-        db.start(inst, wait=False, options=promotion_start_options(db, inst))
+        seeded = seed_timeline_history(op, db, inst, int(intent.get("timeline") or res["recovery_timeline"]))
+        if seeded:
+            steps.append(f"Barman's later timelines copied to pg_wal: {', '.join(seeded)}")
+        primary = op.srv.primary
+        from_archive = not op.db(primary.host).is_ready(primary)
+        db.start(inst, wait=False, options=promotion_start_options(db, inst, from_archive=from_archive))
+        if from_archive:
+            steps.append(f"{primary.name} is down: the missing WAL comes from Barman's archive (restore_command)")
         steps.append("recovery target written, started socket-only: " + ", ".join(settings[len(TARGET_KEYS) - 1:]))
     ready_s = db.wait_ready(inst, timeout=min(600, timeout))
     promoted_s = db.wait_recovery_end(inst, timeout=timeout)

@@ -60,6 +60,11 @@ class PitrReportOperator(DrBaseOperator):
             "new_timeline": x["verify_target"].get("new_timeline"),
             "recovery_stop": x["verify_target"].get("stop", {}).get("lines", [])[:3],
             "moved_aside": x["move_aside"].get("moved_to"),
+            # restore_to a standby (or the delayed-standby source): the damaged primary, stopped and untouched
+            "fenced_primary": None if req.in_place else {
+                "instance": srv.primary.name, "host": srv.primary.host, "data_directory": srv.primary.data_directory,
+                "stopped": (x["stop_postgres"].get("stopped") or {}).get(srv.primary.name),
+                "old_end_lsn": x["stop_postgres"].get("old_end_lsn")},
             "counts": x["validate_data"].get("actual"), "expected": req.expected,
             "app_check": x["unfreeze_app"].get("app_check"),
             "standbys": [s for s in standbys if s],
