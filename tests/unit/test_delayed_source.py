@@ -207,6 +207,9 @@ class _Db:
     def is_ready(self, _i):
         return True
 
+    def wait_ready(self, _i, timeout=0):
+        return 0.1
+
     def stop(self, _i, mode="fast"):
         self.calls.append(("stop", mode))
         self.state = "stopped"
@@ -215,8 +218,6 @@ class _Db:
         self.calls.append(("start", options))
         self.state, self.recovering = "running", False
 
-    def wait_ready(self, _i, timeout=0):
-        return 0.1
 
     def wait_recovery_end(self, _i, timeout=0):
         return 0.2
@@ -249,8 +250,8 @@ def test_the_promotion_audits_its_intent_and_writes_the_stop_point_before_the_st
     out, recorded = _promotion(monkeypatch, inv, db, [])
     assert [r[:2] for r in recorded] == [("delayed_source", "started")] and recorded[0][2]["log_offset"] == 4242
     kinds = [c[0] for c in db.calls]
-    # the target written, stopped, written again, Barman's later timeline (8 > 7) copied to pg_wal, started
-    assert kinds == ["run", "stop", "run", "run", "start"]
+    # stopped, the target written, Barman's history of its timeline and the later one (7, 8) copied, started
+    assert kinds == ["stop", "run", "run", "run", "start"]
     assert "listen_addresses=" in db.calls[-1][1] and "archive_command=false" in db.calls[-1][1]
     assert "restore_command=" in db.calls[-1][1]  # the primary is up: no per-segment trip to the archive
     assert out["log_offset"] == 4242 and out["source"] == "delayed_standby"
@@ -260,7 +261,7 @@ def test_a_retry_picks_up_from_the_audited_intent(monkeypatch, inv):
     intent = [{"outcome": "started", "target": "pg-delayed", "details": {"log_offset": 17, "replay_lsn": "0/6E000100"}}]
     db = _Db(status="stopped")  # the first try died after the stop: the pause is gone, the stop point written
     out, recorded = _promotion(monkeypatch, inv, db, intent)
-    assert recorded == [] and [c[0] for c in db.calls] == ["run", "run", "start"] and out["log_offset"] == 17
+    assert recorded == [] and [c[0] for c in db.calls] == ["run", "run", "run", "start"] and out["log_offset"] == 17
     db = _Db(ours=True)  # died while it replayed to this run's target: only waits, proves
     out, _ = _promotion(monkeypatch, inv, db, intent)
     assert db.calls == [] and out["log_offset"] == 17

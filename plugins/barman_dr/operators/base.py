@@ -318,21 +318,25 @@ class DrBaseOperator(BaseOperator):
         return {**request, "source_chosen": decision["chosen"], "restore_to": decision.get("restore_to")
                 or request.get("restore_to")}
 
-    def remember_once(self, context: Any, key: str, compute: Any) -> Any:
-        """A value this task's first try chose (e.g. where the server log stood before its start), for every retry.
+    def remembered(self, context: Any, key: str) -> Any:
+        """The newest value of `key` an earlier try of this task recorded in this run (`remember`), or None.
 
         Kept in the audit trail (`<action>_<key>`, outcome info), not in an XCom: Airflow clears a
-        task's own XComs when a new try starts, so an XCom pushed by the first try is gone by the second.
+        task's own XComs when a new try starts, so an XCom pushed by one try is gone by the next.
         """
-        action = f"{self.action}_{key}"
-        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action=action,
-                                            limit=20)
-        mine = [e for e in events if e.get("task_id") == self.task_id]
-        if mine:
-            return (mine[-1].get("details") or {}).get(key)  # newest first: the last is the first try's
-        value = compute()
-        self.audit(context).record(action, "info", server=self.audit_server(), target=self.audit_target(),
-                                   details={key: value})
+        ti = context.get("ti")
+        map_index = getattr(ti, "map_index", None)
+        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                            action=f"{self.action}_{key}", limit=20)
+        mine = [e for e in events if e.get("task_id") == self.task_id
+                and (e.get("details") or {}).get("map_index") in (None, map_index)]
+        return (mine[0].get("details") or {}).get(key) if mine else None  # newest first
+
+    def remember(self, context: Any, key: str, value: Any) -> Any:
+        ti = context.get("ti")
+        self.audit(context).record(f"{self.action}_{key}", "info", server=self.audit_server(),
+                                   target=self.audit_target(),
+                                   details={key: value, "map_index": getattr(ti, "map_index", None)})
         return value
 
     def run_failures(self, context: Any) -> list[dict[str, str]]:

@@ -168,8 +168,7 @@ class RestoreNonprodOperator(SurgicalMixin, DrBaseOperator):
         restored = restore_to_nonprod(self, inst, backup_id=pre["backup_id"], target=restore_target_of(res), job_id=job_id,
                                       tag=tag, target_tli=tli, restore_timeout=self.restore_timeout,
                                       recovery_timeout=self.recovery_timeout, jobs=req.jobs)
-        # a retry after the first attempt started the copy: that start's log
-        offset = int(self.remember_once(context, "log_offset", lambda: restored["log_offset"]))
+        offset = int(restored["log_offset"])  # the start restore_to_nonprod made (each try's own)
         new_tli = int(db.psql(inst, "SELECT pg_walfile_name(pg_current_wal_lsn())")[:8], 16)
         r = db.host.run(["cat", f"{inst.data_directory}/pg_wal/{new_tli:08X}.history"], check=False)
         old_tli = tli or int(pre["backup"].get("timeline") or 0) or None

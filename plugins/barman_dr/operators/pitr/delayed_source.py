@@ -12,7 +12,7 @@ PgBouncer repoint, the rebuilds and Barman following the new primary are the ste
 
 Retry-safe: the intent (state, verdict, log offset) is audited before anything changes (the
 audit trail, not an XCom: Airflow clears a task's XComs when a new try starts), and the stop
-point is written before the stop, so any later start goes there and never past it. A retry
+point is written once the standby is down, before every start by this run. A retry
 finds the standby following (nothing done yet), stopped by this run, replaying with this
 run's target, or promoted (proven again from its log and timeline history). Without an intent,
 only a paused, following standby is touched: one found stopped or promoted is refused.
@@ -95,7 +95,7 @@ def seed_timeline_history(op: DrBaseOperator, db: Any, inst: Instance, timeline:
         return []
     names = [n for n in op.barman.host.run(["ls", "-1", wals]).stdout.split()
              if n.endswith(".history") and len(n) == 16 and all(c in "0123456789ABCDEF" for c in n[:8])
-             and int(n[:8], 16) > timeline]
+             and int(n[:8], 16) >= timeline]
     for name in sorted(names):
         content = op.barman.host.run(["cat", "--", f"{wals}/{name}"]).stdout
         db.host.run(sh_argv(WRITE_FILE_SCRIPT, f"{inst.data_directory}/pg_wal/{name}", content))
@@ -114,7 +114,7 @@ def promotion_start_options(db: Any, inst: Instance, *, from_archive: bool = Fal
     """
     return shlex.join(["-c", "listen_addresses=", "-c", f"port={inst.port}",
                        "-c", f"unix_socket_directories={inst.socket_directory}",
-                       "-c", f"cluster_name={inst.name}", "-c", "archive_command=false",
+                       "-c", f"cluster_name={inst.name}", "-c", "archive_command=false", "-c", "archive_library=",
                        # the WAL it still has to apply is in its pg_wal or streams from the primary (up, on the
                        # standby's slot): PostgreSQL would otherwise ask the archive first for every segment, one
                        # barman-wal-restore over SSH each (about a second per 16 MiB). Only with the primary down
@@ -132,6 +132,8 @@ def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: flo
     t0 = time.monotonic()
     intent = source_intent(op, context)
     status = db.status(inst.data_directory)
+    if status == "running":  # a retry may find it still starting up (replaying): wait until it answers
+        db.wait_ready(inst, timeout=min(600, timeout))
     in_recovery = db.in_recovery(inst) if status == "running" else None
     steps: list[str] = []
     following = status == "running" and in_recovery and db.psql(inst, OURS_SQL) != "promote|0"
@@ -151,8 +153,8 @@ def recover_on_delayed_standby(op: DrBaseOperator, context: Any, *, timeout: flo
                                      details=intent)
     offset = int(intent.get("log_offset") or 0)
     if following:
-        # the stop point first, so that any later start goes there and never past it
-        db.host.run(sh_argv(SET_CONF_SCRIPT, conf, *settings))
+        # stopped first; the stop point is written once it is down (a retry that finds it stopped writes it again):
+        # a standby left running by a failed try keeps its own settings, delay included
         db.stop(inst, mode="fast")
         steps.append(f"stopped at replay {intent.get('replay_lsn')}")
         status = "stopped"

@@ -206,8 +206,10 @@ class StartRecoveryOperator(DrBaseOperator):
                                      "from stage_restore")
             t0 = time.monotonic()
             # promoted socket-only (stage_restore): now that the old primary is fenced, with its normal options
-            if db.status(inst.data_directory) == "running" and db.psql(inst, "SHOW listen_addresses") == "":
-                db.stop(inst, mode="fast")
+            if db.status(inst.data_directory) == "running":
+                db.wait_ready(inst, timeout=min(600, self.recovery_timeout))
+                if db.psql(inst, "SHOW listen_addresses") == "":
+                    db.stop(inst, mode="fast")
             db.start(inst, wait=False)
             ready_s = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))
             if db.in_recovery(inst):
@@ -217,8 +219,11 @@ class StartRecoveryOperator(DrBaseOperator):
                     "recovery_s": stage.get("promoted_s"), "replay_bytes": 0,
                     "start_to_promoted_s": round(time.monotonic() - t0, 3), "instance": inst.name,
                     "restarted": "with TCP and archiving, the old primary fenced"}
-        # a retry reads the log from the first attempt's start
-        offset = int(self.remember_once(context, "log_offset", lambda: db.log_size(inst.log_file)))
+        # the server log from the start that recovers: this try's own start, or (found running: an earlier try
+        # started it and died while it recovered) the start that try recorded
+        prior = self.remembered(context, "log_offset") if db.status(inst.data_directory) == "running" else None
+        offset = int(prior) if prior is not None else int(self.remember(context, "log_offset",
+                                                                       db.log_size(inst.log_file)))
         t0 = time.monotonic()
         db.start(inst, wait=False)
         ready_s = db.wait_ready(inst, timeout=min(600, self.recovery_timeout))

@@ -171,13 +171,16 @@ class PitrFailureSummaryOperator(DrBaseOperator):
             # stage_restore started promoting the delayed standby (its own XCom is gone when it failed)
             promoted = self.req.restore_to
             sb = self.srv.standby(promoted)
-            stopped = (self.upstream(context, "stop_postgres") or {}).get("stopped") or {}
+            # stop_postgres's own XCom is gone when it failed: whether it ran is in the audit trail
+            fence = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                               action="stop_postgres", limit=1)
             slot = f"; drop its replication slot {sb.replication_slot} there once you give it up (it holds WAL)" \
-                if sb.replication_slot and not stopped else ""
+                if sb.replication_slot and not fence else ""
             next_action = (
                 f"{promoted} (the delayed standby) was stopped or promoted at the stop point by this run (socket "
                 "only until the old primary is fenced)"
-                + (f"; {self.srv.primary.name} is fenced (stopped, data untouched)" if stopped else
+                + (f"; stop_postgres ran: {self.srv.primary.name} is (being) fenced, its data untouched; the app is "
+                   f"{app_state}" if fence else
                    f"; the app still runs on {self.srv.primary.name}, which was never stopped{slot}")
                 + ": fix the cause and clear the failed task to finish the run (each step converges), or trigger "
                   f"with source=barman; {promoted} is no longer a delayed standby: rebuild it before relying on it")

@@ -503,9 +503,25 @@ class ResolveTargetOperator(DrBaseOperator):
         out["switch"] = sw.to_dict()
         out["delayed_paused"] = paused
         # where the run recovers from (`source`): every later step reads its request through this decision
-        out["source"] = choose_source(req, self.srv, out["stop"], paused)
+        out["source"] = self.promoted_already(context) or choose_source(req, self.srv, out["stop"], paused)
         context["ti"].xcom_push(key="source", value=out["source"])
         return out
+
+    def promoted_already(self, context: Any) -> dict[str, Any] | None:
+        """A run cleared from here after stage_restore began promoting its delayed standby keeps that source.
+
+        The standby is then stopped or promoted at the stop point (its audited `delayed_source` intent):
+        deciding again would find it "not paused" and restore from Barman, leaving it promoted and unmentioned.
+        """
+        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                            action="delayed_source", limit=5)
+        started = [e for e in events if e.get("outcome") == "started" and e.get("target")]
+        if not started:
+            return None
+        name = str(started[-1]["target"])
+        return {"chosen": "delayed_standby", "restore_to": name, "standby": name, "requested": self.req.source,
+                "why": f"this run already stopped or promoted delayed standby {name} at the stop point (audited "
+                       "delayed_source intent): it goes on from there"}
 
     def audit_details(self, result: Any) -> dict[str, Any]:
         if not isinstance(result, dict):
