@@ -484,7 +484,8 @@ def delayed_ready(timeout: float = 300) -> None:
 def restore_topology() -> None:
     """After the delayed-standby run: pg-bench serves again (its Barman config rewritten), the promoted copy gone."""
     pg_ctl("stop", "-m", "fast", "-w", "-t", "300", data=DDATA, check=False)
-    sh(["rm", "-rf", "--", str(DDATA)])
+    # its data directory and the copies dr_pitr's rebuilds moved aside next to it (data.pre-*): GBs per size
+    sh(["sh", "-c", 'rm -rf -- "$1"/data "$1"/data.*', "sh", str(DDATA.parent)])
     bbarman("receive-wal", "--stop", SERVER, check=False)
     write_configs()  # Barman's conninfo back to pg-bench (config-update pointed it at the promoted standby)
     start_bench()
