@@ -166,7 +166,8 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         next_action = ("run dr_pitr_rollback with pitr_run_id=" + context["run_id"]
                        if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
         promoted = None
-        if self.req.from_delayed_standby and self.audit(context).events(
+        # the request may be what failed (validate_params): then nothing was promoted
+        if isinstance(self.request, dict) and self.req.from_delayed_standby and self.audit(context).events(
                 run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source", limit=1):
             # stage_restore started promoting the delayed standby (its own XCom is gone when it failed)
             promoted = self.req.restore_to
