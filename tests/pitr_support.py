@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import psycopg2
@@ -21,6 +25,21 @@ def sql(dsn_env: str, query: str, params: tuple[Any, ...] = ()) -> list[tuple[An
 
 def one(dsn_env: str, query: str, params: tuple[Any, ...] = ()) -> Any:
     return sql(dsn_env, query, params)[0][0]
+
+
+def barman_json(*args: str) -> dict:
+    """The lab's Barman, `-f json`."""
+    out = subprocess.run([*os.environ["LAB_BARMAN"].split(), "-f", "json", *args], capture_output=True, text=True,
+                         check=False, timeout=120).stdout
+    return json.loads(out)
+
+
+def failback() -> None:
+    """`labctl failback`: pg-primary serving the recovered data again after a PITR onto a standby."""
+    labctl = Path(__file__).resolve().parents[1] / "include" / "lab" / "labctl.py"
+    r = subprocess.run([sys.executable, str(labctl), "failback"], capture_output=True, text=True, check=False,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
 def primary_timeline() -> int:

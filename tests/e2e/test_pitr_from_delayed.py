@@ -14,10 +14,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,41 +24,27 @@ import pytest
 
 from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
-from tests.pitr_support import counts, pgbouncer_paused, primary_timeline
+from tests.pitr_support import barman_json, counts, pgbouncer_paused, primary_timeline, sql
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
 
 
-def barman_json(*args: str) -> dict:
-    out = subprocess.run([*os.environ["LAB_BARMAN"].split(), "-f", "json", *args], capture_output=True, text=True,
-                         check=False, timeout=120).stdout
-    return json.loads(out)
+def one(dsn_env: str, sql_text: str, args: tuple = ()) -> tuple:
+    """One row (a statement without rows: ())."""
+    rows = sql(dsn_env, sql_text, args)
+    return rows[0] if rows else ()
 
 
-def one(dsn_env: str, sql: str, args: tuple = ()) -> tuple:
-    conn = psycopg2.connect(os.environ[dsn_env])
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchone() if cur.description else ()
-    finally:
-        conn.close()
-
-
-def failback() -> None:
-    r = subprocess.run([sys.executable, str(REPO / "include" / "lab" / "labctl.py"), "failback"], capture_output=True,
-                       text=True, check=False, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-@pytest.fixture
-def lab_topology_restored():
-    yield
-    failback()
+def run_green(api, conf: dict, incident: str) -> str:
+    """Trigger dr_pitr through REST as incident tooling does; the run must end green."""
+    run_id = incident_run_id("dr_pitr", incident)
+    api.trigger("dr_pitr", {**conf, "incident_id": incident, "confirm": "PITR pg-primary"}, run_id=run_id)
+    final = api.wait("dr_pitr", run_id, timeout=900)
+    states = {t["task_id"]: t["state"] for t in api.task_instances("dr_pitr", run_id)}
+    assert final["state"] == "success", states
+    return run_id
 
 
 def test_the_seed_recovered_through_the_delayed_standby(api, inventory, lab_topology_restored):
@@ -69,15 +53,10 @@ def test_the_seed_recovered_through_the_delayed_standby(api, inventory, lab_topo
     addr = inventory.db_host(delayed.host).address
     tli_before = primary_timeline()
     scenario = seed_scenario.play()
-    incident = f"INC-DELAYED-{int(time.time())}"
-    run_id = incident_run_id("dr_pitr", incident)
-    conf = {"server": "pg-primary", "target_xid": str(scenario.delete_xid), "target_inclusive": False,
-            "source": "delayed_standby", "incident_id": incident, "reason": "REST e2e: from the delayed standby",
-            "expected": EXPECTED, "confirm": "PITR pg-primary"}
-    api.trigger("dr_pitr", conf, run_id=run_id)
-    final = api.wait("dr_pitr", run_id, timeout=900)
-    states = {t["task_id"]: t["state"] for t in api.task_instances("dr_pitr", run_id)}
-    assert final["state"] == "success", states
+    run_id = run_green(api, {"server": "pg-primary", "target_xid": str(scenario.delete_xid),
+                             "target_inclusive": False, "source": "delayed_standby",
+                             "reason": "REST e2e: from the delayed standby", "expected": EXPECTED},
+                       f"INC-DELAYED-{int(time.time())}")
 
     # the decision and the plan: the delayed standby, paused before the DELETE
     resolved = api.xcom("dr_pitr", run_id, "resolve_target")
@@ -154,15 +133,10 @@ def test_a_target_older_than_the_window_falls_back_to_staged_barman(api, lab_top
         while one("LAB_DELAYED_DSN", "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (lsn,)) != (True,):
             assert time.monotonic() < deadline, "pg-delayed did not apply the DELETE"
             time.sleep(0.5)
-        incident = f"INC-FALLBACK-{int(time.time())}"
-        run_id = incident_run_id("dr_pitr", incident)
-        conf = {"server": "pg-primary", "target_xid": str(scenario.delete_xid), "target_inclusive": False,
-                "source": "auto", "incident_id": incident, "reason": "REST e2e: older than the window",
-                "expected": EXPECTED, "confirm": "PITR pg-primary"}
-        api.trigger("dr_pitr", conf, run_id=run_id)
-        final = api.wait("dr_pitr", run_id, timeout=900)
-        states = {t["task_id"]: t["state"] for t in api.task_instances("dr_pitr", run_id)}
-        assert final["state"] == "success", states
+        run_id = run_green(api, {"server": "pg-primary", "target_xid": str(scenario.delete_xid),
+                                 "target_inclusive": False, "source": "auto",
+                                 "reason": "REST e2e: older than the window", "expected": EXPECTED},
+                           f"INC-FALLBACK-{int(time.time())}")
     finally:  # the rebuild wrote it back already on success; by hand otherwise
         one("LAB_DELAYED_DSN", "ALTER SYSTEM SET recovery_min_apply_delay = '180s'")
         one("LAB_DELAYED_DSN", "SELECT pg_reload_conf()")

@@ -9,10 +9,8 @@ back (pg-primary primary again, with the recovered data) for the suites that fol
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,35 +19,15 @@ import pytest
 
 from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
-from tests.pitr_support import counts, pgbouncer_paused, primary_timeline
+from tests.pitr_support import barman_json, counts, pgbouncer_paused, primary_timeline
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 EXPECTED = {"orders_total": 10500, "orders_completed": 7465}
-
-
-def barman_json(*args: str) -> dict:
-    out = subprocess.run([*os.environ["LAB_BARMAN"].split(), "-f", "json", *args], capture_output=True, text=True,
-                         check=False, timeout=120).stdout
-    return json.loads(out)
 
 
 def standby_address(inventory) -> str:
     return inventory.db_host(inventory.server("pg-primary").standby("pg-standby").host).address
-
-
-def failback() -> None:
-    r = subprocess.run([sys.executable, str(REPO / "include" / "lab" / "labctl.py"), "failback"], capture_output=True,
-                       text=True, check=False, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-
-
-@pytest.fixture
-def lab_topology_restored():
-    """Whatever the run did, the next suites find pg-primary serving (the recovered data) and pg-standby following."""
-    yield
-    failback()
 
 
 def test_restore_to_the_standby_is_green_and_barman_follows(api, inventory, lab_topology_restored):

@@ -139,6 +139,14 @@ def choose_source(req: Any, srv: Any, stop: dict[str, Any], paused: list[dict[st
                    f"target ({why})"}
 
 
+def source_intents(op: DrBaseOperator, context: Any) -> list[dict[str, Any]]:
+    """This run's `delayed_source` intents, oldest first: stage_restore audits one before it stops or promotes a
+    delayed standby (the audit trail, not an XCom: Airflow clears a task's own XComs when a new try starts)."""
+    events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source",
+                                      limit=20)
+    return [e for e in reversed(events) if e.get("outcome") == "started" and e.get("target")]
+
+
 def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[str, Any] | None:
     """This run's first `delayed_replay_paused` intent for `standby` (a retry must not mistake its own pause for a DBA's)."""
     events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
@@ -221,8 +229,7 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         audit = self.audit(context)
         run = {"run_id": context["run_id"], "dag_id": context["dag"].dag_id}
         # the freeze, or (source delayed_standby) the promotion of the delayed standby before it
-        froze = bool(audit.events(**run, action="freeze_app", limit=1)) or bool(
-            audit.events(**run, action="delayed_source", limit=1))
+        froze = bool(audit.events(**run, action="freeze_app", limit=1)) or bool(source_intents(self, context))
         reported = any(e.get("outcome") == "ok" for e in audit.events(**run, action="report", limit=5))
         return froze and not reported
 

@@ -31,7 +31,7 @@ from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.hooks.remote import sh_argv
 from barman_dr.inventory import Instance
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.operators.pitr.delayed import STATE_SQL, _state, delayed_source_verdict
+from barman_dr.operators.pitr.delayed import STATE_SQL, _state, delayed_source_verdict, source_intents
 from barman_dr.operators.pitr.errors import VerificationError
 from barman_dr.operators.pitr.post_incident import SET_CONF_SCRIPT, _sql_literal
 from barman_dr.operators.pitr.resolve import prove_resolved, resolution_for, restore_target_of, target_tli_of
@@ -63,14 +63,9 @@ def recovery_target_settings(res: dict[str, Any]) -> list[str]:
 
 
 def source_intent(op: DrBaseOperator, context: Any) -> dict[str, Any] | None:
-    """This run's first `delayed_source` intent (audited before anything changed): its log offset, its state.
-
-    From the audit trail, not an XCom: Airflow clears a task's own XComs when a new try starts.
-    """
-    events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source",
-                                      limit=20)
-    mine = [e for e in events if e.get("outcome") == "started" and e.get("target") == op.target_instance.name]
-    return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
+    """This run's first `delayed_source` intent for the standby it recovers onto: its log offset, its state."""
+    mine = [e for e in source_intents(op, context) if e["target"] == op.target_instance.name]
+    return (mine[0].get("details") or {}) if mine else None
 
 
 #: on the db host: $1 = the file, $2 = its content (a timeline history file from Barman), written whole

@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk.exceptions import AirflowFailException
 
 from barman_dr.operators.base import DrBaseOperator
+from barman_dr.operators.pitr.delayed import source_intents
 from barman_dr.safety.audit import AuditTrail
 from barman_dr.safety.locks import ServerLock
 from barman_dr.surfaces.run_note import set_run_note
@@ -167,8 +168,7 @@ class PitrFailureSummaryOperator(DrBaseOperator):
                        if aside.get("moved_to") else "nothing live was changed: fix the cause and trigger again")
         promoted = None
         # the request may be what failed (validate_params): then nothing was promoted
-        if isinstance(self.request, dict) and self.req.from_delayed_standby and self.audit(context).events(
-                run_id=context["run_id"], dag_id=context["dag"].dag_id, action="delayed_source", limit=1):
+        if isinstance(self.request, dict) and self.req.from_delayed_standby and source_intents(self, context):
             # stage_restore started promoting the delayed standby (its own XCom is gone when it failed)
             promoted = self.req.restore_to
             sb = self.srv.standby(promoted)

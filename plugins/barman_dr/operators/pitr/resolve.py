@@ -46,7 +46,7 @@ from barman_dr.forensics.walswitch import nudging
 from barman_dr.hooks.waldecode import ArchiveView, WalDecodeHook
 from barman_dr.models import BackupInfo, Lsn, RecoveryTarget, WalSegment, is_wal_segment_name
 from barman_dr.operators.base import DrBaseOperator
-from barman_dr.operators.pitr.delayed import choose_source, pause_delayed_replay
+from barman_dr.operators.pitr.delayed import choose_source, pause_delayed_replay, source_intents
 
 SEGMENT = 16 * 1024 * 1024
 
@@ -513,12 +513,10 @@ class ResolveTargetOperator(DrBaseOperator):
         The standby is then stopped or promoted at the stop point (its audited `delayed_source` intent):
         deciding again would find it "not paused" and restore from Barman, leaving it promoted and unmentioned.
         """
-        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
-                                            action="delayed_source", limit=5)
-        started = [e for e in events if e.get("outcome") == "started" and e.get("target")]
+        started = source_intents(self, context)
         if not started:
             return None
-        name = str(started[-1]["target"])
+        name = str(started[0]["target"])
         return {"chosen": "delayed_standby", "restore_to": name, "standby": name, "requested": self.req.source,
                 "why": f"this run already stopped or promoted delayed standby {name} at the stop point (audited "
                        "delayed_source intent): it goes on from there"}
