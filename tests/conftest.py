@@ -68,6 +68,27 @@ def delayed_standby_applies_again(request):
         pass
 
 
+@pytest.fixture(scope="module", autouse=True)
+def set_aside_directories_pruned(request):
+    """After each lab module, the data directories its DR runs set aside are deleted (`labctl prune-set-aside`).
+
+    The product never deletes a data directory (each PITR, drill, rollback and failback keeps one
+    `data.pre-*` / `data.failed-*` for forensics). Kept over a whole `make test` they took 15-20 GB
+    and pushed a CI disk past the verification's disk threshold (CI, 2026-12-05). A module may still
+    read its own runs' copies (rollback); none reads another module's.
+    """
+    yield
+    lab_module = "/integration/" in str(request.fspath) or "/e2e/" in str(request.fspath) \
+        or "/faults/" in str(request.fspath)
+    if not lab_module or not lab_is_up():
+        return
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(REPO / "include" / "lab" / "labctl.py"), "prune-set-aside"],
+                   capture_output=True, text=True, check=False, timeout=300)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Integration and e2e tests need the lab's environment (`source .lab/env.sh`); the Celery
     suites need a Celery lab (make test runs them in a second phase, LAB_EXECUTOR=celery)."""

@@ -806,6 +806,39 @@ class Lab:
             log("failback: Barman streams from pg-primary; a fresh backup taken on its timeline")
 
     # -------------------------------------------------------------- pgbouncer
+    def prune_set_aside(self) -> None:
+        """Delete the data directories DR runs set aside on the lab's hosts (a lab chore, never a DR step).
+
+        dr_pitr, the drills, rollback and failback never delete a data directory: each is renamed
+        `data.pre-*` / `data.failed-*` and kept for forensics. A production DBA removes them once
+        the incident is closed; the test suites do it here between modules, or a whole `make test`
+        leaves 15-20 GB of them behind on the host's disk (and the daily verification's disk check
+        rightly turns CRITICAL on a small CI disk). Only directories of that shape; never one a
+        postmaster claims (postmaster.pid); refused while a DR run owns the server.
+        """
+        self.claim_owned()
+        freed = 0
+        for host in sorted(self.p("pg").iterdir()):
+            if not host.is_dir() or self.leave_alone(host.name):
+                continue
+            for d in sorted(host.iterdir()):
+                if not d.is_dir() or d.is_symlink() or not d.name.startswith(("data.pre-", "data.failed-")):
+                    continue
+                if (d / "postmaster.pid").exists() and self.pg_dir_running(d):
+                    log(f"prune: {d} has a running postmaster: kept")
+                    continue
+                freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
+                shutil.rmtree(d)
+        log(f"prune: set-aside data directories removed ({freed / 2**20:.0f} MiB)")
+
+    @staticmethod
+    def pg_dir_running(d: Path) -> bool:
+        try:
+            pid = int((d / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return False
+        return pid_alive(pid)
+
     def setup_pgbouncer(self) -> None:
         # a DR run froze the app with PAUSE: a (re)started PgBouncer would silently unfreeze it
         if self.leave_alone("pgbouncer"):
@@ -1492,7 +1525,8 @@ def resolve_lab_dir() -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow", "workers", "failback"])
+    ap.add_argument("action", choices=["up", "down", "status", "env", "restart-airflow", "workers", "failback",
+                                       "prune-set-aside"])
     ap.add_argument("--no-airflow", action="store_true", help="do not start the Airflow components")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -1509,6 +1543,8 @@ def main() -> None:
         print(lab.p("env.sh"))
     elif args.action == "restart-airflow":
         lab.restart_airflow()
+    elif args.action == "prune-set-aside":  # between test modules: the forensic copies DR runs kept
+        lab.prune_set_aside()
     elif args.action == "failback":  # after dr_pitr restore_to: pg-standby (tests, demos)
         lab.failback()
     elif args.action == "workers":  # (re)start the Celery workers that are not running (a lost worker's restart)
