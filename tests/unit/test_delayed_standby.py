@@ -134,7 +134,7 @@ class _FakeAudit:
         self.events_ = events
         self.recorded = []
 
-    def events(self, *, run_id=None, dag_id=None, action=None, limit=500):
+    def events(self, *, run_id=None, dag_id=None, action=None, server=None, limit=500):
         return [e for e in self.events_ if action is None or e["action"] == action][:limit]
 
     def record(self, action, outcome, **kw):
@@ -160,8 +160,8 @@ def _resume_op(events):
     return op, audit, calls, ctx
 
 
-PAUSE_INTENT = {"action": "delayed_replay_paused", "outcome": "started", "target": "pg-delayed",
-                "details": {"already_paused": False}}
+PAUSE_INTENT = {"action": "delayed_replay_paused", "outcome": "started", "target": "pg-delayed", "run_id": "r",
+                "dag_id": "dr_pitr", "event_id": 1, "details": {"already_paused": False}}
 
 
 def test_a_run_that_failed_after_the_freeze_keeps_the_delayed_standby_paused():

@@ -9,8 +9,10 @@ nothing is lost, it only stops applying.
 
 `resume_delayed_replay` (all_done: plan only, rejected, timed out, failed before the freeze,
 or done) resumes exactly the standbys this run paused, read back from the audit trail. One
-found paused already (a DBA's pause) is recorded as such and never resumed by the run. A
-standby the run rebuilt is a new copy, not paused.
+found paused already (a DBA's pause) is recorded as such and never resumed by the run. Runs
+that overlap (a plan-only run beside a real one waiting for approval) share a pause: one that
+finds the pause of another live run in place holds it too, and only the last holder to end
+resumes it (`other_pause_holders`). A standby the run rebuilt is a new copy, not paused.
 A standby that cannot be paused (down, unreachable) is recorded and does not stop the run
 (unless it was asked for as the source: `choose_source`). After a failure at or past the
 freeze, or past the promotion of the delayed standby the run recovers from, the others stay
@@ -147,6 +149,82 @@ def source_intents(op: DrBaseOperator, context: Any) -> list[dict[str, Any]]:
     return [e for e in reversed(events) if e.get("outcome") == "started" and e.get("target")]
 
 
+#: Airflow states of a dag run that may still need the pause it holds
+_LIVE_RUN_STATES = ("queued", "running")
+
+
+def holds_pause(intent: dict[str, Any]) -> bool:
+    """Does a run's first pause intent make the pause its own to undo? Not when it found a DBA's pause.
+
+    A pause found in place is a DBA's (or one a failed run kept on purpose: the last copy without
+    the damage) unless another live dr_pitr run held it then (`shared_with`): that pause is shared,
+    and the last holder to end resumes it.
+    """
+    return not intent.get("already_paused") or bool(intent.get("shared_with"))
+
+
+def _run_state(context: Any, dag_id: str, run_id: str) -> str:
+    """The Airflow state of another run (the task SDK's own call); "unknown" when it cannot be read."""
+    try:
+        return str(context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id))
+    except Exception:  # noqa: BLE001 - unknown counts as live: the pause is kept, never undone under a run
+        return "unknown"
+
+
+def other_pause_holders(op: DrBaseOperator, context: Any, standby: str, *, releasing_too: bool = False) -> list[str]:
+    """The *other* dr_pitr runs, still live, that hold a pause on `standby` and have not released it.
+
+    Two runs of one server may overlap (a plan-only run beside a real one waiting for approval):
+    the first to end must not resume a replay the other still relies on, or its window slides
+    past the other's target while people read its plan. Read from the audit trail (every run's
+    first intent, and `delayed_replay_released`); a run's liveness from Airflow. A run whose
+    state cannot be read counts as live: keeping a replay paused is safe (the standby streams on,
+    and the daily verification reports one paused past its window); resuming it under a run is not.
+
+    `releasing_too` (a run about to pause): a live run that has released its hold may be resuming
+    right now, so the new run counts it as a holder it shares with; that run's resume step then
+    sees the new holder and pauses again.
+    """
+    audit = op.audit(context)
+    me = (context["dag"].dag_id, context["run_id"])
+
+    def of_standby(action: str) -> list[dict[str, Any]]:
+        return [e for e in audit.events(server=op.srv.name, action=action, limit=200) if e.get("target") == standby]
+
+    released = {(e.get("dag_id"), e.get("run_id")) for e in of_standby("delayed_replay_released")}
+    # a run whose resume step finished (resumed, kept, or left it to another) holds nothing any more
+    released |= {(e.get("dag_id"), e.get("run_id")) for e in
+                 audit.events(server=op.srv.name, action=ResumeDelayedReplayOperator.action, limit=200)
+                 if e.get("outcome") == "ok"}
+    first: dict[tuple[Any, Any], dict[str, Any]] = {}
+    first_id: dict[tuple[Any, Any], int] = {}
+    for e in reversed(of_standby("delayed_replay_paused")):  # oldest first
+        key = (e.get("dag_id"), e.get("run_id"))
+        if e.get("outcome") == "started" and key not in first:
+            first[key], first_id[key] = e.get("details") or {}, int(e.get("event_id") or 0)
+    kept = of_standby("delayed_replay_kept_paused")
+    if releasing_too:
+        # the pause found in place comes from a run that kept it on purpose, unless a later run
+        # found the standby replaying (a DBA resumed it since): a kept pause is a DBA's to undo
+        fresh = [int(e.get("event_id") or 0) for e in of_standby("delayed_replay_paused")
+                 if e.get("outcome") == "started" and not (e.get("details") or {}).get("already_paused")]
+        if any(int(e.get("event_id") or 0) > max(fresh, default=0) for e in kept):
+            return []
+    holders = []
+    for key, intent in first.items():
+        if key == me or (key in released and not releasing_too) or not holds_pause(intent):
+            continue
+        if _run_state(context, str(key[0]), str(key[1])) in (*_LIVE_RUN_STATES, "unknown"):
+            holders.append(str(key[1]))
+    # a run that kept the pause on purpose (it failed at or after the freeze: the last copy without
+    # the damage) while this run held it: this run must not undo that. One kept before this run
+    # paused was found paused, so this run never held it (holds_pause) and never gets here.
+    if me in first_id:
+        holders += [f"{e.get('run_id')} (kept paused)" for e in kept
+                    if int(e.get("event_id") or 0) > first_id[me] and (e.get("dag_id"), e.get("run_id")) != me]
+    return holders
+
+
 def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[str, Any] | None:
     """This run's first `delayed_replay_paused` intent for `standby` (a retry must not mistake its own pause for a DBA's)."""
     events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
@@ -171,6 +249,8 @@ def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 1.0
             intent = _first_pause_intent(op, context, sb.name)
             if intent is None:
                 intent = {"standby": sb.name, "already_paused": db.psql(sb, PAUSED_SQL) == "t"}
+                if intent["already_paused"]:  # a DBA's, or another live run's that this run now shares
+                    intent["shared_with"] = other_pause_holders(op, context, sb.name, releasing_too=True)
                 audit.record("delayed_replay_paused", "started", server=op.srv.name, target=sb.name, details=intent)
             db.psql(sb, PAUSE_SQL)
             deadline = time.monotonic() + settle_s
@@ -179,7 +259,8 @@ def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 1.0
                 time.sleep(0.25)
                 pause_state = db.psql(sb, PAUSE_STATE_SQL)
             state = {"standby": sb.name, "already_paused": bool(intent.get("already_paused")),
-                     "pause_state": pause_state, **_state(db.psql(sb, STATE_SQL))}
+                     "shared_with": list(intent.get("shared_with") or []), "pause_state": pause_state,
+                     **_state(db.psql(sb, STATE_SQL))}
             outcome = "ok" if state["paused"] else "failed"
             if not state["in_recovery"]:
                 state["error"] = "not in recovery (promoted?): nothing to pause"
@@ -215,14 +296,14 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         return super().execute(context)
 
     def paused_by_this_run(self, context: Any) -> list[str]:
-        """Standbys whose first pause intent in this run found no pause (a DBA's or another run's stays)."""
+        """Standbys this run holds a pause on: its first intent found none, or shared a live run's (a DBA's stays)."""
         events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
                                             action="delayed_replay_paused", limit=100)
         first: dict[str, dict[str, Any]] = {}
         for e in reversed(events):  # oldest first
             if e.get("outcome") == "started" and e.get("target") and str(e["target"]) not in first:
                 first[str(e["target"])] = e.get("details") or {}
-        return sorted(name for name, d in first.items() if not d.get("already_paused"))
+        return sorted(name for name, d in first.items() if holds_pause(d))
 
     def left_broken(self, context: Any) -> bool:
         """The run reached the freeze (something live changed) and did not finish with its report."""
@@ -244,11 +325,29 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
                                            details={"reason": "the PITR failed at or after the freeze: this delayed "
                                                               "standby may be the last copy without the damage"})
             return {"resumed": [], "kept_paused": [s.name for s in standbys], "recovered_onto": promoted}
-        resumed, failed = [], []
+        resumed, failed, shared = [], [], []
+        audit = self.audit(context)
         for sb in standbys:
             try:
+                # released first: a run starting now sees this one gone and pauses on its own
+                audit.record("delayed_replay_released", "ok", server=self.srv.name, target=sb.name)
+                others = other_pause_holders(self, context, sb.name)
+                if others:  # the last holder resumes it
+                    audit.record("delayed_replay_left_paused", "ok", server=self.srv.name, target=sb.name,
+                                 details={"held_by": others})
+                    shared.append({"standby": sb.name, "held_by": others})
+                    continue
                 db = self.db(sb.host)
                 db.psql(sb, RESUME_SQL)
+                # a run that paused between the check and the resume (it found the pause in place and
+                # counted on it) gets its pause back: pausing twice is harmless, resuming under it is not
+                again = other_pause_holders(self, context, sb.name)
+                if again:
+                    db.psql(sb, PAUSE_SQL)
+                    audit.record("delayed_replay_left_paused", "ok", server=self.srv.name, target=sb.name,
+                                 details={"held_by": again, "paused_again": True})
+                    shared.append({"standby": sb.name, "held_by": again})
+                    continue
                 state = {"standby": sb.name, **_state(db.psql(sb, STATE_SQL))}
                 (failed if state["paused"] else resumed).append(state)
             except Exception as exc:  # noqa: BLE001 - the others are still resumed; this task fails below
@@ -256,7 +355,10 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
         if failed:
             raise BarmanDrError(f"delayed standby replay still paused: {failed} (resumed: "
                                 f"{[s['standby'] for s in resumed]})")
-        return {"resumed": resumed, "recovered_onto": promoted}
+        out: dict[str, Any] = {"resumed": resumed, "recovered_onto": promoted}
+        if shared:
+            out["left_paused_for"] = shared
+        return out
 
     def next_action(self, context: Any, exc: BaseException) -> str | None:
         return ("A delayed standby this run paused may still be paused: run SELECT pg_wal_replay_resume() on it "
