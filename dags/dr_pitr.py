@@ -142,7 +142,8 @@ with DAG(
     preflight = PitrPreflightOperator(task_id="preflight", retries=1)
     wal = WalCoverageOperator(task_id="wal_coverage", retries=1)
     plan = PlanGateOperator(task_id="plan", retries=0)
-    approve = FourEyesApprovalOperator(task_id="approve", noun="PITR", lock_purpose="pitr", retries=0)
+    approve = FourEyesApprovalOperator(task_id="approve", noun="PITR", lock_purpose="pitr", retries=1,
+                                       retry_delay=timedelta(seconds=5))
     stage = StageRestoreOperator(task_id="stage_restore", retries=2, retry_delay=timedelta(seconds=15))
     freeze = FreezeAppOperator(task_id="freeze_app")
     stop = StopPostgresOperator(task_id="stop_postgres")

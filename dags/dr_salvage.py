@@ -75,7 +75,8 @@ with DAG(
     validate = ValidateSalvageOperator(task_id="validate_params", retries=0)
     prepare = PrepareCopyOperator(task_id="prepare_copy", retries=2, retry_delay=timedelta(seconds=15))
     plan = SalvagePlanOperator(task_id="plan", retries=0)
-    approve = FourEyesApprovalOperator(task_id="approve", noun="SALVAGE", lock_purpose="salvage", retries=0)
+    approve = FourEyesApprovalOperator(task_id="approve", noun="SALVAGE", lock_purpose="salvage", retries=1,
+                                       retry_delay=timedelta(seconds=5))
     apply = SalvageApplyOperator(task_id="apply")
     main = [validate, prepare, plan, approve, apply]
     teardown = SalvageTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)

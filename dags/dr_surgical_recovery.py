@@ -87,7 +87,7 @@ with DAG(
     restore = RestoreNonprodOperator(task_id="restore_nonprod", retries=2, retry_delay=timedelta(seconds=15))
     plan = SurgicalPlanOperator(task_id="plan", retries=0)
     approve = FourEyesApprovalOperator(task_id="approve", noun="SURGICAL recovery", lock_purpose="surgical",
-                                       retries=0)
+                                       retries=1, retry_delay=timedelta(seconds=5))
     apply = SurgicalApplyOperator(task_id="apply")
     main = [validate, resolve, preflight, wal, restore, plan, approve, apply]
     teardown = SurgicalTeardownOperator(task_id="teardown", trigger_rule="all_done", retries=2)

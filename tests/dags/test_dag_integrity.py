@@ -123,12 +123,16 @@ FIRST_CHANGE = {"dr_pitr": "stage_restore", "dr_surgical_recovery": "apply", "dr
 
 @pytest.mark.parametrize("dag_id", sorted(FIRST_CHANGE))
 def test_the_plan_is_followed_by_four_eyes_approval(dags, dag_id):
-    """plan -> approve (Airflow's HITL operator) -> the first change; a preview param; the approval never retries."""
+    """plan -> approve (Airflow's HITL operator) -> the first change; a preview param; one retry, for Airflow's losses.
+
+    An answer is never retried (every refusal is an AirflowFailException); the retry is for a try
+    Airflow failed after the answer (FourEyesApprovalOperator.answer_of_a_lost_try keeps it).
+    """
     from airflow.providers.standard.operators.hitl import HITLOperator
 
     dag = dags[dag_id]
     approve = dag.get_task("approve")
-    assert isinstance(approve, HITLOperator) and approve.retries == 0
+    assert isinstance(approve, HITLOperator) and approve.retries == 1
     assert approve.upstream_task_ids == {"plan"}
     assert FIRST_CHANGE[dag_id] in approve.downstream_task_ids
     assert dag.get_task(FIRST_CHANGE[dag_id]).upstream_task_ids == {"approve"}

@@ -168,3 +168,71 @@ def test_destructive_pitr_steps_refuse_without_an_approval_or_this_runs_lock(mon
     holder[0] = LockHolder("pg-primary", "dr_pitr", "r1", "pitr", "2026-12-04T00:00:00")
     op.check_approval_gate(ctx)  # approved, and this run holds the lock
     op.check_approval_gate({**ctx, "dag": SimpleNamespace(dag_id="dr_other", task_ids=["x"])})  # no approve step
+
+
+class _Audit:
+    def __init__(self, events):
+        self.rows = events  # newest first, as AuditTrail.events returns them
+        self.recorded = []
+
+    def events(self, *, run_id=None, dag_id=None, action=None, limit=500, **_):
+        return [e for e in self.rows if action is None or e["action"] == action][:limit]
+
+    def record(self, action, outcome, **kw):
+        self.recorded.append((action, outcome, kw.get("details")))
+
+
+def _approve_op(events, monkeypatch):
+    from types import SimpleNamespace
+
+    from barman_dr.operators.approve import FourEyesApprovalOperator
+    from barman_dr.safety import locks
+
+    op = FourEyesApprovalOperator(task_id="approve", noun="PITR", lock_purpose="pitr")
+    audit = _Audit(events)
+    op.audit = lambda context: audit
+    op.__dict__["srv"] = SimpleNamespace(name="pg-primary")
+    acquired = []
+    monkeypatch.setattr(locks.ServerLock, "acquire", lambda self, *a, **kw: acquired.append(a))
+    ctx = {"run_id": "r", "dag": SimpleNamespace(dag_id="dr_pitr")}
+    return op, audit, acquired, ctx
+
+
+def _answer(decision, event_id, plan_hash="h1"):
+    return {"action": "approval", "event_id": event_id, "try_number": 1, "task_id": "approve",
+            "details": {"decision": decision, "approver": "approver", "requester": "admin", "plan_hash": plan_hash,
+                        "responded_at": "2026-12-05 04:05:16"}}
+
+
+LOST = {"action": "task_failed", "event_id": 9, "task_id": "approve",
+        "details": {"error": "str: Executor LocalExecutor(parallelism=32) reported that the task instance ... "
+                             "finished with state success, but the task instance's state attribute is running"}}
+
+
+def test_an_answer_airflow_lost_after_it_was_recorded_is_kept_not_asked_again(monkeypatch):
+    """apache/airflow#71579: a fast answer, then the scheduler fails the resumed try from outside."""
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    op, audit, acquired, ctx = _approve_op([LOST, _answer("rejected", 5), _answer("requested", 3)], monkeypatch)
+    with pytest.raises(AirflowSkipException, match="rejected by approver"):
+        op.answer_of_a_lost_try(ctx, "h1")
+    assert audit.recorded[0][:2] == ("approval_kept", "info") and audit.recorded[0][2]["kept"] == "rejected"
+    op, audit, acquired, ctx = _approve_op([LOST, _answer("approved", 5), _answer("requested", 3)], monkeypatch)
+    kept = op.answer_of_a_lost_try(ctx, "h1")
+    assert kept["decision"] == "approved" and kept["approver"] == "approver" and kept["kept_from_try"] == 1
+    assert acquired, "an approval is confirmed against the server lock again"
+
+
+def test_anything_but_a_lost_answer_asks_again(monkeypatch):
+    cases = [
+        [_answer("requested", 3)],  # never answered (the try died waiting)
+        [_answer("approved", 5), _answer("requested", 3)],  # answered and not failed after it: a clear
+        [LOST, _answer("requested", 6), _answer("approved", 5)],  # asked again since
+        [LOST, _answer("approved", 5, plan_hash="old")],  # the plan changed
+        [{**LOST, "event_id": 4}, _answer("approved", 5)],  # failed before the answer
+        [{**LOST, "task_id": "plan"}, _answer("approved", 5)],  # another step failed
+    ]
+    for events in cases:
+        op, audit, acquired, ctx = _approve_op(sorted(events, key=lambda e: -e["event_id"]), monkeypatch)
+        assert op.answer_of_a_lost_try(ctx, "h1") is None, events
+        assert audit.recorded == [] and acquired == []
