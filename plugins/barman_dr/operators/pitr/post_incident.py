@@ -228,16 +228,6 @@ mv -- "$tmp" "$f" || exit 1
 """
 
 
-def standby_settings(sb: Instance) -> list[str]:
-    """postgresql.auto.conf lines a rebuilt standby needs beyond pg_basebackup -R's (inventory values)."""
-    out = []
-    if sb.apply_delay_s:
-        out.append(f"recovery_min_apply_delay = '{int(sb.apply_delay_s)}s'")
-    if sb.restore_command:
-        out.append("restore_command = " + _sql_literal(sb.restore_command))
-    return out
-
-
 def start_settings(sb: Instance) -> list[str]:
     """What a rebuilt standby starts with: its restore_command, and no delay yet (see delay_settings)."""
     return [*(["recovery_min_apply_delay = '0'"] if sb.apply_delay_s else []),
