@@ -146,7 +146,7 @@ def test_a_delayed_standby_the_run_could_not_finish_on_is_never_chosen(raw):
         validate_pitr_conf(conf(source="delayed_standby"), inv2, now=NOW)
     d = choose_source(validate_pitr_conf(conf(source="auto"), inv2, now=NOW), inv2.server("pg-primary"), STOP,
                       [BEFORE])
-    assert d["chosen"] == "barman" and "cannot point it at the promoted standby" in d["why"]
+    assert d["chosen"] == "barman" and "could not be pointed at the promoted standby" in d["why"]
 
 
 # ------------------------------------------------------------- recovery target
@@ -274,3 +274,29 @@ def test_a_standby_this_run_never_touched_is_refused_unless_paused_before_the_st
         _promotion(monkeypatch, inv, _Db(status="stopped"), [])  # stopped by someone else: its position unknown
     with pytest.raises(PreflightError, match="can no longer serve"):
         _promotion(monkeypatch, inv, _Db(in_recovery=False), [])  # promoted by someone else
+
+
+def test_restore_to_a_standby_is_refused_before_anything_when_the_app_could_not_follow(raw):
+    """The server would move and the app stay on the fenced primary: refused at validation, naming the fix."""
+    from barman_dr.operators.pitr.plan import unfreeze_step
+
+    fr = raw["servers"]["pg-primary"]["app_freeze"]
+    for broken, says in (({"method": "command", "freeze_command": ["true"], "unfreeze_command": ["true"]},
+                          "method command cannot point the app"),
+                         ({**{k: v for k, v in fr.items() if k not in ("config_file", "config_host")}},
+                          "no config_file/config_host")):
+        raw["servers"]["pg-primary"]["app_freeze"] = broken
+        inv = parse_inventory(raw, "x", ENV)
+        with pytest.raises(ValidationError, match=says) as err:
+            validate_pitr_conf(conf(restore_to="pg-standby"), inv, now=NOW)
+        assert err.value.field == "restore_to" and "restore in_place" in str(err.value)
+        assert validate_pitr_conf(conf(), inv, now=NOW).in_place  # in place is still accepted
+    # nothing manages the app: accepted, and the plan says where the DBA must point it
+    raw["servers"]["pg-primary"]["app_freeze"] = {"method": "none"}
+    inv = parse_inventory(raw, "x", ENV)
+    req = validate_pitr_conf(conf(restore_to="pg-standby"), inv, now=NOW)
+    srv = inv.server("pg-primary")
+    sb = next(s for s in srv.standbys if s.name == "pg-standby")
+    line = unfreeze_step(srv, req.in_place, sb, inv)
+    assert "point it at pg-standby (127.0.77.12:5432) yourself" in line and "pg-primary is fenced" in line
+    assert unfreeze_step(srv, True, srv.primary, inv) == "unfreeze app"

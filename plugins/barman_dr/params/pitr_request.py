@@ -305,6 +305,10 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
             else ""
         raise ValidationError("restore_to", restore_to,
                               f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}{spare}")
+    if restore_to != "in_place" and repoint_blocker(srv):
+        raise ValidationError("restore_to", restore_to, f"{repoint_blocker(srv)}: the app would be left on the fenced "
+                                                        f"{srv.primary.name}. Add them to the inventory's app_freeze, or "
+                                                        "restore in_place")
     source = parse_source(conf, srv, restore_to, target)
 
     expected_raw = conf.get("expected")
@@ -349,6 +353,22 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
                        plan_only=plan_only, source=source)
 
 
+def repoint_blocker(srv: Any) -> str | None:
+    """Why this run could not point the app at a standby it recovers onto (None: it can, or nothing manages the app).
+
+    PgBouncer is repointed through its config file on its host; an unfreeze *command* knows nothing
+    of the new server. `app_freeze.method none` manages no app: the plan and the report then tell the
+    DBA where to point it.
+    """
+    fr = srv.app_freeze
+    if fr.method == "command":
+        return "app_freeze.method command cannot point the app at another server (it needs method pgbouncer with " \
+               "config_file and config_host)"
+    if fr.method == "pgbouncer" and not (fr.config_file and fr.config_host):
+        return "app_freeze.method pgbouncer has no config_file/config_host to repoint"
+    return None
+
+
 def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: RecoveryTarget) -> str:
     """`source`: barman (default), auto or delayed_standby; the delayed standby must exist and be where it restores."""
     source = _str_field(conf, "source") or "barman"
@@ -368,12 +388,10 @@ def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: Recove
     if source == "delayed_standby" and (_str_field(conf, "backup_id") or "auto") != "auto":
         raise ValidationError("backup_id", conf.get("backup_id"), "source=delayed_standby copies no backup: leave "
                                                                   "backup_id as auto, or use source=barman or auto")
-    fr = srv.app_freeze
-    if source == "delayed_standby" and (fr.method == "command" or (
-            fr.method == "pgbouncer" and not (fr.config_file and fr.config_host))):
+    if source == "delayed_standby" and repoint_blocker(srv):
         raise ValidationError("source", source, f"the app of {srv.name} cannot be pointed at the promoted standby "
-                                                f"(app_freeze.method {fr.method} without config_file/config_host): "
-                                                "add them to the inventory, or use source=barman")
+                                                f"({repoint_blocker(srv)}): add them to the inventory's app_freeze, or "
+                                                "use source=barman")
     if source == "delayed_standby" and target.kind == "immediate":
         raise ValidationError("source", source, "target_immediate is the end of a base backup: only Barman restores "
                                                 "to it. Use source=barman or auto")

@@ -88,15 +88,12 @@ def delayed_standbys(op: DrBaseOperator) -> list[Instance]:
 
 def source_blocker(srv: Any, req: Any) -> str | None:
     """Why no delayed standby can be this run's source whatever its replay position (None: it may be)."""
+    from barman_dr.params.pitr_request import repoint_blocker
+
     if req.target.kind == "immediate":
         return "target_immediate is the end of a base backup"
-    fr = srv.app_freeze
-    if fr.method == "command":
-        return ("the app is frozen by a command (app_freeze.method command), which cannot point it at the "
-                "promoted standby")
-    if fr.method == "pgbouncer" and not (fr.config_file and fr.config_host):
-        return "app_freeze has no config_file/config_host: PgBouncer could not be pointed at the promoted standby"
-    return None
+    blocker = repoint_blocker(srv)
+    return f"the app could not be pointed at the promoted standby: {blocker}" if blocker else None
 
 
 def choose_source(req: Any, srv: Any, stop: dict[str, Any], paused: list[dict[str, Any]]) -> dict[str, Any]:

@@ -60,6 +60,17 @@ def stop_lines(res: dict[str, Any]) -> list[str]:
     return out
 
 
+def unfreeze_step(srv: Any, in_place: bool, instance: Any, inventory: Any) -> str:
+    """The plan's unfreeze line: where the app goes when the server moved, and who moves it."""
+    if in_place:
+        return "unfreeze app"
+    if srv.app_freeze.method == "none":
+        addr = inventory.db_host(instance.host).address
+        return (f"the app is not managed here (app_freeze.method none): point it at {instance.name} "
+                f"({addr}:{instance.port}) yourself; {srv.primary.name} is fenced")
+    return f"unfreeze app (repoint PgBouncer to {instance.name})"
+
+
 class PlanGateOperator(DrBaseOperator):
     """Step 4: the plan (audit + run note): the resolved stop point, the backup and the WAL to replay, what is
     discarded, the RTO for the mode that will run, the steps. Stops here unless the run is confirmed."""
@@ -103,6 +114,7 @@ class PlanGateOperator(DrBaseOperator):
         freeze = ("freeze app (PgBouncer PAUSE)" if srv.app_freeze.method == "pgbouncer" else
                   f"freeze app ({srv.app_freeze.method})")
         validate = "validate data: " + (", ".join(f"{k}={v}" for k, v in req.expected.items()) or "report counts")
+        unfreeze = unfreeze_step(srv, req.in_place, instance, self.inventory)
         if from_delayed:
             steps = [f"stop delayed standby {instance.name} (paused before the stop point), set recovery_target_"
                      f"{rt['kind']} = {rt['value']} ({'inclusive' if rt['inclusive'] else 'exclusive'}), "
@@ -114,13 +126,13 @@ class PlanGateOperator(DrBaseOperator):
                      freeze,
                      f"fence {srv.primary.name}: stop it, its data directory untouched (forensics, dr_salvage)",
                      "prove the stop again and validate data on the recovered server",
-                     f"unfreeze app (repoint PgBouncer to {instance.name})",
+                     unfreeze,
                      "list what was actually discarded up to the freeze",
                      f"rebuild standbys: {', '.join(standbys) or '(none)'}",
                      f"Barman follows {instance.name} (config-update), re-point it at the new timeline, full backup",
                      "report RTO"]
         else:
-            steps = self.barman_steps(context, req, srv, pre, res, instance, standbys, freeze, validate)
+            steps = self.barman_steps(context, req, srv, pre, res, instance, standbys, freeze, validate, unfreeze)
         steps = [*(f"delayed standby {d['standby']}: NOT paused ({d['error']})" if d.get("error") else
                    f"delayed standby {d['standby']}: replay paused at {d.get('replay_lsn')} (last applied commit "
                    f"{d.get('last_applied_commit')}: damage after it is not on it); "
@@ -156,7 +168,7 @@ class PlanGateOperator(DrBaseOperator):
         return plan
 
     def barman_steps(self, context: Any, req: Any, srv: Any, pre: dict[str, Any], res: dict[str, Any], instance: Any,
-                     standbys: list[str], freeze: str, validate: str) -> list[str]:
+                     standbys: list[str], freeze: str, validate: str, unfreeze: str) -> list[str]:
         rt = res["restore_target"]
         restore = (f"barman restore {pre['backup_id']} (target {rt['kind']} {rt['value']}"
                    f"{'' if rt['inclusive'] else ' exclusive'}, jobs={req.jobs}, --target-action promote)")
@@ -177,7 +189,7 @@ class PlanGateOperator(DrBaseOperator):
                 "start PostgreSQL, wait for recovery end and promotion",
                 f"prove the stop: {res['stop']['described']} (server log + timeline history)",
                 validate,
-                "unfreeze app" + ("" if req.in_place else f" (repoint PgBouncer to {instance.name})"),
+                unfreeze,
                 "list what was actually discarded up to the freeze",
                 f"rebuild standbys: {', '.join(standbys) or '(none)'}",
                 "re-point Barman at the new timeline and take a full backup",

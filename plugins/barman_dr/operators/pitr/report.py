@@ -135,7 +135,10 @@ class PitrReportOperator(DrBaseOperator):
                   f"{report['moved_aside'] or (srv.primary.host + ':' + srv.primary.data_directory + ' (fenced)')}\n"
                   f"new backup {report['new_backup_id']}"
                 + ("" if req.in_place else
-                   f"\nnow serving: {req.restore_to} (PgBouncer and Barman point at it; the old primary "
+                   f"\nnow serving: {req.restore_to} ("
+                   + ("Barman points at it, the app is not managed here (app_freeze.method none): point it there"
+                      if srv.app_freeze.method == "none" else "PgBouncer and Barman point at it")
+                   + "; the old primary "
                    f"{srv.primary.name} is fenced, its data untouched). Update the inventory: {req.restore_to} "
                    f"is {srv.name}'s primary now"
                    + (f"; {', '.join(spares)} (spare) is its delayed standby now: set `spare: false` on it"
