@@ -8,6 +8,8 @@
   standby, and Barman follows it.
 * `source: auto` with a target older than the delayed standby's position (it already applied
   the DELETE): the run falls back to staged Barman, and the plan says why.
+* `source: auto` with the GOOD STATE as a time and no confirm: the approver answers through the
+  HITL REST API at once, the time resolves to the DELETE's commit, the delayed standby serves.
 
 `labctl failback` puts the lab back after each (pg-primary serving the recovered data).
 """
@@ -24,7 +26,7 @@ import pytest
 
 from barman_dr.surfaces.api_client import incident_run_id
 from include.lab import seed_scenario
-from tests.pitr_support import barman_json, counts, pgbouncer_paused, primary_timeline, sql
+from tests.pitr_support import barman_json, counts, pgbouncer_paused, primary_timeline, sql, wait_for_approval_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -154,3 +156,30 @@ def test_a_target_older_than_the_window_falls_back_to_staged_barman(api, lab_top
     assert one("LAB_DELAYED_DSN", "SELECT pg_is_in_recovery(), current_setting('recovery_min_apply_delay')") == \
         (True, "3min")
     assert not Path(os.environ["LAB_DIR"], "pg", "pg-delayed2", "data").exists()
+
+
+def test_a_time_target_approved_through_the_hitl_api_goes_through_the_delayed_standby(api, lab_topology_restored):
+    """Incident tooling's path: `source: auto`, the seed's GOOD STATE as a time, no confirm; the approver answers
+    through the HITL REST API the moment the request appears (the fast answer Airflow 3.3.2 can lose: the step
+    keeps it). The time is resolved to the DELETE's commit, and the delayed standby serves it."""
+    from barman_dr.surfaces.api_client import AirflowApi
+
+    scenario = seed_scenario.play()
+    incident = f"INC-DELAYED-TIME-{int(time.time())}"
+    run_id = incident_run_id("dr_pitr", incident)
+    api.trigger("dr_pitr", {"server": "pg-primary", "target_time": scenario.good_state, "source": "auto",
+                            "incident_id": incident, "reason": "REST e2e: time target, approved through HITL",
+                            "expected": EXPECTED}, run_id=run_id)
+    wait_for_approval_request(api, "dr_pitr", run_id)
+    approver = AirflowApi(os.environ["LAB_AIRFLOW_URL"], "approver", os.environ["LAB_APPROVER_PASSWORD"])
+    approver.respond("dr_pitr", run_id, "approve", "Approve")
+    final = api.wait("dr_pitr", run_id, timeout=900)
+    states = {t["task_id"]: t["state"] for t in api.task_instances("dr_pitr", run_id)}
+    assert final["state"] == "success", states
+    resolved = api.xcom("dr_pitr", run_id, "resolve_target")
+    assert resolved["source"]["chosen"] == "delayed_standby"
+    report = api.xcom("dr_pitr", run_id, "report")
+    # the first commit after GOOD STATE is the DELETE's: the recovery stopped right before it
+    assert report["stop"]["xid"] == scenario.delete_xid and report["stop"]["when"] == "before"
+    assert report["serving_instance"] == "pg-delayed" and report["approval"]["approver"] == "approver"
+    assert counts("LAB_APP_DSN") == EXPECTED
