@@ -90,7 +90,8 @@ PG_ADDRS = {DELAYED: HOSTS["pg-standby"][0], SPARE: HOSTS["pg-standby"][0]}
 # app it froze and has not resumed: barman_dr.safety.ownership), `up` initialises, starts and
 # reconfigures none of these
 OWNED_BY_SERVER = {
-    BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-delayed", "pg-nonprod", "pgbouncer", f"barman:{BARMAN_SERVER}"),
+    BARMAN_SERVER: ("pg-primary", "pg-standby", "pg-delayed", SPARE, "pg-nonprod", "pgbouncer",
+                    f"barman:{BARMAN_SERVER}"),
     BARMAN_SERVER2: ("pg-primary2", f"barman:{BARMAN_SERVER2}"),
 }
 
@@ -210,8 +211,8 @@ class Lab:
                 for part in parts:
                     self.owned[part] = f"server {server}: " + "; ".join(owners)
         for part, why in self.owned.items():
-            log(f"{part}: left alone, owned by a DR run ({why}). Not initialised, started or reconfigured. "
-                "Finish or roll back that run (dr_pitr / dr_pitr_rollback), then run `make lab-up` again")
+            log(f"{part}: left alone, owned by a DR run ({why}). Finish or roll back that run "
+                "(dr_pitr / dr_pitr_rollback), then run this again")
 
     def leave_alone(self, part: str) -> bool:
         return part in self.owned
@@ -586,7 +587,7 @@ class Lab:
         It streams at once (its slot pg_delayed), replays `recovery_min_apply_delay` late, and its
         `restore_command` is barman-wal-restore (get-wal over SSH, the key restricted to get-wal on
         the barman host): with the primary gone it still reaches what Barman archived. The
-        settings are the ones dr_pitr's rebuild writes (barman_dr...post_incident.standby_settings).
+        settings are the ones dr_pitr's rebuild writes (barman_dr...post_incident.start_settings, delay_settings).
         """
         if self.leave_alone(DELAYED):
             return
@@ -816,6 +817,11 @@ class Lab:
         rightly turns CRITICAL on a small CI disk). Only directories of that shape; never one a
         postmaster claims (postmaster.pid); refused while a DR run owns the server.
         """
+        if not (self.pg_running("ops") and self.psql(
+                "ops", "SELECT to_regclass('control.server_locks') IS NOT NULL", db="dr_audit") == "t"):
+            raise SystemExit("[lab] prune refused: the DR runs' ownership cannot be read (ops PostgreSQL down, or no "
+                             "dr_audit): a set-aside directory may be what a failed run's rollback needs. Start the "
+                             "lab first (make lab-up)")
         self.claim_owned()
         freed = 0
         for host in sorted(self.p("pg").iterdir()):

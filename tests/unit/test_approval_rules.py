@@ -198,26 +198,39 @@ def _approve_op(events, monkeypatch):
     return op, audit, acquired, ctx
 
 
-def _answer(decision, event_id, plan_hash="h1"):
-    return {"action": "approval", "event_id": event_id, "try_number": 1, "task_id": "approve",
+def _answer(decision, event_id, plan_hash="h1", try_number=1):
+    return {"action": "approval", "event_id": event_id, "try_number": try_number, "task_id": "approve",
             "details": {"decision": decision, "approver": "approver", "requester": "admin", "plan_hash": plan_hash,
-                        "responded_at": "2026-12-05 04:05:16"}}
+                        "responded_at": "2026-12-05 04:05:16", "error": "a reason" if decision == "refused" else None}}
 
 
-LOST = {"action": "task_failed", "event_id": 9, "task_id": "approve",
-        "details": {"error": "str: Executor LocalExecutor(parallelism=32) reported that the task instance ... "
+LOST = {"action": "task_failed", "event_id": 9, "task_id": "approve", "try_number": 1,
+        "details": {"will_retry": True, "state": "up_for_retry",
+                    "error": "str: Executor LocalExecutor(parallelism=32) reported that the task instance ... "
                              "finished with state success, but the task instance's state attribute is running"}}
 
 
-def test_an_answer_airflow_lost_after_it_was_recorded_is_kept_not_asked_again(monkeypatch):
-    """apache/airflow#71579: a fast answer, then the scheduler fails the resumed try from outside."""
-    from airflow.sdk.exceptions import AirflowSkipException
+def _newest_first(events):
+    return sorted(events, key=lambda e: -e["event_id"])
 
-    op, audit, acquired, ctx = _approve_op([LOST, _answer("rejected", 5), _answer("requested", 3)], monkeypatch)
+
+@pytest.mark.parametrize("failed_id", [9, 4])  # the listener's task_failed after, or before, the answer
+def test_an_answer_airflow_lost_after_it_was_recorded_is_kept_not_asked_again(monkeypatch, failed_id):
+    """apache/airflow#71579: a fast answer, then the scheduler fails the resumed try from outside, with a retry."""
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+    lost = {**LOST, "event_id": failed_id}
+    op, audit, acquired, ctx = _approve_op(_newest_first([lost, _answer("rejected", 5), _answer("requested", 3)]),
+                                           monkeypatch)
     with pytest.raises(AirflowSkipException, match="rejected by approver"):
         op.answer_of_a_lost_try(ctx, "h1")
     assert audit.recorded[0][:2] == ("approval_kept", "info") and audit.recorded[0][2]["kept"] == "rejected"
-    op, audit, acquired, ctx = _approve_op([LOST, _answer("approved", 5), _answer("requested", 3)], monkeypatch)
+    op, audit, acquired, ctx = _approve_op(_newest_first([lost, _answer("refused", 5), _answer("requested", 3)]),
+                                           monkeypatch)
+    with pytest.raises(AirflowFailException, match="stands"):  # a refusal is never turned into a new question
+        op.answer_of_a_lost_try(ctx, "h1")
+    op, audit, acquired, ctx = _approve_op(_newest_first([lost, _answer("approved", 5), _answer("requested", 3)]),
+                                           monkeypatch)
     kept = op.answer_of_a_lost_try(ctx, "h1")
     assert kept["decision"] == "approved" and kept["approver"] == "approver" and kept["kept_from_try"] == 1
     assert acquired, "an approval is confirmed against the server lock again"
@@ -226,13 +239,14 @@ def test_an_answer_airflow_lost_after_it_was_recorded_is_kept_not_asked_again(mo
 def test_anything_but_a_lost_answer_asks_again(monkeypatch):
     cases = [
         [_answer("requested", 3)],  # never answered (the try died waiting)
-        [_answer("approved", 5), _answer("requested", 3)],  # answered and not failed after it: a clear
+        [_answer("approved", 5), _answer("requested", 3)],  # answered, never failed by Airflow: a DBA's clear
         [LOST, _answer("requested", 6), _answer("approved", 5)],  # asked again since
         [LOST, _answer("approved", 5, plan_hash="old")],  # the plan changed
-        [{**LOST, "event_id": 4}, _answer("approved", 5)],  # failed before the answer
+        [{**LOST, "try_number": 2}, _answer("approved", 5)],  # another try failed, not the one that answered
+        [{**LOST, "details": {"will_retry": False, "state": "failed"}}, _answer("approved", 5)],  # marked failed
         [{**LOST, "task_id": "plan"}, _answer("approved", 5)],  # another step failed
     ]
     for events in cases:
-        op, audit, acquired, ctx = _approve_op(sorted(events, key=lambda e: -e["event_id"]), monkeypatch)
+        op, audit, acquired, ctx = _approve_op(_newest_first(events), monkeypatch)
         assert op.answer_of_a_lost_try(ctx, "h1") is None, events
         assert audit.recorded == [] and acquired == []

@@ -26,6 +26,7 @@ class Lab:
         self.paused = paused
         self.sql: list[tuple[str, str]] = []  # (run, statement)
         self.states: dict[str, str] = {}
+        self.gone: set[str] = set()
 
     def audit_for(self, run_id: str):
         lab = self
@@ -56,10 +57,15 @@ class Lab:
         return f"t|{'t' if self.paused else 'f'}|0/1|2026-12-05 00:00:00+00|7"
 
     def ctx(self, run_id: str) -> dict:
-        def state(*, dag_id: str, run_id: str) -> str:
+        def state(*, dag_id: str, run_id: str):
+            """As the task SDK answers: the run's `DagRunState` (a str Enum: str() of it is 'DagRunState.RUNNING')."""
+            from airflow.sdk.execution_time.comms import DagRunStateResult
+
+            if run_id in self.gone:
+                raise RuntimeError(f"API_SERVER_ERROR: 404 Not Found: dag run {run_id}")
             if run_id not in self.states:
-                raise RuntimeError("no such run")
-            return self.states[run_id]
+                raise RuntimeError("connection refused")
+            return DagRunStateResult(state=self.states[run_id]).state
 
         return {"run_id": run_id, "dag": SimpleNamespace(dag_id="dr_pitr"), "ti": SimpleNamespace(get_dagrun_state=state)}
 
@@ -179,3 +185,23 @@ def test_a_run_that_paused_while_the_last_holder_resumed_gets_its_pause_back():
     out = op.run(lab.ctx("a"))
     assert out["resumed"] == [] and out["left_paused_for"][0]["held_by"] == ["b"] and lab.paused
     assert [s for r, s in lab.sql if r == "a"][-1] == PAUSE_SQL
+
+
+def test_a_run_airflow_no_longer_has_holds_nothing():
+    lab = Lab()
+    lab.pause("deleted")
+    lab.pause("live")
+    lab.gone.add("deleted")
+    assert lab.end("live")["resumed"] and not lab.paused
+
+
+def test_a_dba_pause_after_a_run_finished_its_resume_step_is_not_taken_for_that_runs():
+    """Run a resumed and finished its resume step (the run itself still ends its last tasks); a DBA pauses."""
+    lab = Lab()
+    lab.pause("a")
+    lab.op("a").run(lab.ctx("a"))  # resumed
+    lab.audit_for("a").record("resume_delayed_replay", "ok", server="pg-primary")
+    assert not lab.paused and lab.states["a"] == "running"
+    lab.paused = True  # the DBA
+    assert lab.pause("b")["shared_with"] == []  # a DBA's pause: never b's to undo
+    assert lab.end("b")["resumed"] == [] and lab.paused

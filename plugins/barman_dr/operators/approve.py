@@ -117,36 +117,47 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
         raise AssertionError("unreachable: the human-in-the-loop wait did not park the task")  # pragma: no cover
 
     def answer_of_a_lost_try(self, context: Any, digest: str) -> dict[str, Any] | None:
-        """An approver's answer that an earlier try took and then lost to Airflow, kept instead of asking again.
+        """An answer that an earlier try recorded and Airflow then lost, kept instead of asking again.
 
-        Airflow 3.3.2 races a fast answer (apache/airflow#71579, open): the deferring try's process
-        exits "success" late, the scheduler meets the resumed try running, and fails it ("finished
-        with state success, but the task instance's state attribute is running") after it recorded
-        the answer. CI saw a Reject turn the run red that way. The step has one retry; a retry
-        whose earlier try recorded approved or rejected for this very plan and was then failed
-        from outside (`task_failed` after the answer, audited by the listener) keeps that answer:
-        the approver is not asked twice, and a rejection stays a rejection. An approval is
-        confirmed against the server lock again, as on the first answer. Anything else (a clear, a
-        try lost before any answer, a changed plan) asks again.
+        Airflow 3.3.2 races a fast answer (apache/airflow#71579, open): the parked try's process
+        exits "success" late, the scheduler meets the resumed try running and fails it ("finished
+        with state success, but the task instance's state attribute is running"), with a retry.
+        CI saw a Reject turn the run red that way. The step has one retry. A retry whose previous
+        try recorded an answer (approved, rejected, refused, timed out) for this very plan *and*
+        was failed by Airflow with a retry (the listener's `task_failed`, same try number,
+        `will_retry`) keeps that answer, whichever of the two was written first: an approval goes
+        on (the server lock confirmed again), a rejection skips, a refusal fails again. Anything
+        else (a DBA's clear, a try lost before any answer, a changed plan) asks again.
         """
         audit = self.audit(context)
         run = {"run_id": context["run_id"], "dag_id": context["dag"].dag_id}
-        answers = [e for e in audit.events(**run, action=self.action, limit=50)
-                   if (e.get("details") or {}).get("decision") in ("requested", "approved", "rejected")]
-        if not answers or (answers[0].get("details") or {}).get("decision") == "requested":
-            return None  # newest first: never answered, or asked again since
-        answer = answers[0]
-        d = answer.get("details") or {}
-        lost = [e for e in audit.events(**run, action="task_failed", limit=20)
-                if e.get("task_id") == self.task_id and int(e.get("event_id") or 0) > int(answer.get("event_id") or 0)]
-        if not lost or d.get("plan_hash") != digest:
+        answer = None
+        for e in audit.events(**run, action=self.action, limit=50):  # newest first
+            decision = (e.get("details") or {}).get("decision")
+            if decision == "requested":
+                break  # asked (again) since any answer
+            if decision in ("approved", "rejected", "refused", "locked", "timed_out", "error"):
+                answer = e
+                break
+        if answer is None or (answer.get("details") or {}).get("plan_hash") != digest:
             return None
+        tried = answer.get("try_number")
+        lost = [e for e in audit.events(**run, action="task_failed", limit=20)
+                if e.get("task_id") == self.task_id and tried is not None and e.get("try_number") == tried
+                and (e.get("details") or {}).get("will_retry")]
+        if not lost:
+            return None
+        d = answer.get("details") or {}
+        decision = d.get("decision")
         srv = self.srv
         audit.record("approval_kept", "info", server=srv.name, details={
-            "kept": d.get("decision"), "approver": d.get("approver"), "plan_hash": digest,
-            "why": "an earlier try recorded this answer and was then failed by Airflow, not by the answer"})
-        if d.get("decision") == "rejected":
-            raise AirflowSkipException(f"rejected by {d.get('approver')} (kept from an earlier try): nothing was touched")
+            "kept": decision, "approver": d.get("approver"), "plan_hash": digest, "from_try": tried,
+            "why": "the earlier try recorded this answer and was then failed by Airflow with a retry"})
+        if decision == "rejected":
+            raise AirflowSkipException(f"rejected by {d.get('approver')} (kept from try {tried}): nothing was touched")
+        if decision != "approved":
+            raise AirflowFailException(f"the answer of try {tried} stands ({decision}: {d.get('error') or '-'}). "
+                                       "Nothing was touched. NEXT: trigger again and let a second person approve")
         try:
             ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
                 srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
@@ -154,7 +165,7 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             raise AirflowFailException(str(exc)) from exc
         return {"approved": True, "decision": "approved", "requester": d.get("requester"),
                 "approver": d.get("approver"), "responded_at": d.get("responded_at"), "plan_hash": digest,
-                "kept_from_try": answer.get("try_number")}
+                "kept_from_try": tried}
 
     def required_actions_link(self, context: Any) -> str | None:
         api = _api("airflow_api")

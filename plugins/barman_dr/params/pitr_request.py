@@ -307,8 +307,8 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
                               f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}{spare}")
     if restore_to != "in_place" and repoint_blocker(srv):
         raise ValidationError("restore_to", restore_to, f"{repoint_blocker(srv)}: the app would be left on the fenced "
-                                                        f"{srv.primary.name}. Add them to the inventory's app_freeze, or "
-                                                        "restore in_place")
+                                                        f"{srv.primary.name}. Fix: {REPOINT_FIX}, or restore in_place "
+                                                        "with source barman")
     source = parse_source(conf, srv, restore_to, target)
 
     expected_raw = conf.get("expected")
@@ -353,6 +353,9 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
                        plan_only=plan_only, source=source)
 
 
+REPOINT_FIX = "give the inventory's app_freeze method pgbouncer with config_file and config_host"
+
+
 def repoint_blocker(srv: Any) -> str | None:
     """Why this run could not point the app at a standby it recovers onto (None: it can, or nothing manages the app).
 
@@ -362,8 +365,7 @@ def repoint_blocker(srv: Any) -> str | None:
     """
     fr = srv.app_freeze
     if fr.method == "command":
-        return "app_freeze.method command cannot point the app at another server (it needs method pgbouncer with " \
-               "config_file and config_host)"
+        return "app_freeze.method command cannot point the app at another server"
     if fr.method == "pgbouncer" and not (fr.config_file and fr.config_host):
         return "app_freeze.method pgbouncer has no config_file/config_host to repoint"
     return None
@@ -390,8 +392,7 @@ def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: Recove
                                                                   "backup_id as auto, or use source=barman or auto")
     if source == "delayed_standby" and repoint_blocker(srv):
         raise ValidationError("source", source, f"the app of {srv.name} cannot be pointed at the promoted standby "
-                                                f"({repoint_blocker(srv)}): add them to the inventory's app_freeze, or "
-                                                "use source=barman")
+                                                f"({repoint_blocker(srv)}). Fix: {REPOINT_FIX}, or use source=barman")
     if source == "delayed_standby" and target.kind == "immediate":
         raise ValidationError("source", source, "target_immediate is the end of a base backup: only Barman restores "
                                                 "to it. Use source=barman or auto")

@@ -161,11 +161,17 @@ def holds_pause(intent: dict[str, Any]) -> bool:
 
 
 def _run_state(context: Any, dag_id: str, run_id: str) -> str:
-    """The Airflow state of another run (the task SDK's own call); "unknown" when it cannot be read."""
+    """The Airflow state of another run (the task SDK's own call, a `DagRunState`) as its value.
+
+    "gone" when Airflow no longer has that run (deleted: it cannot need a pause); "unknown" when
+    the state cannot be read (counted as live: the pause is kept, never undone under a run).
+    """
     try:
-        return str(context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id))
-    except Exception:  # noqa: BLE001 - unknown counts as live: the pause is kept, never undone under a run
-        return "unknown"
+        state = context["ti"].get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        text = str(exc).lower()
+        return "gone" if "404" in text or "not found" in text or "not_found" in text else "unknown"
+    return str(getattr(state, "value", state))
 
 
 def other_pause_holders(op: DrBaseOperator, context: Any, standby: str, *, releasing_too: bool = False) -> list[str]:
@@ -188,11 +194,12 @@ def other_pause_holders(op: DrBaseOperator, context: Any, standby: str, *, relea
     def of_standby(action: str) -> list[dict[str, Any]]:
         return [e for e in audit.events(server=op.srv.name, action=action, limit=200) if e.get("target") == standby]
 
-    released = {(e.get("dag_id"), e.get("run_id")) for e in of_standby("delayed_replay_released")}
-    # a run whose resume step finished (resumed, kept, or left it to another) holds nothing any more
-    released |= {(e.get("dag_id"), e.get("run_id")) for e in
-                 audit.events(server=op.srv.name, action=ResumeDelayedReplayOperator.action, limit=200)
-                 if e.get("outcome") == "ok"}
+    # a run whose resume step finished (resumed, kept, or left it to another) holds nothing any more,
+    # and never pauses again; one that released but has not finished may be resuming right now
+    finished = {(e.get("dag_id"), e.get("run_id")) for e in
+                audit.events(server=op.srv.name, action=ResumeDelayedReplayOperator.action, limit=200)
+                if e.get("outcome") == "ok"}
+    released = finished | {(e.get("dag_id"), e.get("run_id")) for e in of_standby("delayed_replay_released")}
     first: dict[tuple[Any, Any], dict[str, Any]] = {}
     first_id: dict[tuple[Any, Any], int] = {}
     for e in reversed(of_standby("delayed_replay_paused")):  # oldest first
@@ -209,7 +216,7 @@ def other_pause_holders(op: DrBaseOperator, context: Any, standby: str, *, relea
             return []
     holders = []
     for key, intent in first.items():
-        if key == me or (key in released and not releasing_too) or not holds_pause(intent):
+        if key == me or key in (finished if releasing_too else released) or not holds_pause(intent):
             continue
         if _run_state(context, str(key[0]), str(key[1])) in (*_LIVE_RUN_STATES, "unknown"):
             holders.append(str(key[1]))
