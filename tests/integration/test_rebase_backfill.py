@@ -68,6 +68,10 @@ def test_a_segment_missing_at_the_start_of_the_timeline_is_copied_back():
         # the copy is the primary's own segment: same bytes as the one taken out
         assert subprocess.run(["cmp", str(stash / victim), str(wals / victim[:16] / victim)],
                               check=False).returncode == 0
+        # nothing half-written was ever where `barman cron` archives from: nothing rejected, no copy left over
+        server_dir = wals.parent
+        assert not any(server_dir.joinpath("errors").glob(f"{victim}*")), list(server_dir.joinpath("errors").iterdir())
+        assert not list(server_dir.glob(".backfill-*"))
     finally:
         if not (wals / victim[:16] / victim).exists():
             (stash / victim).rename(wals / victim[:16] / victim)

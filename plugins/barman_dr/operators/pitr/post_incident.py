@@ -269,11 +269,14 @@ def _sql_literal(value: str) -> str:
 
 
 #: on the barman host: $1 = the destination in Barman's streaming directory, $2 = the segment on the db host,
-#: the rest = the argv that logs in to the db host. Only a whole segment is renamed into place.
+#: the rest = the argv that logs in to the db host. Only a whole segment is renamed into place. The copy
+#: is written next to that directory (the server's own directory, same filesystem), never inside it:
+#: `barman cron` archives whatever it finds there, and took a half-written `<seg>.backfill.<pid>` for an
+#: unknown file, moving it to `errors/` (CI, 2026-12-05: the verification's archiver_errors CRITICAL).
 BACKFILL_SCRIPT = r"""
 dest="$1"; src="$2"; shift 2
 [ -e "$dest" ] && { echo "exists $dest"; exit 0; }
-tmp="$dest.backfill.$$"
+tmp="$(dirname -- "$(dirname -- "$dest")")/.backfill-$(basename -- "$dest").$$"
 "$@" cat -- "$src" > "$tmp" || { rm -f -- "$tmp"; exit 1; }
 if [ "$(stat -c %s -- "$tmp")" != 16777216 ]; then rm -f -- "$tmp"; echo "short copy of $src" >&2; exit 1; fi
 mv -- "$tmp" "$dest"
