@@ -830,20 +830,13 @@ class Lab:
             for d in sorted(host.iterdir()):
                 if not d.is_dir() or d.is_symlink() or not d.name.startswith(("data.pre-", "data.failed-")):
                     continue
-                if (d / "postmaster.pid").exists() and self.pg_dir_running(d):
+                pid = read_pid(d / "postmaster.pid")
+                if pid and pid_alive(pid):
                     log(f"prune: {d} has a running postmaster: kept")
                     continue
                 freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file() and not f.is_symlink())
                 shutil.rmtree(d)
         log(f"prune: set-aside data directories removed ({freed / 2**20:.0f} MiB)")
-
-    @staticmethod
-    def pg_dir_running(d: Path) -> bool:
-        try:
-            pid = int((d / "postmaster.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return False
-        return pid_alive(pid)
 
     def setup_pgbouncer(self) -> None:
         # a DR run froze the app with PAUSE: a (re)started PgBouncer would silently unfreeze it
