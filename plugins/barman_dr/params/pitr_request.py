@@ -305,8 +305,8 @@ def validate_pitr_conf(conf: dict[str, Any], inventory: Inventory, *, now: datet
             else ""
         raise ValidationError("restore_to", restore_to,
                               f"use 'in_place' or a standby of {server}: {', '.join(standbys) or '(none)'}{spare}")
-    if restore_to != "in_place" and repoint_blocker(srv):
-        raise ValidationError("restore_to", restore_to, f"{repoint_blocker(srv)}: the app would be left on the fenced "
+    if restore_to != "in_place" and (blocker := repoint_blocker(srv)):
+        raise ValidationError("restore_to", restore_to, f"{blocker}: the app would be left on the fenced "
                                                         f"{srv.primary.name}. Fix: {REPOINT_FIX}, or restore in_place "
                                                         "with source barman")
     source = parse_source(conf, srv, restore_to, target)
@@ -390,9 +390,9 @@ def parse_source(conf: dict[str, Any], srv: Any, restore_to: str, target: Recove
     if source == "delayed_standby" and (_str_field(conf, "backup_id") or "auto") != "auto":
         raise ValidationError("backup_id", conf.get("backup_id"), "source=delayed_standby copies no backup: leave "
                                                                   "backup_id as auto, or use source=barman or auto")
-    if source == "delayed_standby" and repoint_blocker(srv):
+    if source == "delayed_standby" and (blocker := repoint_blocker(srv)):
         raise ValidationError("source", source, f"the app of {srv.name} cannot be pointed at the promoted standby "
-                                                f"({repoint_blocker(srv)}). Fix: {REPOINT_FIX}, or use source=barman")
+                                                f"({blocker}). Fix: {REPOINT_FIX}, or use source=barman")
     if source == "delayed_standby" and target.kind == "immediate":
         raise ValidationError("source", source, "target_immediate is the end of a base backup: only Barman restores "
                                                 "to it. Use source=barman or auto")

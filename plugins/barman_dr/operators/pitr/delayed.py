@@ -200,41 +200,54 @@ def other_pause_holders(op: DrBaseOperator, context: Any, standby: str, *, relea
                 audit.events(server=op.srv.name, action=ResumeDelayedReplayOperator.action, limit=200)
                 if e.get("outcome") == "ok"}
     released = finished | {(e.get("dag_id"), e.get("run_id")) for e in of_standby("delayed_replay_released")}
-    first: dict[tuple[Any, Any], dict[str, Any]] = {}
-    first_id: dict[tuple[Any, Any], int] = {}
-    for e in reversed(of_standby("delayed_replay_paused")):  # oldest first
-        key = (e.get("dag_id"), e.get("run_id"))
-        if e.get("outcome") == "started" and key not in first:
-            first[key], first_id[key] = e.get("details") or {}, int(e.get("event_id") or 0)
+    paused = of_standby("delayed_replay_paused")
+    first = first_pause_intents(paused, key=lambda e: (e.get("dag_id"), e.get("run_id")))
     kept = of_standby("delayed_replay_kept_paused")
     if releasing_too:
         # the pause found in place comes from a run that kept it on purpose, unless a later run
         # found the standby replaying (a DBA resumed it since): a kept pause is a DBA's to undo
-        fresh = [int(e.get("event_id") or 0) for e in of_standby("delayed_replay_paused")
+        fresh = [int(e.get("event_id") or 0) for e in paused
                  if e.get("outcome") == "started" and not (e.get("details") or {}).get("already_paused")]
         if any(int(e.get("event_id") or 0) > max(fresh, default=0) for e in kept):
             return []
     holders = []
-    for key, intent in first.items():
-        if key == me or key in (finished if releasing_too else released) or not holds_pause(intent):
+    for key, event in first.items():
+        if key == me or key in (finished if releasing_too else released) or not holds_pause(event.get("details") or {}):
             continue
         if _run_state(context, str(key[0]), str(key[1])) in (*_LIVE_RUN_STATES, "unknown"):
             holders.append(str(key[1]))
     # a run that kept the pause on purpose (it failed at or after the freeze: the last copy without
     # the damage) while this run held it: this run must not undo that. One kept before this run
     # paused was found paused, so this run never held it (holds_pause) and never gets here.
-    if me in first_id:
+    if me in first:
+        mine = int(first[me].get("event_id") or 0)
         holders += [f"{e.get('run_id')} (kept paused)" for e in kept
-                    if int(e.get("event_id") or 0) > first_id[me] and (e.get("dag_id"), e.get("run_id")) != me]
+                    if int(e.get("event_id") or 0) > mine and (e.get("dag_id"), e.get("run_id")) != me]
     return holders
 
 
+def first_pause_intents(events: list[dict[str, Any]], key: Any) -> dict[Any, dict[str, Any]]:
+    """The first `delayed_replay_paused` intent (a `started` event) per `key(event)`, from events newest first.
+
+    The first one says whether the pause was found in place: a retry re-records its intent, and must
+    not mistake its own earlier pause for a DBA's.
+    """
+    first: dict[Any, dict[str, Any]] = {}
+    for e in reversed(events):  # oldest first
+        if e.get("outcome") == "started" and e.get("target"):
+            first.setdefault(key(e), e)
+    return first
+
+
+def _run_pause_events(op: DrBaseOperator, context: Any) -> list[dict[str, Any]]:
+    return op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
+                                    action="delayed_replay_paused", limit=100)
+
+
 def _first_pause_intent(op: DrBaseOperator, context: Any, standby: str) -> dict[str, Any] | None:
-    """This run's first `delayed_replay_paused` intent for `standby` (a retry must not mistake its own pause for a DBA's)."""
-    events = op.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
-                                      action="delayed_replay_paused", limit=100)
-    mine = [e for e in events if e.get("target") == standby and e.get("outcome") == "started"]
-    return (mine[-1].get("details") or {}) if mine else None  # newest first: the last is the first
+    """This run's first `delayed_replay_paused` intent for `standby`'s details, or None."""
+    first = first_pause_intents(_run_pause_events(op, context), key=lambda e: e["target"]).get(standby)
+    return (first.get("details") or {}) if first else None
 
 
 def pause_delayed_replay(op: DrBaseOperator, context: Any, settle_s: float = 1.0) -> list[dict[str, Any]]:
@@ -301,13 +314,8 @@ class ResumeDelayedReplayOperator(DrBaseOperator):
 
     def paused_by_this_run(self, context: Any) -> list[str]:
         """Standbys this run holds a pause on: its first intent found none, or shared a live run's (a DBA's stays)."""
-        events = self.audit(context).events(run_id=context["run_id"], dag_id=context["dag"].dag_id,
-                                            action="delayed_replay_paused", limit=100)
-        first: dict[str, dict[str, Any]] = {}
-        for e in reversed(events):  # oldest first
-            if e.get("outcome") == "started" and e.get("target") and str(e["target"]) not in first:
-                first[str(e["target"])] = e.get("details") or {}
-        return sorted(name for name, d in first.items() if holds_pause(d))
+        first = first_pause_intents(_run_pause_events(self, context), key=lambda e: str(e["target"]))
+        return sorted(name for name, e in first.items() if holds_pause(e.get("details") or {}))
 
     def left_broken(self, context: Any) -> bool:
         """The run reached the freeze (something live changed) and did not finish with its report."""
