@@ -159,13 +159,17 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             raise AirflowFailException(f"the answer of try {tried} stands ({decision}: {d.get('error') or '-'}). "
                                        "Nothing was touched. NEXT: trigger again and let a second person approve")
         try:
-            ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
-                srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
+            self.confirm_lock(context)
         except ServerLockedError as exc:
             raise AirflowFailException(str(exc)) from exc
         return {"approved": True, "decision": "approved", "requester": d.get("requester"),
                 "approver": d.get("approver"), "responded_at": d.get("responded_at"), "plan_hash": digest,
                 "kept_from_try": tried}
+
+    def confirm_lock(self, context: Any) -> None:
+        """validate_params took the server lock; confirm it is still this run's before anything moves."""
+        ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
+            self.srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
 
     def required_actions_link(self, context: Any) -> str | None:
         api = _api("airflow_api")
@@ -229,9 +233,8 @@ class FourEyesApprovalOperator(DrBaseOperator, HITLOperator):
             audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "rejected"})
             self.note(context, f"REJECTED by {responder} at {str(responded_at)[:19]}: nothing was touched", note)
             raise AirflowSkipException(f"rejected by {responder}: nothing was touched")
-        try:  # validate_params took it; confirm it is still this run's before anything moves
-            ServerLock(postgres_conn_id=self.audit_conn_id).acquire(
-                srv.name, dag_id=context["dag"].dag_id, run_id=context["run_id"], purpose=self.lock_purpose)
+        try:
+            self.confirm_lock(context)
         except ServerLockedError as exc:
             audit.record(self.action, "refused", server=srv.name, details={**details, "decision": "locked",
                                                                             "error": str(exc)})
