@@ -230,12 +230,21 @@ class Lab:
         return self.dir.joinpath(*parts)
 
     def chown(self, path: Path, user: str, recursive: bool = False) -> None:
+        """Give `path` (and, recursive, everything under it) to `user`.
+
+        A file that vanishes between the listing and the chown is skipped: Barman's home is
+        live while the lab comes up (receive-wal's lock file goes when it exits, `barman cron`
+        moves segments), and `up` must not fail on that (CI, 2026-12-05: a crash test's
+        `make lab-up` died on `.pg-primary-receive-wal.lock`).
+        """
         pw = pwd.getpwnam(user)
-        paths = [path]
-        if recursive:
-            paths += list(path.rglob("*"))
-        for q in paths:
-            os.lchown(q, pw.pw_uid, pw.pw_gid)
+        os.lchown(path, pw.pw_uid, pw.pw_gid)
+        if not recursive:
+            return
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                with contextlib.suppress(FileNotFoundError):
+                    os.lchown(os.path.join(root, name), pw.pw_uid, pw.pw_gid)
 
     def ensure_dirs(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -36,3 +36,26 @@ def test_an_owned_server_is_left_alone(tmp_path, capsys):
     lab.setup_standby()
     lab.setup_pgbouncer()
     assert "pg-primary: left alone, owned by a DR run" in capsys.readouterr().out
+
+
+def test_chown_skips_a_file_that_vanishes_while_the_tree_is_walked(tmp_path, monkeypatch):
+    """Barman's home is live while `up` runs: receive-wal's lock file may go between the listing and the chown."""
+    import getpass
+    import os
+
+    (tmp_path / "home").mkdir()
+    for name in ("a", ".pg-primary-receive-wal.lock", "z"):
+        (tmp_path / "home" / name).write_text("x")
+    done: list[str] = []
+    real = os.lchown
+
+    def lchown(path, uid, gid):
+        if os.path.basename(path) == ".pg-primary-receive-wal.lock":
+            os.unlink(path)  # receive-wal exited just now
+            raise FileNotFoundError(2, "No such file or directory", path)
+        done.append(os.path.basename(path))
+        real(path, uid, gid)
+
+    monkeypatch.setattr(labctl.os, "lchown", lchown)
+    labctl.Lab(tmp_path).chown(tmp_path, getpass.getuser(), recursive=True)
+    assert {"a", "z", "home"} <= set(done)
