@@ -142,6 +142,63 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+WAL_SEGMENT_BYTES = 16 * 1024 * 1024
+
+
+def lsn_int(lsn: str) -> int:
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def seg_number(name: str) -> int:
+    """A WAL file name's segment number (16 MiB segments: 256 per 4 GiB `log` id)."""
+    return int(name[8:16], 16) * 0x100 + int(name[16:24], 16)
+
+
+def history_switches(text: str) -> dict[int, int]:
+    """A timeline history file's `parent timeline -> switch LSN` (the LSN where that timeline ended)."""
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and "/" in parts[1]:
+            out[int(parts[0])] = lsn_int(parts[1])
+    return out
+
+
+def stuck_partials(partials: list[str], tli_now: int, switches: dict[int, int]) -> list[str]:
+    """The `.partial`s pg_receivewal cannot resume from on a server at `tli_now` with these history switches.
+
+    pg_receivewal restarts at the start of its `.partial` segment on that segment's timeline.
+    That works when the timeline is the server's, or an ancestor that ended at or after that
+    start (the server sends the rest of the ancestor, then follows the switch: no segment is
+    skipped). Only a timeline the server never had, or a position past its end, needs a reset.
+    """
+    stuck = []
+    for name in partials:
+        tli, segno = int(name[:8], 16), seg_number(name)
+        if tli == tli_now:
+            continue
+        if tli not in switches or segno * WAL_SEGMENT_BYTES > switches[tli]:
+            stuck.append(name)
+    return stuck
+
+
+def segments_to_backfill(first_segno: int, current_segno: int, archived: set[str], in_pg_wal: set[str],
+                         timelines: set[int]) -> list[str]:
+    """For each segment number from `first_segno` up to (not including) the server's current one that Barman
+    has on no timeline: the server's own copy (highest timeline of its history that it still has), if any."""
+    have = {seg_number(n) for n in archived if len(n) == 24}  # whole segments only: no .partial, no .backup
+    out = []
+    for segno in range(first_segno, current_segno):
+        if segno in have:
+            continue
+        names = sorted((n for n in in_pg_wal if len(n) == 24 and seg_number(n) == segno
+                        and int(n[:8], 16) in timelines), reverse=True)
+        if names:
+            out.append(names[0])
+    return out
+
+
 def wait_for(predicate, what: str, timeout: float = 60, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -788,21 +845,29 @@ class Lab:
                                             f"passfile={self.p('secrets', 'pgpass-barman')}"}
             self.barman(["config-update", json.dumps([change])])
 
-        # stuck on a timeline pg-primary never had (a run that failed before Barman followed it): start over at
-        # pg-primary's current segment; the backup below covers what that skips
-        tli_now = self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        # Barman's `.partial` on a timeline pg-primary never had, or past its end (a run that failed before
+        # Barman followed it): start over at pg-primary's current segment, then copy what that skips from
+        # pg-primary's pg_wal. A `.partial` on an ancestor before its switch (the usual case: Barman followed
+        # the promoted standby, which pg-primary then followed) is left alone: pg_receivewal resumes from it
+        # and follows the switch, and a reset there skipped the segments written since the promotion
+        # (CI, 2026-12-05: three segments missing, the daily verification CRITICAL for the rest of the run)
+        tli_now = int(self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
+        switches = self.timeline_switches("pg-primary", tli_now)
         stream_dir = Path(show.get("streaming_wals_directory") or self.p("barman", "home", BARMAN_SERVER, "streaming"))
-        partials = [f.name for f in stream_dir.glob("*.partial")] if stream_dir.exists() else []
-        if partials and all(not f.startswith(tli_now) for f in partials):
+        partials = sorted(f.name for f in stream_dir.glob("*.partial")) if stream_dir.exists() else []
+        stuck = stuck_partials(partials, tli_now, switches)
+        if stuck:
             self.barman(["receive-wal", "--stop", BARMAN_SERVER], check=False)
             self.barman(["receive-wal", "--reset", BARMAN_SERVER], check=False)
-            log(f"failback: Barman's receive-wal was on {partials}: reset to pg-primary's timeline")
+            log(f"failback: Barman's receive-wal was on {stuck}, not in pg-primary's history: reset to its timeline")
 
         def streaming() -> bool:  # cron creates Barman's slot on pg-primary (create_slot = auto), then streams
             self.barman(["cron"], check=False)
             return self.receive_wal_running()
 
         wait_for(streaming, "barman receive-wal from pg-primary", 90, 2)
+        if stuck:
+            self.backfill_from_primary(show, stream_dir, min(seg_number(n) for n in stuck), {tli_now, *switches})
         # the timeline WAL is written on now (a checkpoint's may still be the one before a promotion)
         tli = int(self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
         backups = json.loads(self.barman(["-f", "json", "list-backups", BARMAN_SERVER]).stdout).get(BARMAN_SERVER, [])
@@ -814,6 +879,34 @@ class Lab:
             self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "60", BARMAN_SERVER])
             self.barman(["backup", "--wait", "--wait-timeout", "120", BARMAN_SERVER])
             log("failback: Barman streams from pg-primary; a fresh backup taken on its timeline")
+
+    def timeline_switches(self, name: str, tli: int) -> dict[int, int]:
+        """`name`'s timeline history (`parent -> switch LSN`), read from its own pg_wal; {} on timeline 1."""
+        if tli <= 1:
+            return {}
+        return history_switches(self.psql(name, f"SELECT pg_read_file('pg_wal/{tli:08X}.history')"))
+
+    def backfill_from_primary(self, show: dict, stream_dir: Path, first_segno: int, timelines: set[int]) -> None:
+        """Hand Barman the whole segments a receive-wal reset skipped, from pg-primary's pg_wal (`wal_keep_size`).
+
+        Each is written next to the streaming directory and renamed into it whole (`barman cron`
+        takes anything it finds there), then `barman archive-wal` archives it like a streamed one.
+        """
+        wals = Path(show.get("wals_directory") or self.p("barman", "home", BARMAN_SERVER, "wals"))
+        archived = {f.name for f in wals.glob("*/*")} | {f.name for f in stream_dir.iterdir()}
+        pg_wal = self.p("pg", "pg-primary", "data", "pg_wal")
+        in_pg_wal = {f.name for f in pg_wal.iterdir() if f.is_file() and f.stat().st_size == WAL_SEGMENT_BYTES}
+        current = seg_number(self.psql("pg-primary", "SELECT pg_walfile_name(pg_current_wal_lsn())"))
+        todo = segments_to_backfill(first_segno, current, archived, in_pg_wal, timelines)
+        pw = pwd.getpwnam("barman")
+        for name in todo:
+            tmp = stream_dir.parent / f".backfill-{name}.{os.getpid()}"
+            shutil.copyfile(pg_wal / name, tmp)
+            os.chown(tmp, pw.pw_uid, pw.pw_gid)
+            tmp.rename(stream_dir / name)
+        if todo:
+            self.barman(["archive-wal", BARMAN_SERVER], check=False)
+            log(f"failback: {len(todo)} segment(s) the reset skipped handed to Barman from pg-primary: {todo}")
 
     # -------------------------------------------------------------- pgbouncer
     def prune_set_aside(self) -> None:

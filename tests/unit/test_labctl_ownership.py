@@ -59,3 +59,40 @@ def test_chown_skips_a_file_that_vanishes_while_the_tree_is_walked(tmp_path, mon
     monkeypatch.setattr(labctl.os, "lchown", lchown)
     labctl.Lab(tmp_path).chown(tmp_path, getpass.getuser(), recursive=True)
     assert {"a", "z", "home"} <= set(done)
+
+
+HISTORY_41 = "38\t1/172C5E98\tbefore transaction 2554\n\n39\t1/1D2D73F8\tbefore transaction 2576\n\n" \
+             "40\t1/260000A0\tno recovery target specified\n"
+
+
+def test_failback_keeps_a_partial_on_an_ancestor_before_its_switch():
+    """Barman followed pg-delayed (timeline 40); pg-primary followed it and was promoted (41): no reset.
+
+    A reset there restarted Barman at pg-primary's current segment and skipped 1/26..1/28
+    (CI, 2026-12-05: the daily verification's "WAL missing" for the rest of the suite).
+    """
+    switches = labctl.history_switches(HISTORY_41)
+    assert switches == {38: 0x1_172C5E98, 39: 0x1_1D2D73F8, 40: 0x1_260000A0}
+    assert labctl.stuck_partials(["000000280000000100000026.partial"], 41, switches) == []
+    assert labctl.stuck_partials(["000000290000000100000029.partial"], 41, switches) == []
+    assert labctl.stuck_partials(["00000027000000010000001D.partial"], 41, switches) == []  # 39 ended in 1/1D
+
+
+def test_failback_resets_a_partial_pg_primary_never_had_or_past_its_end():
+    switches = labctl.history_switches(HISTORY_41)
+    # a timeline that is not in pg-primary's history (a run failed before Barman followed the promoted server)
+    assert labctl.stuck_partials(["0000002A0000000100000027.partial"], 41, switches) == \
+        ["0000002A0000000100000027.partial"]
+    # an ancestor, but past the point where it ended (the fenced primary kept writing after the target)
+    assert labctl.stuck_partials(["000000270000000100000020.partial"], 41, switches) == \
+        ["000000270000000100000020.partial"]
+
+
+def test_backfill_takes_the_servers_copy_of_each_segment_barman_has_on_no_timeline():
+    archived = {"000000280000000100000025", "000000280000000100000026.partial", "00000029.history",
+                "000000290000000100000029"}
+    in_pg_wal = {"000000280000000100000026", "000000290000000100000026", "000000290000000100000027",
+                 "000000290000000100000028", "000000290000000100000029", "0000002A0000000100000027"}
+    todo = labctl.segments_to_backfill(0x125, 0x12A, archived, in_pg_wal, {40, 41})
+    # the highest timeline of pg-primary's history for each; a timeline it never had is never handed over
+    assert todo == ["000000290000000100000026", "000000290000000100000027", "000000290000000100000028"]
