@@ -61,6 +61,12 @@ def test_seed_recovery_through_the_rest_api(api):
     assert report["counts"] == {"orders_total": 10500, "orders_completed": 7465}
     assert report["rto_s"] > 0
     assert report["staged_restore"] is False and report["outside_downtime_s"] == {}
+    # Barman's slot reserved on the recovered server right after the proof (before the rebuilds' checkpoints
+    # could recycle the new timeline's first WAL), and Barman archived that timeline from the fork on
+    verify = api.xcom("dr_pitr", run_id, "verify_target")
+    assert verify["barman_wal"]["reserved"] is True, verify["barman_wal"]
+    rebase = api.xcom("dr_pitr", run_id, "rebase_barman")
+    assert not rebase["backfill"].get("lost") and not (rebase["fork"] or {}).get("gap"), rebase
     assert states["stage_restore"] == "success"  # a no-op when staged_restore is off
     note = api.get_run("dr_pitr", run_id).get("note") or ""
     assert "DONE" in note and "RTO" in note

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from barman_dr.exceptions import BarmanDrError
 from barman_dr.forensics.recovery_proof import parse_history_file
 from barman_dr.inventory import Instance
 from barman_dr.operators.base import DrBaseOperator
@@ -33,6 +35,41 @@ def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
     if names:  # one psql run: each ALTER SYSTEM is its own transaction (-c per statement)
         db.psql_each(inst, [*(f"ALTER SYSTEM RESET {name}" for name in names), "SELECT pg_reload_conf()"])
     return names
+
+
+def reserve_wal_for_barman(show_server: dict[str, Any], db: Any, inst: Instance) -> dict[str, Any]:
+    """Create Barman's replication slot on the promoted server now, so its WAL from the fork on is kept.
+
+    A base backup carries no slot, so the recovered server has none until `barman cron`
+    creates it (`create_slot = auto`), which `rebase_barman` waits for at the end of the run.
+    Meanwhile its checkpoints (the standby rebuilds' `pg_basebackup` each force one) recycle
+    the new timeline's first segments, which no one has archived yet: without `wal_keep_size`
+    they are gone, a PITR into the first minutes after the recovery is impossible, and the
+    daily verification reports "WAL missing" until that stretch leaves the retention window
+    (`make bench`, 2026-12-05: every Barman-sourced run on pg-bench lost one or two). Reserved
+    at the current position, a few records after the fork, the slot keeps the fork's segment
+    on; Barman's receive-wal then uses it. Idempotent; never fails the recovery.
+    """
+    slot = show_server.get("slot_name")
+    if not show_server.get("streaming_archiver") or not slot:
+        return {"slot": None, "why": "Barman does not stream from this server with a slot"}
+    if not re.fullmatch(r"[a-z0-9_]{1,63}", str(slot)):
+        return {"slot": slot, "reserved": False, "why": "not a valid replication slot name"}
+    exists = f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    try:
+        if db.psql(inst, exists) == "1":
+            return {"slot": slot, "reserved": True, "created": False}
+        db.psql(inst, f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+        return {"slot": slot, "reserved": True, "created": True,
+                "restart_lsn": db.psql(inst, f"SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")}
+    except BarmanDrError as exc:  # e.g. `barman cron` created it a moment earlier
+        try:
+            created_meanwhile = db.psql(inst, exists) == "1"
+        except BarmanDrError:
+            created_meanwhile = False
+        if created_meanwhile:
+            return {"slot": slot, "reserved": True, "created": False}
+        return {"slot": slot, "reserved": False, "error": str(exc)[:300]}
 
 
 class VerifyTargetOperator(DrBaseOperator):
@@ -78,7 +115,15 @@ class VerifyTargetOperator(DrBaseOperator):
         # its locks (and its rows, which a later COMMIT PREPARED would bring back): the DBA must decide
         prepared = db.psql(inst, "SELECT coalesce(string_agg(gid || ' (xid ' || transaction || ')', ', '), '') "
                                  "FROM pg_prepared_xacts")
+        try:
+            barman_wal = reserve_wal_for_barman(self.barman.show_server(self.srv.name), db, inst)
+        except BarmanDrError as exc:  # the recovery is proven; rebase_barman reports Barman's state
+            barman_wal = {"reserved": False, "error": str(exc)[:300]}
+        if barman_wal.get("reserved") is False:
+            self.log.warning("Barman's slot could not be reserved on %s: %s. Its WAL before rebase_barman may be "
+                             "recycled unarchived", inst.name, barman_wal)
         return {**proof.to_dict(), "history_file": hist_path, "recovery_settings_cleared": cleaned,
+                "barman_wal": barman_wal,
                 "prepared_transactions": prepared or None,
                 "archive_command_restored_in": archive_files,
                 "switch_lsn": entries[-1].switch_lsn if entries else None}
