@@ -165,37 +165,46 @@ def history_switches(text: str) -> dict[int, int]:
     return out
 
 
-def stuck_partials(partials: list[str], tli_now: int, switches: dict[int, int]) -> list[str]:
-    """The `.partial`s pg_receivewal cannot resume from on a server at `tli_now` with these history switches.
+def seg_name(tli: int, segno: int) -> str:
+    return f"{tli:08X}{segno // 0x100:08X}{segno % 0x100:08X}"
 
-    pg_receivewal restarts at the start of its `.partial` segment on that segment's timeline.
-    That works when the timeline is the server's, or an ancestor that ended at or after that
-    start (the server sends the rest of the ancestor, then follows the switch: no segment is
-    skipped). Only a timeline the server never had, or a position past its end, needs a reset.
+
+def expected_timeline(segno: int, tli_now: int, switches: dict[int, int]) -> int:
+    """The timeline a server with this history reads segment `segno` from (the switch segment: the child's)."""
+    for tli in sorted(switches):
+        if segno < switches[tli] // WAL_SEGMENT_BYTES:
+            return tli
+    return tli_now
+
+
+def resumable(partial: str, tli_now: int, switches: dict[int, int], pg_wal: set[str]) -> bool:
+    """Whether pg_receivewal can resume from this `.partial` on a server at `tli_now` (its pg_wal listed).
+
+    pg_receivewal restarts at the start of the `.partial`'s segment on that segment's timeline.
+    On the server's own timeline that works. On an ancestor it works only when that timeline
+    ended at or after that start (the walsender refuses a start point past the switch), the
+    server still has the ancestor's history file (pg_receivewal asks for it first, and Barman
+    has moved its own copy out of the streaming directory), and it still has the segment (the
+    switch segment is read from the child timeline's file). Then the server sends the rest
+    of the ancestor and pg_receivewal follows the switch: nothing is skipped.
     """
-    stuck = []
-    for name in partials:
-        tli, segno = int(name[:8], 16), seg_number(name)
-        if tli == tli_now:
-            continue
-        if tli not in switches or segno * WAL_SEGMENT_BYTES > switches[tli]:
-            stuck.append(name)
-    return stuck
+    tli, segno = int(partial[:8], 16), seg_number(partial)
+    if tli == tli_now:
+        return True
+    if tli not in switches or segno * WAL_SEGMENT_BYTES > switches[tli] or f"{tli:08X}.history" not in pg_wal:
+        return False
+    return seg_name(expected_timeline(segno, tli_now, switches), segno) in pg_wal
 
 
 def segments_to_backfill(first_segno: int, current_segno: int, archived: set[str], in_pg_wal: set[str],
-                         timelines: set[int]) -> list[str]:
-    """For each segment number from `first_segno` up to (not including) the server's current one that Barman
-    has on no timeline: the server's own copy (highest timeline of its history that it still has), if any."""
-    have = {seg_number(n) for n in archived if len(n) == 24}  # whole segments only: no .partial, no .backup
+                         tli_now: int, switches: dict[int, int]) -> list[str]:
+    """The whole segments from `first_segno` up to (not including) the server's current one that Barman lacks
+    on the timeline the server's history reads each from, and that the server still has."""
     out = []
     for segno in range(first_segno, current_segno):
-        if segno in have:
-            continue
-        names = sorted((n for n in in_pg_wal if len(n) == 24 and seg_number(n) == segno
-                        and int(n[:8], 16) in timelines), reverse=True)
-        if names:
-            out.append(names[0])
+        name = seg_name(expected_timeline(segno, tli_now, switches), segno)
+        if name not in archived and name in in_pg_wal:
+            out.append(name)
     return out
 
 
@@ -845,29 +854,34 @@ class Lab:
                                             f"passfile={self.p('secrets', 'pgpass-barman')}"}
             self.barman(["config-update", json.dumps([change])])
 
-        # Barman's `.partial` on a timeline pg-primary never had, or past its end (a run that failed before
-        # Barman followed it): start over at pg-primary's current segment, then copy what that skips from
-        # pg-primary's pg_wal. A `.partial` on an ancestor before its switch (the usual case: Barman followed
-        # the promoted standby, which pg-primary then followed) is left alone: pg_receivewal resumes from it
-        # and follows the switch, and a reset there skipped the segments written since the promotion
-        # (CI, 2026-12-05: three segments missing, the daily verification CRITICAL for the rest of the run)
+        # Barman resumes from its newest `.partial`. When pg-primary cannot serve it (a timeline not in its
+        # history, past that ancestor's end, or a history file or segment it no longer has: a run that failed
+        # before Barman followed the new primary) the partials are set aside and receive-wal is reset to
+        # pg-primary's current segment. Otherwise it is left alone: pg_receivewal resumes from it and follows the
+        # switch. Resetting there too skipped the segments written since the promotion (CI, 2026-12-05: three
+        # segments missing, the daily verification CRITICAL for the rest of the run)
         tli_now = int(self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
         switches = self.timeline_switches("pg-primary", tli_now)
         stream_dir = Path(show.get("streaming_wals_directory") or self.p("barman", "home", BARMAN_SERVER, "streaming"))
-        partials = sorted(f.name for f in stream_dir.glob("*.partial")) if stream_dir.exists() else []
-        stuck = stuck_partials(partials, tli_now, switches)
-        if stuck:
+        partials = sorted((f for f in stream_dir.glob("*.partial") if len(f.name) == 32),
+                          key=lambda f: (seg_number(f.name), f.name)) if stream_dir.exists() else []
+        pg_wal = {f.name for f in self.p("pg", "pg-primary", "data", "pg_wal").iterdir()}
+        if partials and not resumable(partials[-1].name, tli_now, switches, pg_wal):
             self.barman(["receive-wal", "--stop", BARMAN_SERVER], check=False)
+            kept = self.p("run", "barman-streaming-set-aside")
+            kept.mkdir(exist_ok=True)
+            for f in partials:  # `--reset` refuses a position "ahead" of pg-primary's (a higher timeline)
+                f.rename(kept / f"{f.name}.{stamp}")
             self.barman(["receive-wal", "--reset", BARMAN_SERVER], check=False)
-            log(f"failback: Barman's receive-wal was on {stuck}, not in pg-primary's history: reset to its timeline")
+            log(f"failback: Barman's receive-wal was on {partials[-1].name}, which pg-primary cannot serve: "
+                f"reset to its current segment (the .partial files kept in {kept})")
 
         def streaming() -> bool:  # cron creates Barman's slot on pg-primary (create_slot = auto), then streams
             self.barman(["cron"], check=False)
             return self.receive_wal_running()
 
         wait_for(streaming, "barman receive-wal from pg-primary", 90, 2)
-        if stuck:
-            self.backfill_from_primary(show, stream_dir, min(seg_number(n) for n in stuck), {tli_now, *switches})
+        self.backfill_from_primary(show, stream_dir, tli_now, switches)
         # the timeline WAL is written on now (a checkpoint's may still be the one before a promotion)
         tli = int(self.psql("pg-primary", "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)"), 16)
         backups = json.loads(self.barman(["-f", "json", "list-backups", BARMAN_SERVER]).stdout).get(BARMAN_SERVER, [])
@@ -886,27 +900,47 @@ class Lab:
             return {}
         return history_switches(self.psql(name, f"SELECT pg_read_file('pg_wal/{tli:08X}.history')"))
 
-    def backfill_from_primary(self, show: dict, stream_dir: Path, first_segno: int, timelines: set[int]) -> None:
-        """Hand Barman the whole segments a receive-wal reset skipped, from pg-primary's pg_wal (`wal_keep_size`).
+    def backfill_from_primary(self, show: dict, stream_dir: Path, tli_now: int, switches: dict[int, int]) -> None:
+        """Hand Barman every whole segment of pg-primary's history it lacks and pg-primary still has in pg_wal.
 
-        Each is written next to the streaming directory and renamed into it whole (`barman cron`
-        takes anything it finds there), then `barman archive-wal` archives it like a streamed one.
+        On every failback, not only after a reset of its own, so a failback interrupted after the
+        reset still converges. Streaming is caught up first (`switch-wal --archive`): pg_receivewal
+        only moves forward, so what is still missing below the switched segment is a gap it will
+        never fill, and nothing copied here is a file it is about to write. Each segment is written
+        beside the streaming directory and renamed into it whole (`barman cron` takes anything it
+        finds there), then `barman archive-wal` archives it like a streamed one.
         """
         wals = Path(show.get("wals_directory") or self.p("barman", "home", BARMAN_SERVER, "wals"))
-        archived = {f.name for f in wals.glob("*/*")} | {f.name for f in stream_dir.iterdir()}
         pg_wal = self.p("pg", "pg-primary", "data", "pg_wal")
-        in_pg_wal = {f.name for f in pg_wal.iterdir() if f.is_file() and f.stat().st_size == WAL_SEGMENT_BYTES}
-        current = seg_number(self.psql("pg-primary", "SELECT pg_walfile_name(pg_current_wal_lsn())"))
-        todo = segments_to_backfill(first_segno, current, archived, in_pg_wal, timelines)
+
+        def todo() -> list[str]:
+            archived = {f.name for f in wals.glob("*/*")} | {f.name for f in stream_dir.iterdir()}
+            in_pg_wal = {f.name for f in pg_wal.iterdir() if len(f.name) == 24}
+            current = seg_number(self.psql("pg-primary", "SELECT pg_walfile_name(pg_current_wal_lsn())"))
+            first = min((seg_number(n) for n in in_pg_wal), default=current)
+            return segments_to_backfill(first, current, archived, in_pg_wal, tli_now, switches)
+
+        if not todo():
+            return
+        self.barman(["switch-wal", "--force", "--archive", "--archive-timeout", "60", BARMAN_SERVER], check=False)
+        copied = []
         pw = pwd.getpwnam("barman")
-        for name in todo:
+        for name in todo():
             tmp = stream_dir.parent / f".backfill-{name}.{os.getpid()}"
-            shutil.copyfile(pg_wal / name, tmp)
+            try:
+                shutil.copyfile(pg_wal / name, tmp)
+            except FileNotFoundError:  # recycled meanwhile: nothing left to hand over
+                tmp.unlink(missing_ok=True)
+                continue
+            if tmp.stat().st_size != WAL_SEGMENT_BYTES:
+                tmp.unlink()
+                continue
             os.chown(tmp, pw.pw_uid, pw.pw_gid)
             tmp.rename(stream_dir / name)
-        if todo:
+            copied.append(name)
+        if copied:
             self.barman(["archive-wal", BARMAN_SERVER], check=False)
-            log(f"failback: {len(todo)} segment(s) the reset skipped handed to Barman from pg-primary: {todo}")
+            log(f"failback: {len(copied)} segment(s) Barman lacked handed over from pg-primary's pg_wal: {copied}")
 
     # -------------------------------------------------------------- pgbouncer
     def prune_set_aside(self) -> None:

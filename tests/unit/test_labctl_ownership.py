@@ -63,6 +63,10 @@ def test_chown_skips_a_file_that_vanishes_while_the_tree_is_walked(tmp_path, mon
 
 HISTORY_41 = "38\t1/172C5E98\tbefore transaction 2554\n\n39\t1/1D2D73F8\tbefore transaction 2576\n\n" \
              "40\t1/260000A0\tno recovery target specified\n"
+#: pg-primary's pg_wal after it followed pg-delayed (timeline 40) and was promoted onto 41
+PG_WAL_41 = {"00000028.history", "00000029.history", "000000280000000100000025", "000000280000000100000026.partial",
+             "000000290000000100000026", "000000290000000100000027", "000000290000000100000028",
+             "000000290000000100000029"}
 
 
 def test_failback_keeps_a_partial_on_an_ancestor_before_its_switch():
@@ -73,26 +77,37 @@ def test_failback_keeps_a_partial_on_an_ancestor_before_its_switch():
     """
     switches = labctl.history_switches(HISTORY_41)
     assert switches == {38: 0x1_172C5E98, 39: 0x1_1D2D73F8, 40: 0x1_260000A0}
-    assert labctl.stuck_partials(["000000280000000100000026.partial"], 41, switches) == []
-    assert labctl.stuck_partials(["000000290000000100000029.partial"], 41, switches) == []
-    assert labctl.stuck_partials(["00000027000000010000001D.partial"], 41, switches) == []  # 39 ended in 1/1D
+    assert labctl.resumable("000000280000000100000026.partial", 41, switches, PG_WAL_41)  # read from 41's file
+    assert labctl.resumable("000000280000000100000025.partial", 41, switches, PG_WAL_41)
+    assert labctl.resumable("000000290000000100000029.partial", 41, switches, PG_WAL_41)
 
 
-def test_failback_resets_a_partial_pg_primary_never_had_or_past_its_end():
+def test_failback_resets_a_partial_pg_primary_cannot_serve():
     switches = labctl.history_switches(HISTORY_41)
     # a timeline that is not in pg-primary's history (a run failed before Barman followed the promoted server)
-    assert labctl.stuck_partials(["0000002A0000000100000027.partial"], 41, switches) == \
-        ["0000002A0000000100000027.partial"]
+    assert not labctl.resumable("0000002A0000000100000027.partial", 41, switches, PG_WAL_41)
     # an ancestor, but past the point where it ended (the fenced primary kept writing after the target)
-    assert labctl.stuck_partials(["000000270000000100000020.partial"], 41, switches) == \
-        ["000000270000000100000020.partial"]
+    assert not labctl.resumable("000000270000000100000020.partial", 41, switches, PG_WAL_41)
+    # an ancestor before its end whose history file pg-primary never got (a clone has only its own timeline's)
+    assert not labctl.resumable("00000027000000010000001D.partial", 41, switches, PG_WAL_41)
+    # its segment recycled since
+    assert not labctl.resumable("000000280000000100000024.partial", 41, switches, PG_WAL_41)
 
 
-def test_backfill_takes_the_servers_copy_of_each_segment_barman_has_on_no_timeline():
+def test_each_segment_is_expected_on_the_timeline_the_history_reads_it_from():
+    switches = labctl.history_switches(HISTORY_41)
+    assert labctl.expected_timeline(0x125, 41, switches) == 40
+    assert labctl.expected_timeline(0x126, 41, switches) == 41  # the switch segment: the child's file
+    assert labctl.expected_timeline(0x11C, 41, switches) == 39
+    assert labctl.seg_name(41, 0x126) == "000000290000000100000026"
+
+
+def test_backfill_hands_over_what_barman_lacks_on_the_expected_timeline():
+    switches = labctl.history_switches(HISTORY_41)
+    # Barman has the old timeline's partial of 1/26 and 41's 1/29: 41's 1/26..1/28 are the reset's gap
     archived = {"000000280000000100000025", "000000280000000100000026.partial", "00000029.history",
                 "000000290000000100000029"}
-    in_pg_wal = {"000000280000000100000026", "000000290000000100000026", "000000290000000100000027",
-                 "000000290000000100000028", "000000290000000100000029", "0000002A0000000100000027"}
-    todo = labctl.segments_to_backfill(0x125, 0x12A, archived, in_pg_wal, {40, 41})
-    # the highest timeline of pg-primary's history for each; a timeline it never had is never handed over
+    todo = labctl.segments_to_backfill(0x125, 0x12A, archived, PG_WAL_41, 41, switches)
     assert todo == ["000000290000000100000026", "000000290000000100000027", "000000290000000100000028"]
+    # nothing when Barman has them all; never the current segment
+    assert labctl.segments_to_backfill(0x125, 0x129, archived | set(todo), PG_WAL_41, 41, switches) == []
