@@ -302,8 +302,8 @@ class BarmanHook(BaseHook):
                             timeout=max(self.cmd_timeout, 120)).stdout
         return parse_files_output(out)
 
-    def show_server(self, server: str) -> dict[str, Any]:
-        data = server_section(self.run_json("show-server", server), server, "show-server")
+    def show_server(self, server: str, *, timeout: float | None = None) -> dict[str, Any]:
+        data = server_section(self.run_json("show-server", server, timeout=timeout), server, "show-server")
         if not isinstance(data, dict):
             raise BarmanOutputError("show-server: expected an object")
         return data

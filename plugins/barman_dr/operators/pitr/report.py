@@ -191,6 +191,13 @@ class PitrFailureSummaryOperator(DrBaseOperator):
         if leftover:
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")
+        held = (self.upstream(context, "verify_target") or {}).get("barman_wal") or {}
+        if held.get("created") and not self.upstream(context, "rebase_barman"):
+            next_action += (f"; this run created Barman's replication slot {held.get('slot')} on the recovered "
+                            f"server ({held.get('instance')}) to keep its WAL until Barman streams from it "
+                            "(rebase_barman): it holds WAL there until then. If Barman will not stream from that "
+                            "server, drop it "
+                            f"(SELECT pg_drop_replication_slot('{held.get('slot')}'))")
         kept = (self.upstream(context, "resume_delayed_replay") or {}).get("kept_paused") or []
         if kept:
             next_action += (f"; delayed standby {', '.join(kept)} kept PAUSED (it may be the last copy without the "

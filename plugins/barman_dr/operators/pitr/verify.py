@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 from barman_dr.exceptions import BarmanDrError
@@ -37,39 +38,48 @@ def clear_recovery_settings(db: Any, inst: Instance) -> list[str]:
     return names
 
 
-def reserve_wal_for_barman(show_server: dict[str, Any], db: Any, inst: Instance) -> dict[str, Any]:
-    """Create Barman's replication slot on the promoted server now, so its WAL from the fork on is kept.
+def reserve_wal_for_barman(show_server: dict[str, Any], db: Any, inst: Instance, *, attempts: int = 3,
+                           pause_s: float = 1.0) -> dict[str, Any]:
+    """Create Barman's replication slot on the promoted server now, reserving WAL, so the new timeline is kept.
 
-    A base backup carries no slot, so the recovered server has none until `barman cron`
-    creates it (`create_slot = auto`), which `rebase_barman` waits for at the end of the run.
-    Meanwhile its checkpoints (the standby rebuilds' `pg_basebackup` each force one) recycle
-    the new timeline's first segments, which no one has archived yet: without `wal_keep_size`
-    they are gone, a PITR into the first minutes after the recovery is impossible, and the
-    daily verification reports "WAL missing" until that stretch leaves the retention window
-    (`make bench`, 2026-12-05: every Barman-sourced run on pg-bench lost one or two). Reserved
-    at the current position, a few records after the fork, the slot keeps the fork's segment
-    on; Barman's receive-wal then uses it. Idempotent; never fails the recovery.
+    A base backup carries no slot. Until Barman streams from the recovered server (at
+    `rebase_barman`, the end of the run), nothing holds its WAL: its checkpoints (each standby
+    rebuild's `pg_basebackup` forces one) recycle the new timeline's first segments, which no
+    one has archived yet. Without `wal_keep_size` they are gone, a PITR into the first minutes
+    after the recovery is impossible, and the daily verification reports "WAL missing" until
+    that stretch leaves the retention window (`make bench`, 2026-12-05: every Barman-sourced
+    run on pg-bench lost one or two). A physical slot created with `immediately_reserve`
+    holds WAL from the last checkpoint's redo, at or before the fork's segment.
+
+    `barman cron` (`create_slot = auto`) may have created the slot first, *without* reserving
+    WAL (`restart_lsn` NULL until pg_receivewal streams through it): an idle one is dropped and
+    created again reserving; one in use is waited for. Idempotent; never raises: the result
+    says whether WAL is held (`reserved`).
     """
     slot = show_server.get("slot_name")
     if not show_server.get("streaming_archiver") or not slot:
         return {"slot": None, "why": "Barman does not stream from this server with a slot"}
     if not re.fullmatch(r"[a-z0-9_]{1,63}", str(slot)):
         return {"slot": slot, "reserved": False, "why": "not a valid replication slot name"}
-    exists = f"SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{slot}'"
-    try:
-        if db.psql(inst, exists) == "1":
-            return {"slot": slot, "reserved": True, "created": False}
-        db.psql(inst, f"SELECT pg_create_physical_replication_slot('{slot}', true)")
-        return {"slot": slot, "reserved": True, "created": True,
-                "restart_lsn": db.psql(inst, f"SELECT restart_lsn FROM pg_replication_slots WHERE slot_name = '{slot}'")}
-    except BarmanDrError as exc:  # e.g. `barman cron` created it a moment earlier
+    state = f"SELECT coalesce(restart_lsn::text, '-') || ' ' || active FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    created, error = False, None
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(pause_s)
         try:
-            created_meanwhile = db.psql(inst, exists) == "1"
-        except BarmanDrError:
-            created_meanwhile = False
-        if created_meanwhile:
-            return {"slot": slot, "reserved": True, "created": False}
-        return {"slot": slot, "reserved": False, "error": str(exc)[:300]}
+            row = db.psql(inst, state).split()
+            if row and row[0] != "-":
+                return {"slot": slot, "reserved": True, "created": created, "restart_lsn": row[0]}
+            if row and row[1] == "t":
+                continue  # Barman's receive-wal is attaching: its first flush sets restart_lsn
+            if row:
+                db.psql(inst, f"SELECT pg_drop_replication_slot('{slot}')")
+            db.psql(inst, f"SELECT pg_create_physical_replication_slot('{slot}', true)")
+            created = True
+        except BarmanDrError as exc:  # Barman's cron raced us (exists, or active): look again
+            error = str(exc)[:300]
+    return {"slot": slot, "reserved": False, "created": created, "error": error or "held by a client that never "
+            "reported a position"}
 
 
 class VerifyTargetOperator(DrBaseOperator):
@@ -116,9 +126,11 @@ class VerifyTargetOperator(DrBaseOperator):
         prepared = db.psql(inst, "SELECT coalesce(string_agg(gid || ' (xid ' || transaction || ')', ', '), '') "
                                  "FROM pg_prepared_xacts")
         try:
-            barman_wal = reserve_wal_for_barman(self.barman.show_server(self.srv.name), db, inst)
+            # bounded: show-server also connects to Barman's conninfo, which may name a fenced, unreachable host
+            barman_wal = reserve_wal_for_barman(self.barman.show_server(self.srv.name, timeout=60), db, inst)
         except BarmanDrError as exc:  # the recovery is proven; rebase_barman reports Barman's state
             barman_wal = {"reserved": False, "error": str(exc)[:300]}
+        barman_wal["instance"] = inst.name
         if barman_wal.get("reserved") is False:
             self.log.warning("Barman's slot could not be reserved on %s: %s. Its WAL before rebase_barman may be "
                              "recycled unarchived", inst.name, barman_wal)
