@@ -191,7 +191,9 @@ def resumable(partial: str, tli_now: int, switches: dict[int, int], pg_wal: set[
     tli, segno = int(partial[:8], 16), seg_number(partial)
     if tli == tli_now:
         return True
-    if tli not in switches or segno * WAL_SEGMENT_BYTES > switches[tli] or f"{tli:08X}.history" not in pg_wal:
+    if tli not in switches or segno * WAL_SEGMENT_BYTES > switches[tli]:
+        return False
+    if tli != 1 and f"{tli:08X}.history" not in pg_wal:  # timeline 1 has no history file, and none is asked for
         return False
     return seg_name(expected_timeline(segno, tli_now, switches), segno) in pg_wal
 
@@ -868,6 +870,9 @@ class Lab:
         pg_wal = {f.name for f in self.p("pg", "pg-primary", "data", "pg_wal").iterdir()}
         if partials and not resumable(partials[-1].name, tli_now, switches, pg_wal):
             self.barman(["receive-wal", "--stop", BARMAN_SERVER], check=False)
+            # whole segments still waiting in the streaming directory are archived first: one on a higher
+            # timeline would make `--reset` refuse too
+            self.barman(["archive-wal", BARMAN_SERVER], check=False)
             kept = self.p("run", "barman-streaming-set-aside")
             kept.mkdir(exist_ok=True)
             for f in partials:  # `--reset` refuses a position "ahead" of pg-primary's (a higher timeline)

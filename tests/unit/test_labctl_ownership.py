@@ -80,6 +80,9 @@ def test_failback_keeps_a_partial_on_an_ancestor_before_its_switch():
     assert labctl.resumable("000000280000000100000026.partial", 41, switches, PG_WAL_41)  # read from 41's file
     assert labctl.resumable("000000280000000100000025.partial", 41, switches, PG_WAL_41)
     assert labctl.resumable("000000290000000100000029.partial", 41, switches, PG_WAL_41)
+    # timeline 1 has no history file and pg_receivewal asks for none
+    assert labctl.resumable("000000010000000000000005.partial", 2, {1: 0x0_060000A0},
+                            {"00000002.history", "000000010000000000000005", "000000020000000000000006"})
 
 
 def test_failback_resets_a_partial_pg_primary_cannot_serve():

@@ -31,7 +31,8 @@ class FakeDb:
             row = self.slots.get("barman")
             if row and row[1] and self.looks > self.active_until:
                 row[0] = "1/3F000000"  # pg_receivewal's first flush
-            return "" if row is None else f"{row[0] or '-'} {'t' if row[1] else 'f'}"
+            assert "CASE WHEN active THEN ' active' ELSE ' idle' END" in sql  # never `text || boolean` ('true')
+            return "" if row is None else f"{row[0] or '-'} {'active' if row[1] else 'idle'}"
         if sql.startswith("SELECT pg_drop_replication_slot"):
             if self.slots["barman"][1]:
                 raise psql_error('replication slot "barman" is active for PID 4242')
@@ -116,10 +117,28 @@ def test_a_run_failing_after_the_slot_was_created_says_where_it_holds_wal(monkey
     held = {"slot": "barman", "reserved": True, "created": True, "instance": "pg-primary"}
     out = failure_summary(monkeypatch, {"verify_target": {"barman_wal": held},
                                         "move_aside": {"moved_to": "/pg/data.pre-x"}})
-    assert "replication slot barman on the recovered server (pg-primary)" in out["next_action"]
+    assert "replication slot barman holds WAL on the recovered server (pg-primary)" in out["next_action"]
     assert "pg_drop_replication_slot('barman')" in out["next_action"]
-    # Barman streams from it once rebase_barman has run: nothing to say then, nor for a slot Barman made
+    # a retried verify_target found its earlier try's slot (created False): it holds WAL all the same
+    retried = failure_summary(monkeypatch, {"verify_target": {"barman_wal": {**held, "created": False}}})
+    assert "replication slot barman holds WAL" in retried["next_action"]
+    # Barman streams from it once rebase_barman has run, and a slot holding nothing is no concern
     done = failure_summary(monkeypatch, {"verify_target": {"barman_wal": held}, "rebase_barman": {"streaming": True}})
     assert "replication slot" not in done["next_action"]
-    theirs = failure_summary(monkeypatch, {"verify_target": {"barman_wal": {**held, "created": False}}})
-    assert "replication slot" not in theirs["next_action"]
+    empty = failure_summary(monkeypatch, {"verify_target": {"barman_wal": {**held, "reserved": False}}})
+    assert "replication slot" not in empty["next_action"]
+
+
+def test_a_create_that_succeeds_on_the_last_attempt_is_seen():
+    class LateDb(FakeDb):
+        fails = 2
+
+        def psql(self, inst, sql: str) -> str:
+            if sql.startswith("SELECT pg_create_physical_replication_slot") and self.fails:
+                self.fails -= 1
+                self.sql.append(sql)
+                raise psql_error("could not create: out of shared memory")
+            return super().psql(inst, sql)
+
+    out = reserve(LateDb())
+    assert out["reserved"] is True and out["created"] is True and out["restart_lsn"] == "1/3E000028"

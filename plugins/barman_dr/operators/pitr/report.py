@@ -192,11 +192,11 @@ class PitrFailureSummaryOperator(DrBaseOperator):
             next_action += (f"; staging directories left on {staging.get('host')}: {', '.join(leftover)} (restore "
                             "copies, not live data: delete them once no longer needed)")
         held = (self.upstream(context, "verify_target") or {}).get("barman_wal") or {}
-        if held.get("created") and not self.upstream(context, "rebase_barman"):
-            next_action += (f"; this run created Barman's replication slot {held.get('slot')} on the recovered "
-                            f"server ({held.get('instance')}) to keep its WAL until Barman streams from it "
-                            "(rebase_barman): it holds WAL there until then. If Barman will not stream from that "
-                            "server, drop it "
+        # reserved, whoever created it (a retried verify_target finds its own earlier try's slot): it holds WAL
+        if held.get("reserved") and not self.upstream(context, "rebase_barman"):
+            next_action += (f"; Barman's replication slot {held.get('slot')} holds WAL on the recovered server "
+                            f"({held.get('instance')}) until Barman streams from it (rebase_barman did not finish). "
+                            "If Barman will not stream from that server, drop it "
                             f"(SELECT pg_drop_replication_slot('{held.get('slot')}'))")
         kept = (self.upstream(context, "resume_delayed_replay") or {}).get("kept_paused") or []
         if kept:

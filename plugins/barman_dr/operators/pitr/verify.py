@@ -61,16 +61,18 @@ def reserve_wal_for_barman(show_server: dict[str, Any], db: Any, inst: Instance,
         return {"slot": None, "why": "Barman does not stream from this server with a slot"}
     if not re.fullmatch(r"[a-z0-9_]{1,63}", str(slot)):
         return {"slot": slot, "reserved": False, "why": "not a valid replication slot name"}
-    state = f"SELECT coalesce(restart_lsn::text, '-') || ' ' || active FROM pg_replication_slots WHERE slot_name = '{slot}'"
+    # `text || boolean` would spell `true`/`false`: the flag is written out explicitly
+    state = (f"SELECT coalesce(restart_lsn::text, '-') || CASE WHEN active THEN ' active' ELSE ' idle' END "
+             f"FROM pg_replication_slots WHERE slot_name = '{slot}'")
     created, error = False, None
-    for attempt in range(attempts):
+    for attempt in range(attempts + 1):  # the last look only reads: a create in the last attempt is checked
         if attempt:
             time.sleep(pause_s)
         try:
             row = db.psql(inst, state).split()
             if row and row[0] != "-":
                 return {"slot": slot, "reserved": True, "created": created, "restart_lsn": row[0]}
-            if row and row[1] == "t":
+            if attempt == attempts or (row and row[1] == "active"):
                 continue  # Barman's receive-wal is attaching: its first flush sets restart_lsn
             if row:
                 db.psql(inst, f"SELECT pg_drop_replication_slot('{slot}')")
